@@ -1,0 +1,48 @@
+# make demo   - set up .venv, build the kernels, train with and without CRL
+# make test   - set up .venv, build the kernels (CPU, and CUDA where nvcc is present), run the tests
+# make cmake  - build the libtorch shared library with CMake (CPU torch in .venv-cpu) and test it
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+TORCH_SPEC ?= torch==2.14.1
+CUDA_HOME ?= /usr/local/cuda
+# The CUDA kernels compile and link without a GPU wherever nvcc is installed.
+FORCE_CUDA ?= $(shell test -x $(CUDA_HOME)/bin/nvcc && echo 1 || echo 0)
+TORCH_CUDA_ARCH_LIST ?= 9.0
+MAX_JOBS ?= 2
+export CUDA_HOME FORCE_CUDA TORCH_CUDA_ARCH_LIST MAX_JOBS
+
+.PHONY: setup build test demo cmake clean
+
+$(BIN)/.ready: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip setuptools wheel ninja
+	$(BIN)/pip install -q "$(TORCH_SPEC)" numpy "pytest>=7" "hypothesis>=6" tqdm matplotlib scikit-learn
+	touch $@
+
+setup: $(BIN)/.ready
+
+build: setup
+	$(BIN)/python setup.py -q build_ext --inplace
+
+test: build
+	$(BIN)/python -m pytest -q
+
+demo: build
+	$(BIN)/python examples/quickstart.py
+
+# libtorch users: CMake against the CPU wheel of torch (see CMakeLists.txt).
+.venv-cpu/.ready:
+	$(PYTHON) -m venv .venv-cpu
+	.venv-cpu/bin/pip install -q --upgrade pip
+	.venv-cpu/bin/pip install -q torch==2.13.0 numpy "pytest>=7" "hypothesis>=6"
+	touch $@
+
+cmake: .venv-cpu/.ready
+	cmake -S . -B cmake-build -DCMAKE_BUILD_TYPE=Release \
+	  -DCMAKE_PREFIX_PATH="$$(.venv-cpu/bin/python -c 'import torch.utils; print(torch.utils.cmake_prefix_path)')"
+	cmake --build cmake-build -j $(MAX_JOBS)
+	CRL_OPS_LIBRARY=$$PWD/cmake-build/libcrl_ops.so .venv-cpu/bin/python -m pytest -q tests/test_native.py -k "cpu"
+
+clean:
+	rm -rf build cmake-build crl_ops/*.so

@@ -1,0 +1,31 @@
+"""Backend selection: the native kernels (csrc/, when built for the device) or the reference.
+
+A backend is a module with the functions of `crl_ops.reference` (profile, mine_class,
+mine_instance, pair_distances, relative_loss, absolute_loss, distribution_loss) and the same
+signatures; `crl_ops._native` wraps the compiled ops behind that interface.
+"""
+from __future__ import annotations
+
+from types import ModuleType
+
+import torch
+
+from . import _native, reference
+
+BACKENDS = ("auto", "native", "reference")
+
+
+def check_backend(name: str) -> str:
+    if name not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
+    return name
+
+
+def resolve(name: str, device: torch.device) -> ModuleType:
+    check_backend(name)
+    if name == "reference":
+        return reference
+    if name == "native":
+        _native.require(device)
+        return _native
+    return _native if _native.available(device) else reference

@@ -1,0 +1,265 @@
+// Per-element math of the CRL ops, shared by the CPU and the CUDA kernels (docs/semantics.md).
+//
+// Everything here is plain arithmetic on scalars and small arrays, marked host+device, so
+// both backends round the same way: distances accumulate dimension by dimension in the
+// accumulation type (float for half/bfloat16/float, double for double) with no fused
+// multiply-add (the CUDA sources build with --fmad=false, the C++ ones with
+// -ffp-contract=off), and selections use one total order on (key, sample index).
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#if defined(__CUDACC__)
+#define CRL_HD __host__ __device__ __forceinline__
+#else
+#define CRL_HD inline
+#endif
+
+namespace crl {
+
+// Scratch and index conventions shared with the Python side: partners[B, A, 2K] hold the K
+// positives then the K negatives of a row, -1 where empty.
+constexpr int64_t kEmpty = -1;
+
+template <typename T>
+struct Accumulate {
+  using type = float;
+};
+template <>
+struct Accumulate<double> {
+  using type = double;
+};
+template <typename T>
+using acc_t = typename Accumulate<T>::type;
+
+// ---- distances --------------------------------------------------------------------------------
+
+// One step of a squared distance: every kernel accumulates sum_d (a_d - b_d)^2 through this,
+// in order of d, so all of them round alike.
+template <typename Acc>
+CRL_HD void accumulate_squared(Acc& sum, Acc a, Acc b) {
+  const Acc diff = a - b;
+  sum += diff * diff;
+}
+
+// sum_d (a[d] - b[d])^2, in order of d; strides in elements.
+template <typename Acc, typename T>
+CRL_HD Acc squared_distance(const T* a, int64_t stride_a, const T* b, int64_t stride_b, int64_t dim) {
+  Acc sum = Acc(0);
+  for (int64_t d = 0; d < dim; ++d) {
+    accumulate_squared(sum, static_cast<Acc>(a[d * stride_a]), static_cast<Acc>(b[d * stride_b]));
+  }
+  return sum;
+}
+
+// The L2 distance from a squared distance; exactly 0 stays 0 (and takes a zero gradient).
+template <typename Acc>
+CRL_HD Acc distance_from_squared(Acc squared) {
+  return squared > Acc(0) ? std::sqrt(squared) : Acc(0);
+}
+
+// d/dx_a of d(a, b) is (x_a - x_b) / d: the factor applied to (x_a - x_b), 0 at d = 0.
+template <typename Acc>
+CRL_HD Acc distance_gradient_scale(Acc grad_d, Acc d) {
+  return d > Acc(0) ? grad_d / d : Acc(0);
+}
+
+// ---- selection of the K best candidates ----------------------------------------------------------
+
+// True when candidate (key_a, a) ranks before (key_b, b): larger (or smaller) key first, then
+// the lower sample index. Keys of empty slots are +-infinity with index INT32_MAX, so a real
+// candidate always ranks before them.
+template <bool Largest, typename Key>
+CRL_HD bool ranks_before(Key key_a, int32_t a, Key key_b, int32_t b) {
+  if (key_a != key_b) return Largest ? key_a > key_b : key_a < key_b;
+  return a < b;
+}
+
+template <bool Largest, typename Key>
+CRL_HD Key empty_key() {
+  return Largest ? -INFINITY : INFINITY;
+}
+
+constexpr int32_t kEmptyIndex = 2147483647;
+
+// A best-first list of compile-time capacity N kept in registers (all indexing is static once
+// the loops unroll). Holds the N best candidates offered so far.
+template <bool Largest, typename Key, int N>
+struct FixedTopK {
+  Key keys[N];
+  int32_t index[N];
+
+  CRL_HD void clear() {
+#if defined(__CUDACC__)
+#pragma unroll
+#endif
+    for (int i = 0; i < N; ++i) {
+      keys[i] = empty_key<Largest, Key>();
+      index[i] = kEmptyIndex;
+    }
+  }
+
+  CRL_HD void offer(Key key, int32_t candidate) {
+    if (!ranks_before<Largest>(key, candidate, keys[N - 1], index[N - 1])) return;
+    keys[N - 1] = key;
+    index[N - 1] = candidate;
+#if defined(__CUDACC__)
+#pragma unroll
+#endif
+    for (int i = N - 1; i > 0; --i) {  // one bubble pass restores the order
+      if (ranks_before<Largest>(keys[i], index[i], keys[i - 1], index[i - 1])) {
+        const Key k = keys[i];
+        keys[i] = keys[i - 1];
+        keys[i - 1] = k;
+        const int32_t j = index[i];
+        index[i] = index[i - 1];
+        index[i - 1] = j;
+      }
+    }
+  }
+
+  // Drops the head (after it was taken by a merge).
+  CRL_HD void pop() {
+#if defined(__CUDACC__)
+#pragma unroll
+#endif
+    for (int i = 0; i < N - 1; ++i) {
+      keys[i] = keys[i + 1];
+      index[i] = index[i + 1];
+    }
+    keys[N - 1] = empty_key<Largest, Key>();
+    index[N - 1] = kEmptyIndex;
+  }
+};
+
+// The same selection with a run-time capacity k, on caller-provided storage of k slots that
+// `count` tracks: for any K on the CPU, and for large K on the GPU.
+template <bool Largest, typename Key>
+CRL_HD void offer_dynamic(Key* keys, int32_t* index, int64_t& count, int64_t k, Key key, int32_t candidate) {
+  if (count == k) {
+    if (!ranks_before<Largest>(key, candidate, keys[k - 1], index[k - 1])) return;
+    --count;
+  }
+  int64_t pos = count;
+  while (pos > 0 && ranks_before<Largest>(key, candidate, keys[pos - 1], index[pos - 1])) {
+    keys[pos] = keys[pos - 1];
+    index[pos] = index[pos - 1];
+    --pos;
+  }
+  keys[pos] = key;
+  index[pos] = candidate;
+  ++count;
+}
+
+// ---- the three loss forms, one row (sample i, attribute j) at a time ------------------------------
+// A row holds 2K distances d[0..2K) to its partners p[0..2K): K positives, then K negatives,
+// partner -1 where empty.
+
+template <typename Acc>
+CRL_HD Acc hinge(Acc x) {
+  return x > Acc(0) ? x : Acc(0);  // zero gradient at the kink, as torch.relu
+}
+
+// Relative form (Eq. 9): the row's sum of hinge(margin + d(a,p) - d(a,n)) and its triplet count.
+template <typename Acc>
+CRL_HD void relative_row(const Acc* d, const int64_t* p, int64_t k, Acc margin, Acc& sum, int64_t& triplets) {
+  for (int64_t a = 0; a < k; ++a) {
+    if (p[a] < 0) continue;
+    for (int64_t b = k; b < 2 * k; ++b) {
+      if (p[b] < 0) continue;
+      sum += hinge(margin + d[a] - d[b]);
+      ++triplets;
+    }
+  }
+}
+
+// d loss / d distances of one row, where loss = scale * (the row's hinge sum).
+template <typename Acc>
+CRL_HD void relative_row_backward(const Acc* d, const int64_t* p, int64_t k, Acc margin, Acc scale, Acc* grad) {
+  for (int64_t m = 0; m < 2 * k; ++m) grad[m] = Acc(0);
+  for (int64_t a = 0; a < k; ++a) {
+    if (p[a] < 0) continue;
+    for (int64_t b = k; b < 2 * k; ++b) {
+      if (p[b] < 0 || !(margin + d[a] - d[b] > Acc(0))) continue;
+      grad[a] += scale;
+      grad[b] -= scale;
+    }
+  }
+}
+
+// Absolute form (Eq. 11): the row's sums of d^2 over positives and hinge(margin - d)^2 over
+// negatives, and the pair counts.
+template <typename Acc>
+CRL_HD void absolute_row(const Acc* d, const int64_t* p, int64_t k, Acc margin, Acc& pos_sum, Acc& neg_sum,
+                         int64_t& pos_pairs, int64_t& neg_pairs) {
+  for (int64_t m = 0; m < k; ++m) {
+    if (p[m] < 0) continue;
+    pos_sum += d[m] * d[m];
+    ++pos_pairs;
+  }
+  for (int64_t m = k; m < 2 * k; ++m) {
+    if (p[m] < 0) continue;
+    const Acc h = hinge(margin - d[m]);
+    neg_sum += h * h;
+    ++neg_pairs;
+  }
+}
+
+// Gradient of 0.5 * (pos_sum / n_pos + neg_sum / n_neg), times `grad_loss`, w.r.t. one row.
+template <typename Acc>
+CRL_HD void absolute_row_backward(const Acc* d, const int64_t* p, int64_t k, Acc margin, Acc pos_scale,
+                                  Acc neg_scale, Acc* grad) {
+  for (int64_t m = 0; m < k; ++m) grad[m] = p[m] < 0 ? Acc(0) : pos_scale * d[m];
+  for (int64_t m = k; m < 2 * k; ++m) grad[m] = p[m] < 0 ? Acc(0) : -neg_scale * hinge(margin - d[m]);
+}
+
+// Histogram node of a distance (semantics section 3): with u = d * scale, the node is
+// t = min(floor(u), bins - 2) and w = u - t is the weight of node t + 1. scale = (bins-1)/R,
+// or 0 when R = 0 (every pair on node 0).
+template <typename Acc>
+CRL_HD void histogram_node(Acc d, Acc scale, int64_t bins, int64_t& node, Acc& weight) {
+  const Acc u = d * scale;
+  Acc t = std::floor(u);
+  if (t > Acc(bins - 2)) t = Acc(bins - 2);
+  if (t < Acc(0)) t = Acc(0);
+  node = static_cast<int64_t>(t);
+  weight = u - t;
+}
+
+// The histogram loss of one attribute, sum_t h+_t * sum_{s<=t} h-_s, from normalised histograms.
+template <typename Acc>
+CRL_HD Acc histogram_overlap(const Acc* h_pos, const Acc* h_neg, int64_t bins) {
+  Acc cumulative = Acc(0), total = Acc(0);
+  for (int64_t t = 0; t < bins; ++t) {
+    cumulative += h_neg[t];
+    total += h_pos[t] * cumulative;
+  }
+  return total;
+}
+
+// d overlap / d h: for positive histograms the cumulative sum of h-, for negative histograms
+// the reverse cumulative sum of h+. Writes both into g_pos[bins], g_neg[bins].
+template <typename Acc>
+CRL_HD void histogram_overlap_gradient(const Acc* h_pos, const Acc* h_neg, int64_t bins, Acc* g_pos, Acc* g_neg) {
+  Acc forward = Acc(0), backward = Acc(0);
+  for (int64_t t = 0; t < bins; ++t) {
+    forward += h_neg[t];
+    g_pos[t] = forward;
+  }
+  for (int64_t t = bins - 1; t >= 0; --t) {
+    backward += h_pos[t];
+    g_neg[t] = backward;
+  }
+}
+
+// d loss / d d of one pair through its interpolation weight: (g[t+1] - g[t]) * scale.
+template <typename Acc>
+CRL_HD Acc histogram_pair_gradient(Acc d, Acc scale, int64_t bins, const Acc* g) {
+  int64_t node;
+  Acc weight;
+  histogram_node(d, scale, bins, node, weight);
+  return (g[node + 1] - g[node]) * scale;
+}
+
+}  // namespace crl

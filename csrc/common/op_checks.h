@@ -1,0 +1,78 @@
+// Argument checks and output allocation shared by the CPU and CUDA entry points, so a bad call
+// of torch.ops.crl_ops.* fails with the same clear message on either backend.
+#pragma once
+
+#include <ATen/ATen.h>
+
+namespace crl {
+
+inline void check_int64(const at::Tensor& t, const char* name, int64_t dim, const char* shape) {
+  TORCH_CHECK(t.dim() == dim, "crl_ops: ", name, " must have shape ", shape, ", got ", t.sizes());
+  TORCH_CHECK(t.scalar_type() == at::kLong, "crl_ops: ", name, " must be int64, got ", t.scalar_type());
+}
+
+inline void check_same_device(const at::Tensor& a, const char* name_a, const at::Tensor& b, const char* name_b) {
+  TORCH_CHECK(a.device() == b.device(), "crl_ops: ", name_a, " is on ", a.device(), " but ", name_b, " is on ",
+              b.device());
+}
+
+inline void check_labels(const at::Tensor& labels) {
+  check_int64(labels, "labels", 2, "[B, A]");
+}
+
+inline void check_active(const at::Tensor& active, const at::Tensor& labels) {
+  TORCH_CHECK(active.dim() == 2 && active.size(0) == labels.size(1) && active.scalar_type() == at::kBool,
+              "crl_ops: active must be a bool tensor [A, Cmax] with A = ", labels.size(1), ", got ",
+              active.scalar_type(), " ", active.sizes());
+  check_same_device(labels, "labels", active, "active");
+}
+
+inline void check_k(int64_t k) {
+  TORCH_CHECK(k >= 1, "crl_ops: k must be >= 1, got ", k);
+}
+
+inline void check_features(const at::Tensor& features) {
+  TORCH_CHECK(features.dim() == 3, "crl_ops: features must have shape [B, A, D], got ", features.sizes());
+  TORCH_CHECK(at::isFloatingType(features.scalar_type()), "crl_ops: features must be floating point, got ",
+              features.scalar_type());
+  TORCH_CHECK(features.size(0) < (int64_t(1) << 31), "crl_ops: at most 2^31 - 1 samples");
+}
+
+// partners[B, A, 2K] matching features[B, A, D].
+inline void check_partners(const at::Tensor& partners, const at::Tensor& features) {
+  check_int64(partners, "partners", 3, "[B, A, 2K]");
+  TORCH_CHECK(partners.size(0) == features.size(0) && partners.size(1) == features.size(1) &&
+                  partners.size(2) % 2 == 0 && partners.size(2) > 0,
+              "crl_ops: partners must have shape [B, A, 2K] = [", features.size(0), ", ", features.size(1),
+              ", 2K], got ", partners.sizes());
+  check_same_device(features, "features", partners, "partners");
+}
+
+// distances[B, A, 2K] in the accumulation dtype (float32 or float64), like partners.
+inline void check_distances(const at::Tensor& distances, const at::Tensor& partners) {
+  TORCH_CHECK(distances.sizes() == partners.sizes(), "crl_ops: distances ", distances.sizes(),
+              " and partners ", partners.sizes(), " must have one shape [B, A, 2K]");
+  TORCH_CHECK(distances.scalar_type() == at::kFloat || distances.scalar_type() == at::kDouble,
+              "crl_ops: distances must be float32 or float64, got ", distances.scalar_type());
+  check_int64(partners, "partners", 3, "[B, A, 2K]");
+  TORCH_CHECK(partners.size(2) % 2 == 0, "crl_ops: partners must have an even last dimension 2K");
+  check_same_device(distances, "distances", partners, "partners");
+}
+
+inline void check_scalar_grad(const at::Tensor& grad, const at::Tensor& distances) {
+  TORCH_CHECK(grad.numel() == 1, "crl_ops: the loss gradient must be a scalar, got ", grad.sizes());
+  check_same_device(grad, "grad", distances, "distances");
+}
+
+inline at::ScalarType accumulation_type(at::ScalarType t) {
+  return t == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// Outputs of the mining ops: anchors[B, A] false, partners[B, A, 2K] all empty (-1).
+inline std::tuple<at::Tensor, at::Tensor> new_mined(const at::Tensor& labels, int64_t k) {
+  const auto options = labels.options();
+  return {at::zeros({labels.size(0), labels.size(1)}, options.dtype(at::kBool)),
+          at::full({labels.size(0), labels.size(1), 2 * k}, -1, options.dtype(at::kLong))};
+}
+
+}  // namespace crl

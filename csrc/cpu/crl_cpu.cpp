@@ -1,0 +1,546 @@
+// CPU kernels of the crl_ops ops (schemas in csrc/ops.cpp, semantics in docs/semantics.md).
+//
+// Parallel with at::parallel_for; every floating-point sum has a fixed order that does not
+// depend on the thread count, so results (gradients included) are bitwise reproducible.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <numeric>
+#include <vector>
+
+#include "common/crl_math.h"
+#include "common/op_checks.h"
+
+namespace crl {
+namespace {
+
+using at::Tensor;
+
+// ---- 1. profiling -----------------------------------------------------------------------------------
+
+std::tuple<Tensor, Tensor, Tensor> profile_cpu(const Tensor& labels_in, int64_t max_classes) {
+  check_labels(labels_in);
+  TORCH_CHECK(max_classes >= 1, "crl_ops: max_classes must be >= 1, got ", max_classes);
+  const Tensor labels = labels_in.contiguous();
+  const int64_t batch = labels.size(0), attributes = labels.size(1);
+  Tensor counts = at::zeros({attributes, max_classes}, labels.options());
+  Tensor minority = at::zeros({attributes, max_classes}, labels.options().dtype(at::kBool));
+  Tensor active = at::zeros_like(minority);
+  const int64_t* lab = labels.data_ptr<int64_t>();
+  int64_t* cnt = counts.data_ptr<int64_t>();
+  bool* mino = minority.data_ptr<bool>();
+  bool* act = active.data_ptr<bool>();
+
+  at::parallel_for(0, attributes, 1, [&](int64_t begin, int64_t end) {
+    std::vector<int64_t> order(max_classes);
+    for (int64_t j = begin; j < end; ++j) {
+      int64_t* h = cnt + j * max_classes;
+      int64_t valid = 0;
+      for (int64_t i = 0; i < batch; ++i) {
+        const int64_t label = lab[i * attributes + j];
+        TORCH_CHECK(label >= -1 && label < max_classes, "crl_ops: labels[", i, ", ", j, "] = ", label,
+                    " is outside -1..", max_classes - 1);
+        if (label >= 0) {
+          ++h[label];
+          ++valid;
+        }
+      }
+      std::iota(order.begin(), order.end(), int64_t(0));
+      std::stable_sort(order.begin(), order.end(), [h](int64_t a, int64_t b) { return h[a] < h[b]; });
+      int64_t prefix = 0;
+      for (int64_t c : order) {  // the longest prefix of (count, class) order below half of n
+        prefix += h[c];
+        if (!(2 * prefix < valid)) break;
+        mino[j * max_classes + c] = true;
+        act[j * max_classes + c] = h[c] >= 2;
+      }
+    }
+  });
+  return {counts, minority, active};
+}
+
+// ---- 2. mining ---------------------------------------------------------------------------------------
+
+// Whether (i, j) is an anchor, and its class.
+inline bool is_anchor(const int64_t* labels, const bool* active, int64_t attributes, int64_t max_classes,
+                      int64_t i, int64_t j, int64_t& label) {
+  label = labels[i * attributes + j];
+  return label >= 0 && label < max_classes && active[j * max_classes + label];
+}
+
+std::tuple<Tensor, Tensor> mine_class_cpu(const Tensor& scores_in, const Tensor& labels_in,
+                                          const Tensor& active_in, int64_t k) {
+  check_labels(labels_in);
+  check_active(active_in, labels_in);
+  check_k(k);
+  TORCH_CHECK(scores_in.dim() == 3 && scores_in.size(0) == labels_in.size(0) &&
+                  scores_in.size(1) == labels_in.size(1) && scores_in.size(2) == active_in.size(1),
+              "crl_ops: scores must have shape [B, A, Cmax] = [", labels_in.size(0), ", ", labels_in.size(1), ", ",
+              active_in.size(1), "], got ", scores_in.sizes());
+  TORCH_CHECK(scores_in.scalar_type() == at::kFloat || scores_in.scalar_type() == at::kDouble,
+              "crl_ops: scores must be float32 or float64 probabilities, got ", scores_in.scalar_type());
+  const Tensor scores = scores_in.contiguous(), labels = labels_in.contiguous(), active = active_in.contiguous();
+  const int64_t batch = labels.size(0), attributes = labels.size(1), max_classes = active.size(1);
+  auto [anchors, partners] = new_mined(labels, k);
+  // The K hardest positives and negatives of each (attribute, class), shared by its anchors.
+  std::vector<int32_t> hard_pos(attributes * max_classes * k, -1), hard_neg(attributes * max_classes * k, -1);
+  const int64_t* lab = labels.data_ptr<int64_t>();
+  const bool* act = active.data_ptr<bool>();
+
+  AT_DISPATCH_FLOATING_TYPES(scores.scalar_type(), "crl_ops::mine_class", [&] {
+    const scalar_t* p = scores.data_ptr<scalar_t>();
+    at::parallel_for(0, attributes * max_classes, 1, [&](int64_t begin, int64_t end) {
+      std::vector<scalar_t> pos_keys(k), neg_keys(k);
+      for (int64_t jc = begin; jc < end; ++jc) {
+        if (!act[jc]) continue;
+        const int64_t j = jc / max_classes, c = jc % max_classes;
+        int32_t* pos = hard_pos.data() + jc * k;
+        int32_t* neg = hard_neg.data() + jc * k;
+        int64_t n_pos = 0, n_neg = 0;
+        for (int64_t i = 0; i < batch; ++i) {
+          const int64_t label = lab[i * attributes + j];
+          if (label < 0) continue;
+          const scalar_t key = p[(i * attributes + j) * max_classes + c];
+          if (label == c) {
+            offer_dynamic<false>(pos_keys.data(), pos, n_pos, k, key, static_cast<int32_t>(i));
+          } else {
+            offer_dynamic<true>(neg_keys.data(), neg, n_neg, k, key, static_cast<int32_t>(i));
+          }
+        }
+      }
+    });
+  });
+
+  bool* anchor = anchors.data_ptr<bool>();
+  int64_t* out = partners.data_ptr<int64_t>();
+  at::parallel_for(0, batch * attributes, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t i = row / attributes, j = row % attributes;
+      int64_t label;
+      if (!is_anchor(lab, act, attributes, max_classes, i, j, label)) continue;
+      anchor[row] = true;
+      const int64_t list = (j * max_classes + label) * k;
+      for (int64_t m = 0; m < k; ++m) {
+        const int32_t positive = hard_pos[list + m];
+        out[row * 2 * k + m] = positive == i ? kEmpty : positive;  // an anchor is not its own positive
+        out[row * 2 * k + k + m] = hard_neg[list + m];
+      }
+    }
+  });
+  return {anchors, partners};
+}
+
+std::tuple<Tensor, Tensor> mine_instance_cpu(const Tensor& features, const Tensor& predictions_in,
+                                             const Tensor& labels_in, const Tensor& active_in, int64_t k) {
+  check_features(features);
+  check_labels(labels_in);
+  check_active(active_in, labels_in);
+  check_k(k);
+  check_int64(predictions_in, "predictions", 2, "[B, A]");
+  TORCH_CHECK(features.size(0) == labels_in.size(0) && features.size(1) == labels_in.size(1) &&
+                  predictions_in.sizes() == labels_in.sizes(),
+              "crl_ops: features [B, A, D] ", features.sizes(), ", predictions ", predictions_in.sizes(),
+              " and labels ", labels_in.sizes(), " must agree on B and A");
+  const Tensor labels = labels_in.contiguous(), active = active_in.contiguous();
+  const Tensor predictions = predictions_in.contiguous();
+  const int64_t batch = labels.size(0), attributes = labels.size(1), dim = features.size(2);
+  const int64_t max_classes = active.size(1);
+  auto [anchors, partners] = new_mined(labels, k);
+  // [A, D, B] in the accumulation type: a candidate block of one dimension is contiguous,
+  // so the distance loop below vectorises across candidates and keeps the order over d.
+  const Tensor columns = features.to(accumulation_type(features.scalar_type())).permute({1, 2, 0}).contiguous();
+  const int64_t* lab = labels.data_ptr<int64_t>();
+  const int64_t* pred = predictions.data_ptr<int64_t>();
+  const bool* act = active.data_ptr<bool>();
+  bool* anchor = anchors.data_ptr<bool>();
+  int64_t* out = partners.data_ptr<int64_t>();
+  constexpr int64_t kBlock = 256;
+
+  AT_DISPATCH_FLOATING_TYPES(columns.scalar_type(), "crl_ops::mine_instance", [&] {
+    const scalar_t* x = columns.data_ptr<scalar_t>();
+    // Rows in attribute-major order, so a thread walks one attribute's columns.
+    at::parallel_for(0, attributes * batch, 4, [&](int64_t begin, int64_t end) {
+      std::vector<scalar_t> pos_keys(k), neg_keys(k);
+      std::vector<int32_t> pos(k), neg(k);
+      scalar_t squared[kBlock];
+      for (int64_t r = begin; r < end; ++r) {
+        const int64_t j = r / batch, a = r % batch;
+        int64_t label;
+        if (!is_anchor(lab, act, attributes, max_classes, a, j, label)) continue;
+        const scalar_t* xj = x + j * dim * batch;
+        int64_t n_pos = 0, n_neg = 0;
+        for (int64_t b0 = 0; b0 < batch; b0 += kBlock) {
+          const int64_t n = std::min(kBlock, batch - b0);
+          std::fill(squared, squared + n, scalar_t(0));
+          for (int64_t d = 0; d < dim; ++d) {
+            const scalar_t xa = xj[d * batch + a];
+            const scalar_t* xb = xj + d * batch + b0;
+            for (int64_t t = 0; t < n; ++t) accumulate_squared(squared[t], xa, xb[t]);
+          }
+          for (int64_t t = 0; t < n; ++t) {
+            const int64_t b = b0 + t;
+            const int64_t other = lab[b * attributes + j];
+            if (b == a || other < 0) continue;
+            if (other != label) {
+              offer_dynamic<false>(neg_keys.data(), neg.data(), n_neg, k, squared[t], static_cast<int32_t>(b));
+            } else if (pred[b * attributes + j] != label) {
+              offer_dynamic<true>(pos_keys.data(), pos.data(), n_pos, k, squared[t], static_cast<int32_t>(b));
+            }
+          }
+        }
+        const int64_t row = a * attributes + j;
+        anchor[row] = true;
+        for (int64_t m = 0; m < n_pos; ++m) out[row * 2 * k + m] = pos[m];
+        for (int64_t m = 0; m < n_neg; ++m) out[row * 2 * k + k + m] = neg[m];
+      }
+    });
+  });
+  return {anchors, partners};
+}
+
+// ---- 3. pair distances and their backward --------------------------------------------------------------
+
+void check_partner_range(const int64_t* partners, int64_t count, int64_t batch) {
+  for (int64_t m = 0; m < count; ++m) {
+    TORCH_CHECK(partners[m] >= -1 && partners[m] < batch, "crl_ops: partner index ", partners[m],
+                " is outside -1..", batch - 1);
+  }
+}
+
+Tensor pair_distances_cpu(const Tensor& features, const Tensor& partners_in) {
+  check_features(features);
+  check_partners(partners_in, features);
+  const Tensor partners = partners_in.contiguous();
+  const int64_t batch = features.size(0), attributes = features.size(1), dim = features.size(2);
+  const int64_t width = partners.size(2);
+  Tensor distances = at::zeros(partners.sizes(), features.options().dtype(accumulation_type(features.scalar_type())));
+  const int64_t* p = partners.data_ptr<int64_t>();
+  check_partner_range(p, partners.numel(), batch);
+  const int64_t sb = features.stride(0), sa = features.stride(1), sd = features.stride(2);
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, features.scalar_type(), "crl_ops::pair_distances", [&] {
+    using acc = acc_t<scalar_t>;
+    const scalar_t* x = features.data_ptr<scalar_t>();
+    acc* out = distances.data_ptr<acc>();
+    at::parallel_for(0, batch * attributes, 16, [&](int64_t begin, int64_t end) {
+      for (int64_t row = begin; row < end; ++row) {
+        const int64_t i = row / attributes, j = row % attributes;
+        for (int64_t m = 0; m < width; ++m) {
+          const int64_t other = p[row * width + m];
+          if (other < 0) continue;
+          out[row * width + m] = distance_from_squared(
+              squared_distance<acc>(x + i * sb + j * sa, sd, x + other * sb + j * sa, sd, dim));
+        }
+      }
+    });
+  });
+  return distances;
+}
+
+Tensor pair_distances_backward_cpu(const Tensor& grad_in, const Tensor& features, const Tensor& partners_in,
+                                   const Tensor& distances_in) {
+  check_features(features);
+  check_partners(partners_in, features);
+  check_distances(distances_in, partners_in);
+  TORCH_CHECK(grad_in.sizes() == partners_in.sizes(), "crl_ops: grad must have the shape of distances ",
+              partners_in.sizes(), ", got ", grad_in.sizes());
+  const Tensor partners = partners_in.contiguous();
+  const Tensor distances = distances_in.contiguous();
+  const Tensor grad = grad_in.to(distances.scalar_type()).contiguous();
+  const int64_t batch = features.size(0), attributes = features.size(1), dim = features.size(2);
+  const int64_t width = partners.size(2);
+  Tensor grad_features = at::zeros(features.sizes(), features.options().dtype(distances.scalar_type()));
+  const int64_t* p = partners.data_ptr<int64_t>();
+  check_partner_range(p, partners.numel(), batch);
+  const int64_t sb = features.stride(0), sa = features.stride(1), sd = features.stride(2);
+  constexpr int64_t kDims = 16;  // a task owns one attribute and kDims feature dimensions
+  const int64_t chunks = (dim + kDims - 1) / kDims;
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, features.scalar_type(), "crl_ops::pair_distances_backward",
+                                  [&] {
+    using acc = acc_t<scalar_t>;
+    const scalar_t* x = features.data_ptr<scalar_t>();
+    const acc* g = grad.data_ptr<acc>();
+    const acc* dist = distances.data_ptr<acc>();
+    acc* gx = grad_features.data_ptr<acc>();  // contiguous [B, A, D]
+    at::parallel_for(0, attributes * chunks, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t j = task / chunks, d0 = (task % chunks) * kDims, d1 = std::min(dim, d0 + kDims);
+        for (int64_t i = 0; i < batch; ++i) {  // rows in order: a fixed summation order
+          const int64_t row = i * attributes + j;
+          for (int64_t m = 0; m < width; ++m) {
+            const int64_t other = p[row * width + m];
+            if (other < 0) continue;
+            const acc s = distance_gradient_scale(g[row * width + m], dist[row * width + m]);
+            if (s == acc(0)) continue;
+            for (int64_t d = d0; d < d1; ++d) {
+              const acc diff = static_cast<acc>(x[i * sb + j * sa + d * sd]) -
+                               static_cast<acc>(x[other * sb + j * sa + d * sd]);
+              gx[row * dim + d] += s * diff;
+              gx[(other * attributes + j) * dim + d] -= s * diff;
+            }
+          }
+        }
+      }
+    });
+  });
+  return grad_features.to(features.scalar_type());
+}
+
+// ---- 4. the loss forms ---------------------------------------------------------------------------------
+
+// Calls row_fn(row) for every row in parallel; then returns the rows' values summed in row order.
+template <typename Value, typename RowFn>
+Value sum_rows(int64_t rows, RowFn row_fn) {
+  std::vector<Value> partial(rows);
+  at::parallel_for(0, rows, 256, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) partial[r] = row_fn(r);
+  });
+  Value total{};
+  for (const Value& v : partial) total += v;
+  return total;
+}
+
+template <typename Acc>
+struct RowSums {
+  Acc pos = 0, neg = 0;
+  int64_t pos_pairs = 0, neg_pairs = 0;
+  RowSums& operator+=(const RowSums& o) {
+    pos += o.pos;
+    neg += o.neg;
+    pos_pairs += o.pos_pairs;
+    neg_pairs += o.neg_pairs;
+    return *this;
+  }
+};
+
+std::tuple<Tensor, Tensor> relative_loss_cpu(const Tensor& distances_in, const Tensor& partners_in,
+                                             const Tensor& margins_in) {
+  check_distances(distances_in, partners_in);
+  TORCH_CHECK(margins_in.dim() == 1 && margins_in.size(0) == distances_in.size(1),
+              "crl_ops: margins must have shape [A] = [", distances_in.size(1), "], got ", margins_in.sizes());
+  const Tensor distances = distances_in.contiguous(), partners = partners_in.contiguous();
+  const Tensor margins = margins_in.to(distances.scalar_type()).contiguous();
+  const int64_t attributes = distances.size(1), width = distances.size(2), k = width / 2;
+  const int64_t rows = distances.size(0) * attributes;
+  const int64_t* p = partners.data_ptr<int64_t>();
+  Tensor loss = at::empty({}, distances.options());
+  Tensor triplets = at::empty({}, partners.options());
+  AT_DISPATCH_FLOATING_TYPES(distances.scalar_type(), "crl_ops::relative_loss", [&] {
+    const scalar_t* d = distances.data_ptr<scalar_t>();
+    const scalar_t* margin = margins.data_ptr<scalar_t>();
+    // RowSums' positive fields carry the hinge sum and the triplet count here.
+    const RowSums<scalar_t> total = sum_rows<RowSums<scalar_t>>(rows, [&](int64_t r) {
+      RowSums<scalar_t> s;
+      relative_row(d + r * width, p + r * width, k, margin[r % attributes], s.pos, s.pos_pairs);
+      return s;
+    });
+    loss.fill_(total.pos / static_cast<scalar_t>(std::max<int64_t>(total.pos_pairs, 1)));
+    triplets.fill_(total.pos_pairs);
+  });
+  return {loss, triplets};
+}
+
+Tensor relative_loss_backward_cpu(const Tensor& grad, const Tensor& distances_in, const Tensor& partners_in,
+                                  const Tensor& margins_in, const Tensor& num_triplets) {
+  check_distances(distances_in, partners_in);
+  check_scalar_grad(grad, distances_in);
+  const Tensor distances = distances_in.contiguous(), partners = partners_in.contiguous();
+  const Tensor margins = margins_in.to(distances.scalar_type()).contiguous();
+  const int64_t attributes = distances.size(1), width = distances.size(2), k = width / 2;
+  const int64_t rows = distances.size(0) * attributes;
+  Tensor grad_d = at::empty_like(distances);
+  const int64_t* p = partners.data_ptr<int64_t>();
+  AT_DISPATCH_FLOATING_TYPES(distances.scalar_type(), "crl_ops::relative_loss_backward", [&] {
+    const scalar_t scale = grad.item<scalar_t>() / static_cast<scalar_t>(std::max<int64_t>(num_triplets.item<int64_t>(), 1));
+    const scalar_t* d = distances.data_ptr<scalar_t>();
+    const scalar_t* margin = margins.data_ptr<scalar_t>();
+    scalar_t* out = grad_d.data_ptr<scalar_t>();
+    at::parallel_for(0, rows, 256, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        relative_row_backward(d + r * width, p + r * width, k, margin[r % attributes], scale, out + r * width);
+      }
+    });
+  });
+  return grad_d;
+}
+
+std::tuple<Tensor, Tensor> absolute_loss_cpu(const Tensor& distances_in, const Tensor& partners_in, double margin) {
+  check_distances(distances_in, partners_in);
+  const Tensor distances = distances_in.contiguous(), partners = partners_in.contiguous();
+  const int64_t width = distances.size(2), k = width / 2;
+  const int64_t rows = distances.size(0) * distances.size(1);
+  const int64_t* p = partners.data_ptr<int64_t>();
+  Tensor loss = at::empty({}, distances.options());
+  Tensor pairs = at::empty({2}, partners.options());
+  AT_DISPATCH_FLOATING_TYPES(distances.scalar_type(), "crl_ops::absolute_loss", [&] {
+    const scalar_t* d = distances.data_ptr<scalar_t>();
+    const RowSums<scalar_t> total = sum_rows<RowSums<scalar_t>>(rows, [&](int64_t r) {
+      RowSums<scalar_t> s;
+      absolute_row(d + r * width, p + r * width, k, static_cast<scalar_t>(margin), s.pos, s.neg, s.pos_pairs,
+                   s.neg_pairs);
+      return s;
+    });
+    const scalar_t pos_mean = total.pos / static_cast<scalar_t>(std::max<int64_t>(total.pos_pairs, 1));
+    const scalar_t neg_mean = total.neg / static_cast<scalar_t>(std::max<int64_t>(total.neg_pairs, 1));
+    loss.fill_(scalar_t(0.5) * (pos_mean + neg_mean));
+    pairs[0] = total.pos_pairs;
+    pairs[1] = total.neg_pairs;
+  });
+  return {loss, pairs};
+}
+
+Tensor absolute_loss_backward_cpu(const Tensor& grad, const Tensor& distances_in, const Tensor& partners_in,
+                                  double margin, const Tensor& num_pairs) {
+  check_distances(distances_in, partners_in);
+  check_scalar_grad(grad, distances_in);
+  const Tensor distances = distances_in.contiguous(), partners = partners_in.contiguous();
+  const int64_t width = distances.size(2), k = width / 2;
+  const int64_t rows = distances.size(0) * distances.size(1);
+  Tensor grad_d = at::empty_like(distances);
+  const int64_t* p = partners.data_ptr<int64_t>();
+  const int64_t* n = num_pairs.contiguous().data_ptr<int64_t>();
+  AT_DISPATCH_FLOATING_TYPES(distances.scalar_type(), "crl_ops::absolute_loss_backward", [&] {
+    const scalar_t g = grad.item<scalar_t>();
+    // d/dd of 0.5 * d^2 / n_pos is d / n_pos; of 0.5 * hinge(m - d)^2 / n_neg is -hinge / n_neg.
+    const scalar_t pos_scale = g / static_cast<scalar_t>(std::max<int64_t>(n[0], 1));
+    const scalar_t neg_scale = g / static_cast<scalar_t>(std::max<int64_t>(n[1], 1));
+    const scalar_t* d = distances.data_ptr<scalar_t>();
+    scalar_t* out = grad_d.data_ptr<scalar_t>();
+    at::parallel_for(0, rows, 256, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        absolute_row_backward(d + r * width, p + r * width, k, static_cast<scalar_t>(margin), pos_scale, neg_scale,
+                              out + r * width);
+      }
+    });
+  });
+  return grad_d;
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> distribution_loss_cpu(const Tensor& distances_in,
+                                                                 const Tensor& partners_in, int64_t bins) {
+  check_distances(distances_in, partners_in);
+  TORCH_CHECK(bins >= 2, "crl_ops: bins must be >= 2, got ", bins);
+  const Tensor distances = distances_in.contiguous(), partners = partners_in.contiguous();
+  const int64_t batch = distances.size(0), attributes = distances.size(1), width = distances.size(2), k = width / 2;
+  Tensor histograms = at::zeros({attributes, 2, bins}, distances.options());
+  Tensor scale = at::zeros({attributes}, distances.options());
+  Tensor pair_counts = at::zeros({attributes, 2}, partners.options());
+  Tensor loss = at::empty({}, distances.options());
+  const int64_t* p = partners.data_ptr<int64_t>();
+  int64_t* counts = pair_counts.data_ptr<int64_t>();
+  AT_DISPATCH_FLOATING_TYPES(distances.scalar_type(), "crl_ops::distribution_loss", [&] {
+    const scalar_t* d = distances.data_ptr<scalar_t>();
+    scalar_t* hist = histograms.data_ptr<scalar_t>();
+    scalar_t* scl = scale.data_ptr<scalar_t>();
+    std::vector<scalar_t> per_attribute(attributes, scalar_t(0));
+    at::parallel_for(0, attributes, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t j = begin; j < end; ++j) {
+        scalar_t longest = 0;
+        for (int64_t i = 0; i < batch; ++i) {
+          for (int64_t m = 0; m < width; ++m) {
+            const int64_t at = (i * attributes + j) * width + m;
+            if (p[at] < 0) continue;
+            longest = std::max(longest, d[at]);
+            ++counts[j * 2 + (m >= k)];
+          }
+        }
+        scl[j] = longest > scalar_t(0) ? static_cast<scalar_t>(bins - 1) / longest : scalar_t(0);
+        scalar_t* h = hist + j * 2 * bins;  // h[0..bins) positives, h[bins..2 bins) negatives
+        for (int64_t i = 0; i < batch; ++i) {
+          for (int64_t m = 0; m < width; ++m) {
+            const int64_t at = (i * attributes + j) * width + m;
+            if (p[at] < 0) continue;
+            int64_t node;
+            scalar_t w;
+            histogram_node(d[at], scl[j], bins, node, w);
+            scalar_t* kind = h + (m >= k ? bins : 0);
+            kind[node] += scalar_t(1) - w;
+            kind[node + 1] += w;
+          }
+        }
+        for (int64_t side = 0; side < 2; ++side) {
+          const scalar_t n = static_cast<scalar_t>(std::max<int64_t>(counts[j * 2 + side], 1));
+          for (int64_t t = 0; t < bins; ++t) h[side * bins + t] /= n;
+        }
+        per_attribute[j] = histogram_overlap(h, h + bins, bins);
+      }
+    });
+    scalar_t total = 0;
+    int64_t counted = 0;
+    for (int64_t j = 0; j < attributes; ++j) {
+      if (counts[j * 2] > 0 && counts[j * 2 + 1] > 0) {
+        total += per_attribute[j];
+        ++counted;
+      }
+    }
+    loss.fill_(total / static_cast<scalar_t>(std::max<int64_t>(counted, 1)));
+  });
+  return {loss, histograms, scale, pair_counts};
+}
+
+Tensor distribution_loss_backward_cpu(const Tensor& grad, const Tensor& distances_in, const Tensor& partners_in,
+                                      int64_t bins, const Tensor& histograms_in, const Tensor& scale_in,
+                                      const Tensor& pair_counts_in) {
+  check_distances(distances_in, partners_in);
+  check_scalar_grad(grad, distances_in);
+  const Tensor distances = distances_in.contiguous(), partners = partners_in.contiguous();
+  const int64_t batch = distances.size(0), attributes = distances.size(1), width = distances.size(2), k = width / 2;
+  TORCH_CHECK(histograms_in.sizes() == at::IntArrayRef({attributes, 2, bins}) &&
+                  scale_in.sizes() == at::IntArrayRef({attributes}) &&
+                  pair_counts_in.sizes() == at::IntArrayRef({attributes, 2}),
+              "crl_ops: distribution_loss_backward needs the histograms, scale and pair_counts of its forward");
+  const Tensor histograms = histograms_in.to(distances.scalar_type()).contiguous();
+  const Tensor scale = scale_in.to(distances.scalar_type()).contiguous();
+  const Tensor pair_counts = pair_counts_in.contiguous();
+  Tensor grad_d = at::zeros_like(distances);
+  const int64_t* p = partners.data_ptr<int64_t>();
+  const int64_t* counts = pair_counts.data_ptr<int64_t>();
+  int64_t counted = 0;
+  for (int64_t j = 0; j < attributes; ++j) counted += counts[j * 2] > 0 && counts[j * 2 + 1] > 0;
+  AT_DISPATCH_FLOATING_TYPES(distances.scalar_type(), "crl_ops::distribution_loss_backward", [&] {
+    const scalar_t g = grad.item<scalar_t>() / static_cast<scalar_t>(std::max<int64_t>(counted, 1));
+    const scalar_t* d = distances.data_ptr<scalar_t>();
+    const scalar_t* hist = histograms.data_ptr<scalar_t>();
+    const scalar_t* scl = scale.data_ptr<scalar_t>();
+    scalar_t* out = grad_d.data_ptr<scalar_t>();
+    at::parallel_for(0, attributes, 1, [&](int64_t begin, int64_t end) {
+      std::vector<scalar_t> g_pos(bins), g_neg(bins);
+      for (int64_t j = begin; j < end; ++j) {
+        if (counts[j * 2] == 0 || counts[j * 2 + 1] == 0) continue;
+        histogram_overlap_gradient(hist + j * 2 * bins, hist + j * 2 * bins + bins, bins, g_pos.data(), g_neg.data());
+        const scalar_t pos_factor = g / static_cast<scalar_t>(counts[j * 2]);
+        const scalar_t neg_factor = g / static_cast<scalar_t>(counts[j * 2 + 1]);
+        for (int64_t i = 0; i < batch; ++i) {
+          for (int64_t m = 0; m < width; ++m) {
+            const int64_t at = (i * attributes + j) * width + m;
+            if (p[at] < 0) continue;
+            const bool negative = m >= k;
+            out[at] = (negative ? neg_factor : pos_factor) *
+                      histogram_pair_gradient(d[at], scl[j], bins, negative ? g_neg.data() : g_pos.data());
+          }
+        }
+      }
+    });
+  });
+  return grad_d;
+}
+
+}  // namespace
+}  // namespace crl
+
+TORCH_LIBRARY_IMPL(crl_ops, CPU, m) {
+  m.impl("profile", &crl::profile_cpu);
+  m.impl("mine_class", &crl::mine_class_cpu);
+  m.impl("mine_instance", &crl::mine_instance_cpu);
+  m.impl("pair_distances", &crl::pair_distances_cpu);
+  m.impl("pair_distances_backward", &crl::pair_distances_backward_cpu);
+  m.impl("relative_loss", &crl::relative_loss_cpu);
+  m.impl("relative_loss_backward", &crl::relative_loss_backward_cpu);
+  m.impl("absolute_loss", &crl::absolute_loss_cpu);
+  m.impl("absolute_loss_backward", &crl::absolute_loss_backward_cpu);
+  m.impl("distribution_loss", &crl::distribution_loss_cpu);
+  m.impl("distribution_loss_backward", &crl::distribution_loss_backward_cpu);
+}
