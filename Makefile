@@ -1,5 +1,6 @@
-# make demo   - set up .venv, build the kernels, train with and without CRL
+# make demo   - set up .venv, build the kernels, run the offline imbalanced benchmark (real data)
 # make test   - set up .venv, build the kernels (CPU, and CUDA where nvcc is present), run the tests
+# make bench  - speed and memory: native kernels vs reference vs loops vs pytorch-metric-learning
 # make cmake  - build the libtorch shared library with CMake (CPU torch in .venv-cpu) and test it
 PYTHON ?= python3
 VENV ?= .venv
@@ -12,7 +13,7 @@ TORCH_CUDA_ARCH_LIST ?= 9.0
 MAX_JOBS ?= 2
 export CUDA_HOME FORCE_CUDA TORCH_CUDA_ARCH_LIST MAX_JOBS
 
-.PHONY: setup build test demo cmake clean
+.PHONY: setup build test demo bench cmake clean
 
 $(BIN)/.ready: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,7 +30,11 @@ test: build
 	$(BIN)/python -m pytest -q
 
 demo: build
-	$(BIN)/python examples/quickstart.py
+	$(BIN)/python examples/offline_benchmark.py
+
+bench: build
+	$(BIN)/pip install -q pytorch-metric-learning
+	$(BIN)/python -m benchmarks
 
 # libtorch users: CMake against the CPU wheel of torch (see CMakeLists.txt).
 .venv-cpu/.ready:
