@@ -9,8 +9,11 @@ acts on) and the logits.
 - `XDomainNet` (paper section 3.2): the MTCT network, five stacked NIN units, then one branch
   of three fully connected layers per attribute; the second layer of a branch is its feature.
 
-The per-attribute layers are `PerAttributeLinear`: one batched matrix product for all
-attributes instead of A separate `nn.Linear` modules.
+- `CompactAttributeNet`: the same layout (small conv trunk, shared FC1, per-attribute FC2 and
+  classifier) scaled down for small images, used by the offline benchmark on CPUs.
+
+The per-attribute layers (`AttributeHeads`, built of `PerAttributeLinear`) run as one batched
+matrix product for all attributes instead of A separate `nn.Linear` modules.
 """
 from __future__ import annotations
 
@@ -55,6 +58,43 @@ class PerAttributeLinear(nn.Module):
         if x.dim() == 2:
             return torch.einsum("bi,aio->bao", x, self.weight) + self.bias
         return torch.einsum("bai,aio->bao", x, self.weight) + self.bias
+
+
+class AttributeHeads(nn.Module):
+    """One small fully connected sub-network per attribute on a shared input vector.
+
+    Each head is: the `hidden_dims` layers, the feature layer (`feature_dim`, the CRL feature) and
+    an output layer of `num_outputs[j]` units, all with ReLU except the output. `forward(shared
+    [B, in_features])` returns `features [B, A, feature_dim]` and the outputs padded to
+    `[B, A, max num_outputs]` (the columns past `num_outputs[j]` are unused).
+    """
+
+    def __init__(self, in_features: int, num_outputs: Sequence[int], feature_dim: int,
+                 hidden_dims: Sequence[int] = ()):
+        super().__init__()
+        if isinstance(num_outputs, (str, bytes)) or not isinstance(num_outputs, Sequence) or not num_outputs:
+            raise TypeError(f"num_outputs must be a non-empty sequence of ints, got {num_outputs!r}")
+        for j, c in enumerate(num_outputs):
+            _check_positive_int(f"num_outputs[{j}]", c)
+        attributes = len(num_outputs)
+        widths = [in_features, *hidden_dims, feature_dim]
+        self.layers = nn.ModuleList(PerAttributeLinear(attributes, a, b) for a, b in zip(widths, widths[1:]))
+        self.output = PerAttributeLinear(attributes, feature_dim, max(num_outputs))
+
+    def forward(self, shared: Tensor) -> Tuple[Tensor, Tensor]:
+        x = shared
+        for layer in self.layers:
+            x = torch.relu(layer(x))
+        return x, self.output(x)
+
+
+def _check_num_classes(num_classes) -> tuple:
+    if isinstance(num_classes, (str, bytes)) or not isinstance(num_classes, Sequence) or not num_classes:
+        raise TypeError(f"num_classes must be a non-empty sequence of ints, got {num_classes!r}")
+    for j, c in enumerate(num_classes):
+        if _check_positive_int(f"num_classes[{j}]", c) < 2:
+            raise ValueError(f"num_classes[{j}] must be >= 2, got {c}")
+    return tuple(num_classes)
 
 
 def _check_positive_int(name: str, value) -> int:
@@ -106,16 +146,15 @@ class CelebANet(nn.Module):
         self.conv4 = nn.Sequential(nn.Conv2d(60, 80, 2), nn.ReLU(inplace=True))
         # 55x47 input: the pooled third conv map is 60x5x4, the fourth conv map 80x4x3.
         self.fc1 = nn.Sequential(nn.Linear(60 * 5 * 4 + 80 * 4 * 3, fc1_dim), nn.ReLU(inplace=True))
-        self.fc2 = PerAttributeLinear(num_attributes, fc1_dim, feature_dim)
-        self.classifier = PerAttributeLinear(num_attributes, feature_dim, 1)
+        self.heads = AttributeHeads(fc1_dim, (1,) * num_attributes, feature_dim)  # FC2 and the classifiers
 
     def forward(self, images: Tensor) -> Tuple[Tensor, Tensor]:
         _check_images(images, self.input_size)
         pooled3 = self.conv123(images)
         conv4 = self.conv4(pooled3)
         shared = self.fc1(torch.cat([pooled3.flatten(1), conv4.flatten(1)], 1))
-        features = torch.relu(self.fc2(shared))
-        return features, self.classifier(features).squeeze(-1)
+        features, logits = self.heads(shared)
+        return features, logits.squeeze(-1)
 
 
 def _nin_unit(in_channels: int, out_channels: int, kernel_size: int, stride: int, padding: int) -> nn.Sequential:
@@ -134,7 +173,7 @@ class XDomainNet(nn.Module):
     from; any size from 127x127 up works, as the trunk ends in global average pooling. The NIN
     units have 96, 256, 384, 512 and 1024 channels with 3x3 stride-2 max-pooling between them.
     Each branch is FC (branch_dim) - FC (feature_dim, the CRL feature) - FC (C_j), all branches
-    computed together by `PerAttributeLinear` (the last layer padded to the largest C_j).
+    computed together (`AttributeHeads`).
 
     `forward(images)` returns `features [B, A, feature_dim]` and a list of A logits `[B, C_j]`.
     """
@@ -144,12 +183,7 @@ class XDomainNet(nn.Module):
     def __init__(self, num_classes: Sequence[int] = XDOMAIN_NUM_CLASSES, feature_dim: int = 64,
                  branch_dim: int = 512):
         super().__init__()
-        if isinstance(num_classes, (str, bytes)) or not isinstance(num_classes, Sequence) or not num_classes:
-            raise TypeError(f"num_classes must be a non-empty sequence of ints, got {num_classes!r}")
-        for j, c in enumerate(num_classes):
-            if _check_positive_int(f"num_classes[{j}]", c) < 2:
-                raise ValueError(f"num_classes[{j}] must be >= 2, got {c}")
-        self.num_classes = tuple(num_classes)
+        self.num_classes = _check_num_classes(num_classes)
         pool = nn.MaxPool2d(3, 2)
         self.trunk = nn.Sequential(
             _nin_unit(3, 96, 11, 4, 2), pool,
@@ -159,14 +193,42 @@ class XDomainNet(nn.Module):
             _nin_unit(512, 1024, 3, 1, 1),
             nn.AdaptiveAvgPool2d(1), nn.Flatten(),
         )
-        attributes = len(self.num_classes)
-        self.branch_fc1 = PerAttributeLinear(attributes, 1024, branch_dim)
-        self.branch_fc2 = PerAttributeLinear(attributes, branch_dim, feature_dim)
-        self.branch_fc3 = PerAttributeLinear(attributes, feature_dim, max(self.num_classes))
+        self.branches = AttributeHeads(1024, self.num_classes, feature_dim, hidden_dims=(branch_dim,))
 
     def forward(self, images: Tensor) -> Tuple[Tensor, list]:
         _check_images(images, self.input_size, min_size=127)
         shared = self.trunk(images)
-        features = torch.relu(self.branch_fc2(torch.relu(self.branch_fc1(shared))))
-        padded = self.branch_fc3(features)  # [B, A, max C_j]; columns past C_j are unused
+        features, padded = self.branches(shared)
+        return features, [padded[:, j, :c] for j, c in enumerate(self.num_classes)]
+
+
+class CompactAttributeNet(nn.Module):
+    """CelebANet's layout for small images: two conv blocks, shared FC1, per-attribute FC2 + classifier.
+
+    conv 3x3 (`channels[0]`) - max-pool - conv 3x3 (`channels[1]`) - max-pool, FC1 (`fc1_dim`),
+    then per attribute FC2 (`feature_dim`, the CRL feature) and a classifier of C_j logits.
+    `input_size` is given at construction (height and width divisible by 4).
+    `forward(images)` returns `features [B, A, feature_dim]` and a list of A logits `[B, C_j]`.
+    """
+
+    def __init__(self, input_size: Tuple[int, int, int], num_classes: Sequence[int], feature_dim: int = 32,
+                 fc1_dim: int = 128, channels: Tuple[int, int] = (16, 32)):
+        super().__init__()
+        input_size = tuple(input_size)
+        if len(input_size) != 3 or min(input_size) < 1 or input_size[1] % 4 or input_size[2] % 4:
+            raise ValueError(f"input_size must be (C, H, W) with H and W positive multiples of 4, got {input_size}")
+        self.input_size = input_size
+        self.num_classes = _check_num_classes(num_classes)
+        in_channels, height, width = input_size
+        self.trunk = nn.Sequential(
+            nn.Conv2d(in_channels, channels[0], 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+            nn.Conv2d(channels[0], channels[1], 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+            nn.Flatten(),
+            nn.Linear(channels[1] * (height // 4) * (width // 4), fc1_dim), nn.ReLU(inplace=True),
+        )
+        self.heads = AttributeHeads(fc1_dim, self.num_classes, feature_dim)
+
+    def forward(self, images: Tensor) -> Tuple[Tensor, list]:
+        _check_images(images, self.input_size)
+        features, padded = self.heads(self.trunk(images))
         return features, [padded[:, j, :c] for j, c in enumerate(self.num_classes)]
