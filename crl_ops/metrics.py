@@ -1,4 +1,7 @@
-"""Class-balanced accuracy (semantics section 5): per attribute, the mean per-class recall."""
+"""Class-balanced accuracy (semantics section 5): per attribute, the mean per-class recall.
+
+Also the class counts and imbalance ratios of a label set (the paper's "1:x" per attribute).
+"""
 from __future__ import annotations
 
 from typing import NamedTuple, Sequence, Union
@@ -37,3 +40,21 @@ def class_balanced_accuracy(preds: Tensor, labels: Tensor,
     annotated = present.any(1)
     mean = torch.where(annotated, per_attribute, 0.0).sum() / annotated.sum()
     return BalancedAccuracy(per_attribute, mean)
+
+
+def class_counts(labels: Tensor, num_classes: Union[int, Sequence[int]]) -> Tensor:
+    """Annotated samples per class: int64 [A, max C_j] (labels [N, A] or [N]; -1 not counted)."""
+    labels, num_classes = normalise_labels(labels, num_classes)
+    counts = torch.zeros(labels.shape[1], max(num_classes), dtype=torch.int64, device=labels.device)
+    return counts.scatter_add_(1, labels.clamp_min(0).t(), (labels >= 0).t().long())
+
+
+def imbalance_ratios(labels: Tensor, num_classes: Union[int, Sequence[int]]) -> Tensor:
+    """Per attribute, the largest class count over the smallest (the paper's "1:x" is x).
+
+    Only classes with at least one annotated sample count (an absent class has no ratio);
+    float64 [A], NaN for an attribute with no annotated sample.
+    """
+    counts = class_counts(labels, num_classes).double()
+    smallest = torch.where(counts > 0, counts, torch.inf).amin(1)
+    return torch.where(counts.amax(1) > 0, counts.amax(1) / smallest, torch.nan)
