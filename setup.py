@@ -29,7 +29,6 @@ def native_extensions():
     sources = ["csrc/ops.cpp", "csrc/python_module.cpp", "csrc/cpu/crl_cpu.cpp"]
     include_dirs = [os.path.join(HERE, "csrc")]
     cxx_flags = ["-O3", "-fopenmp", "-ffp-contract=off"]
-    macros = []
     cuda_home = cpp_extension.CUDA_HOME
     with_cuda = os.environ.get("FORCE_CUDA") == "1" or (torch.cuda.is_available() and cuda_home is not None)
     extension = cpp_extension.CppExtension
@@ -39,19 +38,16 @@ def native_extensions():
             raise RuntimeError("FORCE_CUDA=1 but CUDA_HOME is not set and nvcc was not found")
         extension = cpp_extension.CUDAExtension
         sources += ["csrc/cuda/crl_cuda.cpp", "csrc/cuda/crl_kernels.cu"]
-        macros.append(("CRL_OPS_WITH_CUDA", None))
-        # The CUDA wheel of torch ships the cuBLAS/cuSPARSE headers its own headers include.
-        import nvidia
-
-        for root in getattr(nvidia, "__path__", []):
-            include_dirs += glob.glob(os.path.join(root, "cu*", "include"))
+        # The CUDA wheel of torch ships the CUDA library headers (cuBLAS, ...) that torch's own
+        # headers include; a plain toolkit install has them under CUDA_HOME already.
+        for site in sys.path:
+            include_dirs += glob.glob(os.path.join(site, "nvidia", "cu*", "include"))
         # --fmad=false: distances round exactly as in the CPU kernels (no fused multiply-add).
         extra["nvcc"] = ["-O3", "--fmad=false", "-std=c++17", "-lineinfo"]
     ext = extension(
         name="crl_ops._C",
         sources=sources,
         include_dirs=include_dirs,
-        define_macros=macros,
         extra_compile_args=extra,
         extra_link_args=["-fopenmp"],
     )

@@ -169,6 +169,7 @@ if loaded():
 
     def _setup_distribution(ctx, inputs, output):
         distances, partners, bins = inputs
+        ctx.mark_non_differentiable(*output[1:])  # histograms and scale only feed the backward
         ctx.bins = bins
         ctx.save_for_backward(distances, partners, *output[1:])
 

@@ -1,0 +1,310 @@
+// CUDA entry points of the crl_ops ops: argument checks (shared with the CPU kernels), device
+// guard, current stream, output allocation and dtype dispatch; the kernels live in
+// crl_kernels.cu. No host synchronisation: scalars such as the triplet count stay on the device.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include "common/crl_math.h"
+#include "common/op_checks.h"
+#include "cuda/crl_kernels.h"
+
+namespace crl {
+namespace {
+
+using at::Tensor;
+
+cudaStream_t current_stream() {
+  return c10::cuda::getCurrentCUDAStream().stream();
+}
+
+cuda::Strides strides_of(const Tensor& features) {
+  return {features.stride(0), features.stride(1), features.stride(2)};
+}
+
+std::tuple<Tensor, Tensor, Tensor> profile_cuda(const Tensor& labels_in, int64_t max_classes) {
+  check_labels(labels_in);
+  TORCH_CHECK(max_classes >= 1, "crl_ops: max_classes must be >= 1, got ", max_classes);
+  c10::cuda::CUDAGuard guard(labels_in.device());
+  const Tensor labels = labels_in.contiguous();
+  const int64_t attributes = labels.size(1);
+  Tensor counts = at::zeros({attributes, max_classes}, labels.options());
+  Tensor minority = at::empty({attributes, max_classes}, labels.options().dtype(at::kBool));
+  Tensor active = at::empty_like(minority);
+  if (attributes > 0) {
+    cuda::profile(labels.data_ptr<int64_t>(), labels.size(0), attributes, max_classes, counts.data_ptr<int64_t>(),
+                  minority.data_ptr<bool>(), active.data_ptr<bool>(), current_stream());
+  }
+  return {counts, minority, active};
+}
+
+std::tuple<Tensor, Tensor> mine_class_cuda(const Tensor& scores_in, const Tensor& labels_in, const Tensor& active_in,
+                                           int64_t k) {
+  check_labels(labels_in);
+  check_active(active_in, labels_in);
+  check_k(k);
+  TORCH_CHECK(scores_in.dim() == 3 && scores_in.size(0) == labels_in.size(0) &&
+                  scores_in.size(1) == labels_in.size(1) && scores_in.size(2) == active_in.size(1),
+              "crl_ops: scores must have shape [B, A, Cmax] = [", labels_in.size(0), ", ", labels_in.size(1), ", ",
+              active_in.size(1), "], got ", scores_in.sizes());
+  TORCH_CHECK(scores_in.scalar_type() == at::kFloat || scores_in.scalar_type() == at::kDouble,
+              "crl_ops: scores must be float32 or float64 probabilities, got ", scores_in.scalar_type());
+  check_same_device(scores_in, "scores", labels_in, "labels");
+  c10::cuda::CUDAGuard guard(labels_in.device());
+  const Tensor scores = scores_in.contiguous(), labels = labels_in.contiguous(), active = active_in.contiguous();
+  const int64_t batch = labels.size(0), attributes = labels.size(1), max_classes = active.size(1);
+  auto [anchors, partners] = new_mined(labels, k);
+  if (batch * attributes == 0) return {anchors, partners};
+  const auto int32 = labels.options().dtype(at::kInt);
+  Tensor hard_pos = at::full({attributes, max_classes, k}, -1, int32);
+  Tensor hard_neg = at::full({attributes, max_classes, k}, -1, int32);
+  AT_DISPATCH_FLOATING_TYPES(scores.scalar_type(), "crl_ops::mine_class", [&] {
+    Tensor keys = at::empty({k > 32 ? 2 * attributes * max_classes * k : 0}, scores.options());
+    cuda::mine_class<scalar_t>(scores.data_ptr<scalar_t>(), labels.data_ptr<int64_t>(), active.data_ptr<bool>(), batch,
+                               attributes, max_classes, k, hard_pos.data_ptr<int32_t>(), hard_neg.data_ptr<int32_t>(),
+                               keys.data_ptr<scalar_t>(), anchors.data_ptr<bool>(), partners.data_ptr<int64_t>(),
+                               current_stream());
+  });
+  return {anchors, partners};
+}
+
+std::tuple<Tensor, Tensor> mine_instance_cuda(const Tensor& features, const Tensor& predictions_in,
+                                              const Tensor& labels_in, const Tensor& active_in, int64_t k) {
+  check_features(features);
+  check_labels(labels_in);
+  check_active(active_in, labels_in);
+  check_k(k);
+  check_int64(predictions_in, "predictions", 2, "[B, A]");
+  TORCH_CHECK(features.size(0) == labels_in.size(0) && features.size(1) == labels_in.size(1) &&
+                  predictions_in.sizes() == labels_in.sizes(),
+              "crl_ops: features [B, A, D] ", features.sizes(), ", predictions ", predictions_in.sizes(),
+              " and labels ", labels_in.sizes(), " must agree on B and A");
+  check_same_device(features, "features", labels_in, "labels");
+  check_same_device(features, "features", predictions_in, "predictions");
+  c10::cuda::CUDAGuard guard(features.device());
+  const Tensor labels = labels_in.contiguous(), active = active_in.contiguous();
+  const Tensor predictions = predictions_in.contiguous();
+  const int64_t batch = labels.size(0), attributes = labels.size(1), dim = features.size(2);
+  auto [anchors, partners] = new_mined(labels, k);
+  if (batch * attributes == 0) return {anchors, partners};
+  // [A, D, B]: a tile of candidates for one dimension is one coalesced read.
+  const Tensor columns = features.to(accumulation_type(features.scalar_type())).permute({1, 2, 0}).contiguous();
+  const auto int32 = labels.options().dtype(at::kInt);
+  Tensor anchor_list = at::empty({attributes, batch}, int32);
+  Tensor anchor_count = at::empty({attributes}, int32);
+  const int64_t scratch = k > 32 ? 2 * batch * attributes * k : 0;
+  Tensor index_scratch = at::empty({scratch}, int32);
+  AT_DISPATCH_FLOATING_TYPES(columns.scalar_type(), "crl_ops::mine_instance", [&] {
+    Tensor key_scratch = at::empty({scratch}, columns.options());
+    cuda::mine_instance<scalar_t>(columns.data_ptr<scalar_t>(), predictions.data_ptr<int64_t>(),
+                                  labels.data_ptr<int64_t>(), active.data_ptr<bool>(), batch, attributes, dim,
+                                  active.size(1), k, anchor_list.data_ptr<int32_t>(), anchor_count.data_ptr<int32_t>(),
+                                  key_scratch.data_ptr<scalar_t>(), index_scratch.data_ptr<int32_t>(),
+                                  anchors.data_ptr<bool>(), partners.data_ptr<int64_t>(), current_stream());
+  });
+  return {anchors, partners};
+}
+
+Tensor pair_distances_cuda(const Tensor& features, const Tensor& partners_in) {
+  check_features(features);
+  check_partners(partners_in, features);
+  c10::cuda::CUDAGuard guard(features.device());
+  const Tensor partners = partners_in.contiguous();
+  Tensor distances = at::empty(partners.sizes(), features.options().dtype(accumulation_type(features.scalar_type())));
+  if (partners.numel() == 0) return distances;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, features.scalar_type(), "crl_ops::pair_distances", [&] {
+    using acc = acc_t<scalar_t>;
+    cuda::pair_distances<scalar_t, acc>(features.data_ptr<scalar_t>(), strides_of(features),
+                                        partners.data_ptr<int64_t>(), features.size(0), features.size(1),
+                                        features.size(2), partners.size(2), distances.data_ptr<acc>(),
+                                        current_stream());
+  });
+  return distances;
+}
+
+Tensor pair_distances_backward_cuda(const Tensor& grad_in, const Tensor& features, const Tensor& partners_in,
+                                    const Tensor& distances_in) {
+  check_features(features);
+  check_partners(partners_in, features);
+  check_distances(distances_in, partners_in);
+  TORCH_CHECK(grad_in.sizes() == partners_in.sizes(), "crl_ops: grad must have the shape of distances ",
+              partners_in.sizes(), ", got ", grad_in.sizes());
+  c10::cuda::CUDAGuard guard(features.device());
+  const Tensor partners = partners_in.contiguous(), distances = distances_in.contiguous();
+  const Tensor grad = grad_in.to(distances.scalar_type()).contiguous();
+  const int64_t batch = features.size(0), attributes = features.size(1), dim = features.size(2);
+  const int64_t width = partners.size(2);
+  Tensor grad_features = at::zeros(features.sizes(), features.options().dtype(distances.scalar_type()));
+  if (grad_features.numel() == 0) return grad_features.to(features.scalar_type());
+  const bool deterministic = at::globalContext().deterministicAlgorithms();
+  Tensor incoming, offsets;
+  if (deterministic) {
+    // Without float atomics: group the pairs by the sample they end at (a stable sort keeps
+    // each group in pair order), then every feature entry sums its own list in that order.
+    const Tensor attribute = at::arange(attributes, partners.options()).view({1, attributes, 1});
+    const Tensor valid = (partners >= 0).logical_and(partners < batch);
+    const Tensor keys = at::where(valid, attribute * batch + partners, attributes * batch).flatten();
+    const auto sorted = at::sort(keys, /*stable=*/true, /*dim=*/0, /*descending=*/false);
+    incoming = std::get<1>(sorted);
+    offsets = at::searchsorted(std::get<0>(sorted), at::arange(attributes * batch + 1, partners.options()));
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, features.scalar_type(), "crl_ops::pair_distances_backward",
+                                  [&] {
+    using acc = acc_t<scalar_t>;
+    if (deterministic) {
+      cuda::pair_distances_backward_sorted<scalar_t, acc>(
+          grad.data_ptr<acc>(), features.data_ptr<scalar_t>(), strides_of(features), partners.data_ptr<int64_t>(),
+          distances.data_ptr<acc>(), incoming.data_ptr<int64_t>(), offsets.data_ptr<int64_t>(), batch, attributes,
+          dim, width, grad_features.data_ptr<acc>(), current_stream());
+    } else {
+      cuda::pair_distances_backward_atomic<scalar_t, acc>(
+          grad.data_ptr<acc>(), features.data_ptr<scalar_t>(), strides_of(features), partners.data_ptr<int64_t>(),
+          distances.data_ptr<acc>(), batch, attributes, dim, width, grad_features.data_ptr<acc>(), current_stream());
+    }
+  });
+  return grad_features.to(features.scalar_type());
+}
+
+// The loss forms: 0-dim outputs stay on the device.
+std::tuple<Tensor, Tensor> relative_loss_cuda(const Tensor& distances_in, const Tensor& partners_in,
+                                              const Tensor& margins_in) {
+  check_distances(distances_in, partners_in);
+  TORCH_CHECK(margins_in.dim() == 1 && margins_in.size(0) == distances_in.size(1),
+              "crl_ops: margins must have shape [A] = [", distances_in.size(1), "], got ", margins_in.sizes());
+  check_same_device(margins_in, "margins", distances_in, "distances");
+  c10::cuda::CUDAGuard guard(distances_in.device());
+  const Tensor distances = distances_in.contiguous(), partners = partners_in.contiguous();
+  const Tensor margins = margins_in.to(distances.scalar_type()).contiguous();
+  Tensor loss = at::empty({}, distances.options());
+  Tensor triplets = at::empty({}, partners.options());
+  AT_DISPATCH_FLOATING_TYPES(distances.scalar_type(), "crl_ops::relative_loss", [&] {
+    cuda::relative_loss<scalar_t>(distances.data_ptr<scalar_t>(), partners.data_ptr<int64_t>(),
+                                  margins.data_ptr<scalar_t>(), distances.size(0) * distances.size(1),
+                                  distances.size(1), distances.size(2), loss.data_ptr<scalar_t>(),
+                                  triplets.data_ptr<int64_t>(), current_stream());
+  });
+  return {loss, triplets};
+}
+
+Tensor relative_loss_backward_cuda(const Tensor& grad_in, const Tensor& distances_in, const Tensor& partners_in,
+                                   const Tensor& margins_in, const Tensor& num_triplets) {
+  check_distances(distances_in, partners_in);
+  check_scalar_grad(grad_in, distances_in);
+  c10::cuda::CUDAGuard guard(distances_in.device());
+  const Tensor distances = distances_in.contiguous(), partners = partners_in.contiguous();
+  const Tensor margins = margins_in.to(distances.scalar_type()).contiguous();
+  const Tensor grad = grad_in.to(distances.scalar_type()).contiguous();
+  Tensor grad_d = at::empty_like(distances);
+  if (grad_d.numel() == 0) return grad_d;
+  AT_DISPATCH_FLOATING_TYPES(distances.scalar_type(), "crl_ops::relative_loss_backward", [&] {
+    cuda::relative_loss_backward<scalar_t>(grad.data_ptr<scalar_t>(), distances.data_ptr<scalar_t>(),
+                                           partners.data_ptr<int64_t>(), margins.data_ptr<scalar_t>(),
+                                           num_triplets.contiguous().data_ptr<int64_t>(),
+                                           distances.size(0) * distances.size(1), distances.size(1),
+                                           distances.size(2), grad_d.data_ptr<scalar_t>(), current_stream());
+  });
+  return grad_d;
+}
+
+std::tuple<Tensor, Tensor> absolute_loss_cuda(const Tensor& distances_in, const Tensor& partners_in, double margin) {
+  check_distances(distances_in, partners_in);
+  c10::cuda::CUDAGuard guard(distances_in.device());
+  const Tensor distances = distances_in.contiguous(), partners = partners_in.contiguous();
+  Tensor loss = at::empty({}, distances.options());
+  Tensor pairs = at::empty({2}, partners.options());
+  AT_DISPATCH_FLOATING_TYPES(distances.scalar_type(), "crl_ops::absolute_loss", [&] {
+    cuda::absolute_loss<scalar_t>(distances.data_ptr<scalar_t>(), partners.data_ptr<int64_t>(),
+                                  static_cast<scalar_t>(margin), distances.size(0) * distances.size(1),
+                                  distances.size(2), loss.data_ptr<scalar_t>(), pairs.data_ptr<int64_t>(),
+                                  current_stream());
+  });
+  return {loss, pairs};
+}
+
+Tensor absolute_loss_backward_cuda(const Tensor& grad_in, const Tensor& distances_in, const Tensor& partners_in,
+                                   double margin, const Tensor& num_pairs) {
+  check_distances(distances_in, partners_in);
+  check_scalar_grad(grad_in, distances_in);
+  c10::cuda::CUDAGuard guard(distances_in.device());
+  const Tensor distances = distances_in.contiguous(), partners = partners_in.contiguous();
+  const Tensor grad = grad_in.to(distances.scalar_type()).contiguous();
+  Tensor grad_d = at::empty_like(distances);
+  if (grad_d.numel() == 0) return grad_d;
+  AT_DISPATCH_FLOATING_TYPES(distances.scalar_type(), "crl_ops::absolute_loss_backward", [&] {
+    cuda::absolute_loss_backward<scalar_t>(grad.data_ptr<scalar_t>(), distances.data_ptr<scalar_t>(),
+                                           partners.data_ptr<int64_t>(), static_cast<scalar_t>(margin),
+                                           num_pairs.contiguous().data_ptr<int64_t>(),
+                                           distances.size(0) * distances.size(1), distances.size(2),
+                                           grad_d.data_ptr<scalar_t>(), current_stream());
+  });
+  return grad_d;
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> distribution_loss_cuda(const Tensor& distances_in,
+                                                                  const Tensor& partners_in, int64_t bins) {
+  check_distances(distances_in, partners_in);
+  TORCH_CHECK(bins >= 2, "crl_ops: bins must be >= 2, got ", bins);
+  c10::cuda::CUDAGuard guard(distances_in.device());
+  const Tensor distances = distances_in.contiguous(), partners = partners_in.contiguous();
+  const int64_t attributes = distances.size(1);
+  Tensor histograms = at::zeros({attributes, 2, bins}, distances.options());
+  Tensor scale = at::zeros({attributes}, distances.options());
+  Tensor pair_counts = at::zeros({attributes, 2}, partners.options());
+  Tensor loss = at::zeros({}, distances.options());
+  if (attributes == 0) return {loss, histograms, scale, pair_counts};
+  Tensor per_attribute = at::empty({attributes}, distances.options());
+  AT_DISPATCH_FLOATING_TYPES(distances.scalar_type(), "crl_ops::distribution_loss", [&] {
+    cuda::distribution_loss<scalar_t>(distances.data_ptr<scalar_t>(), partners.data_ptr<int64_t>(), distances.size(0),
+                                      attributes, distances.size(2), bins, loss.data_ptr<scalar_t>(),
+                                      histograms.data_ptr<scalar_t>(), scale.data_ptr<scalar_t>(),
+                                      pair_counts.data_ptr<int64_t>(), per_attribute.data_ptr<scalar_t>(),
+                                      current_stream());
+  });
+  return {loss, histograms, scale, pair_counts};
+}
+
+Tensor distribution_loss_backward_cuda(const Tensor& grad_in, const Tensor& distances_in, const Tensor& partners_in,
+                                       int64_t bins, const Tensor& histograms_in, const Tensor& scale_in,
+                                       const Tensor& pair_counts_in) {
+  check_distances(distances_in, partners_in);
+  check_scalar_grad(grad_in, distances_in);
+  const int64_t attributes = distances_in.size(1);
+  TORCH_CHECK(histograms_in.sizes() == at::IntArrayRef({attributes, 2, bins}) &&
+                  scale_in.sizes() == at::IntArrayRef({attributes}) &&
+                  pair_counts_in.sizes() == at::IntArrayRef({attributes, 2}),
+              "crl_ops: distribution_loss_backward needs the histograms, scale and pair_counts of its forward");
+  c10::cuda::CUDAGuard guard(distances_in.device());
+  const Tensor distances = distances_in.contiguous(), partners = partners_in.contiguous();
+  const Tensor histograms = histograms_in.to(distances.scalar_type()).contiguous();
+  const Tensor scale = scale_in.to(distances.scalar_type()).contiguous();
+  const Tensor grad = grad_in.to(distances.scalar_type()).contiguous();
+  Tensor grad_d = at::zeros_like(distances);
+  if (grad_d.numel() == 0) return grad_d;
+  Tensor gradients = at::empty_like(histograms);
+  AT_DISPATCH_FLOATING_TYPES(distances.scalar_type(), "crl_ops::distribution_loss_backward", [&] {
+    cuda::distribution_loss_backward<scalar_t>(
+        grad.data_ptr<scalar_t>(), distances.data_ptr<scalar_t>(), partners.data_ptr<int64_t>(), distances.size(0),
+        attributes, distances.size(2), bins, histograms.data_ptr<scalar_t>(), scale.data_ptr<scalar_t>(),
+        pair_counts_in.contiguous().data_ptr<int64_t>(), gradients.data_ptr<scalar_t>(), grad_d.data_ptr<scalar_t>(),
+        current_stream());
+  });
+  return grad_d;
+}
+
+}  // namespace
+}  // namespace crl
+
+TORCH_LIBRARY_IMPL(crl_ops, CUDA, m) {
+  m.impl("profile", &crl::profile_cuda);
+  m.impl("mine_class", &crl::mine_class_cuda);
+  m.impl("mine_instance", &crl::mine_instance_cuda);
+  m.impl("pair_distances", &crl::pair_distances_cuda);
+  m.impl("pair_distances_backward", &crl::pair_distances_backward_cuda);
+  m.impl("relative_loss", &crl::relative_loss_cuda);
+  m.impl("relative_loss_backward", &crl::relative_loss_backward_cuda);
+  m.impl("absolute_loss", &crl::absolute_loss_cuda);
+  m.impl("absolute_loss_backward", &crl::absolute_loss_backward_cuda);
+  m.impl("distribution_loss", &crl::distribution_loss_cuda);
+  m.impl("distribution_loss_backward", &crl::distribution_loss_backward_cuda);
+}
