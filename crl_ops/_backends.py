@@ -21,11 +21,19 @@ def check_backend(name: str) -> str:
     return name
 
 
+@torch.compiler.assume_constant_result
+def _native_built_for(device_type: str) -> bool:
+    # Fixed for the life of the process: torch.compile evaluates it once while tracing instead of
+    # breaking the graph on the dispatcher query inside.
+    return _native.available(torch.device(device_type))
+
+
 def resolve(name: str, device: torch.device) -> ModuleType:
     check_backend(name)
     if name == "reference":
         return reference
-    if name == "native":
-        _native.require(device)
+    if _native_built_for(device.type):
         return _native
-    return _native if _native.available(device) else reference
+    if name == "native":
+        _native.require(device)  # raises, saying why the kernels are missing
+    return reference

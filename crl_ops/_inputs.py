@@ -81,7 +81,7 @@ def _normalise_labels(labels) -> Tensor:
 
 
 def _normalise_logits(logits: LogitsLike, batch_size: int, num_attributes: int, labels_1d: bool):
-    """Returns (padded logits [B, A, Cmax], num_classes, the tensors to check for non-finite values)."""
+    """Returns (padded logits [B, A, Cmax], num_classes)."""
     if isinstance(logits, (list, tuple)):
         if len(logits) != num_attributes:
             raise ValueError(
@@ -106,7 +106,7 @@ def _normalise_logits(logits: LogitsLike, batch_size: int, num_attributes: int, 
             [torch.nn.functional.pad(lj.to(dtype), (0, cmax - lj.shape[1]), value=-math.inf) for lj in logits],
             dim=1,
         )
-        return padded, num_classes, list(logits)
+        return padded, num_classes
 
     logits = _check_tensor("logits", logits, floating=True)
     if logits.shape[:1] != (batch_size,):
@@ -116,15 +116,15 @@ def _normalise_logits(logits: LogitsLike, batch_size: int, num_attributes: int, 
             raise ValueError(
                 f"logits [B, A, C] must have A={num_attributes} (from labels) and C >= 2, got {_shape(logits)}"
             )
-        return logits, (int(logits.shape[2]),) * num_attributes, [logits]
+        return logits, (int(logits.shape[2]),) * num_attributes
     if logits.dim() == 2:
         width = logits.shape[1]
         if not labels_1d and width == num_attributes:
             # [B, A]: one logit z per binary attribute, meaning the class logits [0, z].
             padded = torch.stack([torch.zeros_like(logits), logits], dim=-1)
-            return padded, (2,) * num_attributes, [logits]
+            return padded, (2,) * num_attributes
         if num_attributes == 1 and width >= 2:
-            return logits[:, None, :], (int(width),), [logits]
+            return logits[:, None, :], (int(width),)
         raise ValueError(
             f"logits of shape {_shape(logits)} do not match labels with A={num_attributes} attributes: "
             "expected [B, A] (one logit per binary attribute) or, for a single attribute with labels [B], [B, C]"
@@ -147,7 +147,7 @@ def normalise(features, logits: LogitsLike, labels, validate: bool = True) -> Ba
     if features is not None:
         features = _normalise_features(features, batch_size, num_attributes)
 
-    padded, num_classes, raw_logits = _normalise_logits(logits, batch_size, num_attributes, labels_1d)
+    padded, num_classes = _normalise_logits(logits, batch_size, num_attributes, labels_1d)
     device = padded.device if features is None else features.device
     for name, t in (("logits", padded), ("labels", labels)):
         if t.device != device:
@@ -157,8 +157,8 @@ def normalise(features, logits: LogitsLike, labels, validate: bool = True) -> Ba
             )
 
     batch = Batch(features=features, logits=padded, labels=labels, num_classes=num_classes)
-    if validate and not torch.compiler.is_compiling():
-        _check_values(batch, raw_logits)
+    if validate:
+        check_values(batch)
     return batch
 
 
@@ -223,14 +223,19 @@ def normalise_labels(labels, num_classes) -> tuple[Tensor, tuple]:
     return labels, num_classes
 
 
-def _check_values(batch: Batch, raw_logits: list) -> None:
-    """One reduction and one host synchronisation for all value checks; details only on failure."""
+def check_values(batch: Batch) -> None:
+    """Label ranges and finite inputs: one reduction and one host synchronisation, details only on
+    failure. Skipped while torch.compile traces (a host synchronisation would break the graph)."""
+    if torch.compiler.is_compiling():
+        return
     labels = batch.labels
     limits = num_classes_tensor(batch.num_classes, labels.device)
     checks = [("labels", _label_range_error(labels, limits).any())]
     if batch.features is not None:
         checks.append(("features", ~torch.isfinite(batch.features).all()))
-    checks += [("logits", ~torch.isfinite(t).all()) for t in raw_logits]
+    # Past each attribute's C_j the padded logits are -inf by construction.
+    padding = torch.arange(batch.max_classes, device=labels.device) >= limits[:, None]  # [A, Cmax]
+    checks.append(("logits", ~(torch.isfinite(batch.logits) | padding).all()))
     flags = torch.stack([flag for _, flag in checks])
     if not bool(flags.any()):
         return

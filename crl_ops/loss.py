@@ -20,10 +20,12 @@ from ._inputs import (
     accumulation_dtype,
     check_k,
     check_mode_form,
+    check_values,
     normalise,
     normalise_labels,
     num_classes_tensor,
 )
+from .distributed import gather_batch
 
 MarginLike = Union[None, float, Sequence[float], Tensor]
 
@@ -110,6 +112,12 @@ def _check_margin(margin: MarginLike) -> MarginLike:
     raise TypeError(f"margin must be None, a float or one float per attribute, got {type(margin).__name__}")
 
 
+def _check_bool(name: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {type(value).__name__}")
+    return value
+
+
 def _check_bins(bins) -> int:
     if isinstance(bins, bool) or not isinstance(bins, int):
         raise TypeError(f"bins must be an int, got {type(bins).__name__}")
@@ -136,6 +144,9 @@ def _margins(margin: MarginLike, num_classes: tuple, dtype: torch.dtype, device:
         if len(margin) != num_attributes:
             raise ValueError(f"margin has {len(margin)} values but the batch has A={num_attributes} attributes")
         values = tuple(margin)
+    if torch.compiler.is_compiling():
+        # A constant of the graph; a lookup in the cache would guard on its contents and recompile.
+        return torch.tensor(values, dtype=dtype, device=device)
     key = (values, dtype, device)
     if key not in _MARGIN_CACHE:
         _MARGIN_CACHE[key] = torch.tensor(values, dtype=dtype, device=device)
@@ -211,10 +222,13 @@ class CRL(nn.Module):
     (or use `BalancedLoss`). After each forward, `last_stats` describes what was mined.
     `validate=False` skips the value checks (label range, finite inputs) and their host
     synchronisation; they are skipped anyway while torch.compile traces.
+    `distributed=True` profiles and mines over the global batch of the default process group
+    (see `crl_ops.distributed`): every rank gets the loss of all ranks' samples together.
     """
 
     def __init__(self, mode: str = "instance", form: str = "relative", k: int = 5, margin: MarginLike = None,
-                 apc_margin: float = 1.0, bins: int = 100, backend: str = "auto", validate: bool = True):
+                 apc_margin: float = 1.0, bins: int = 100, backend: str = "auto", validate: bool = True,
+                 distributed: bool = False):
         super().__init__()
         check_mode_form(mode, form)
         self.mode = mode
@@ -225,10 +239,21 @@ class CRL(nn.Module):
         self.bins = _check_bins(bins)
         self.backend = _backends.check_backend(backend)
         self.validate = bool(validate)
+        self.distributed = _check_bool("distributed", distributed)
         self._last: Optional[_MiningRecord] = None
 
     def extra_repr(self) -> str:
-        return f"mode={self.mode!r}, form={self.form!r}, k={self.k}, backend={self.backend!r}"
+        return (f"mode={self.mode!r}, form={self.form!r}, k={self.k}, backend={self.backend!r}"
+                f"{', distributed=True' if self.distributed else ''}")
+
+    def prepare_batch(self, features: Tensor, logits: LogitsLike, labels: Tensor) -> Batch:
+        """The normalised batch: this process's, or with distributed=True all ranks' together."""
+        if not self.distributed:
+            return normalise(features, logits, labels, self.validate)
+        batch = gather_batch(normalise(features, logits, labels, validate=False))
+        if self.validate:
+            check_values(batch)  # on the global batch, so that every rank raises the same error
+        return batch
 
     def forward_batch(self, batch: Batch) -> Tensor:
         loss, self._last = _crl_from_batch(
@@ -237,7 +262,7 @@ class CRL(nn.Module):
         return loss
 
     def forward(self, features: Tensor, logits: LogitsLike, labels: Tensor) -> Tensor:
-        return self.forward_batch(normalise(features, logits, labels, self.validate))
+        return self.forward_batch(self.prepare_batch(features, logits, labels))
 
     @property
     def last_stats(self) -> Optional[BatchStats]:
@@ -246,17 +271,21 @@ class CRL(nn.Module):
 
 
 class BalancedLoss(nn.Module):
-    """l_bln = l_ce + weight * l_crl (paper Eq. 8, semantics section 4)."""
+    """l_bln = l_ce + weight * l_crl (paper Eq. 8, semantics section 4).
 
-    def __init__(self, mode: str = "instance", form: str = "relative", weight: float = 1.0, **crl_kwargs):
+    With `distributed=True` both terms are those of the global batch (all ranks' samples).
+    """
+
+    def __init__(self, mode: str = "instance", form: str = "relative", weight: float = 1.0, *,
+                 distributed: bool = False, **crl_kwargs):
         super().__init__()
         self.weight = _check_float("weight", weight)
-        self.crl = CRL(mode=mode, form=form, **crl_kwargs)
+        self.crl = CRL(mode=mode, form=form, distributed=distributed, **crl_kwargs)
         self.last_ce: Optional[Tensor] = None
         self.last_crl: Optional[Tensor] = None
 
     def forward(self, features: Tensor, logits: LogitsLike, labels: Tensor) -> Tensor:
-        batch = normalise(features, logits, labels, self.crl.validate)
+        batch = self.crl.prepare_batch(features, logits, labels)
         ce = _cross_entropy(batch)
         crl = self.crl.forward_batch(batch)
         self.last_ce, self.last_crl = ce.detach(), crl.detach()
