@@ -1,0 +1,73 @@
+"""What a run measures: groups of (shape, variant) timed side by side, in priority order."""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import List, Sequence
+
+from .implementations import Variant
+from .problems import CONFIGS, Shape, binary_shape
+
+BATCH_SIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
+SWEEPS = {  # parameter -> values, around the CelebA-like shape (B=256 outside the batch sweep)
+    "A": (1, 5, 10, 20, 40, 80, 160),
+    "D": (16, 32, 64, 128, 256, 512, 1024),
+    "K": (1, 2, 5, 10, 20, 50),
+}
+SWEEP_BATCH = 256
+
+
+@dataclass(frozen=True)
+class Group:
+    """One shape and variant; the implementations are timed on the same inputs, interleaved."""
+
+    section: int  # lower runs first when the budget is short
+    shape: Shape
+    variant: Variant
+    impls: tuple
+    tags: frozenset  # "config:<name>" and "sweep:<parameter>" it belongs to
+
+
+def _swept_shape(parameter: str, value: int) -> Shape:
+    if parameter == "B":
+        return binary_shape(batch_size=value)
+    if parameter == "A":
+        return binary_shape(batch_size=SWEEP_BATCH, num_attributes=value)
+    if parameter == "D":
+        return binary_shape(batch_size=SWEEP_BATCH, dim=value)
+    return binary_shape(batch_size=SWEEP_BATCH, k=value)
+
+
+def build_plan(full: bool, cuda: bool, impls: Sequence[str], variants: Sequence[Variant]) -> List[Group]:
+    """The quick plan: the CelebA- and X-Domain-like configs (and the large one on a GPU) for every
+    variant, and a batch-size sweep of instance-relative (plus class-relative on a GPU) up to
+    B=1024 on the CPU, 16384 on a GPU. The full plan: all configs, the batch sweep to 16384 for
+    every variant, and sweeps of A, D and K for the two relative variants."""
+    configs = ("celeba", "xdomain", "large") if full or cuda else ("celeba", "xdomain")
+    groups = [Group(1, CONFIGS[name], v, tuple(impls), frozenset({f"config:{name}"}))
+              for name in configs for v in variants]
+    if full:
+        batch_variants = list(variants)
+    else:
+        batch_variants = [v for v in variants if v.form == "relative" and (cuda or v.mode == "instance")]
+    largest = 16384 if full or cuda else 1024
+    groups += [Group(3, _swept_shape("B", b), v, tuple(impls), frozenset({"sweep:B"}))
+               for v in batch_variants for b in BATCH_SIZES if b <= largest]
+    if full:
+        groups += [Group(4, _swept_shape(p, value), v, tuple(impls), frozenset({f"sweep:{p}"}))
+                   for p, values in SWEEPS.items() for v in variants if v.form == "relative" for value in values]
+    return _merge(groups)
+
+
+def _merge(groups: List[Group]) -> List[Group]:
+    """One group per (shape, variant), in its earliest section, carrying every tag; ordered by
+    section, then by batch size (so the extrapolation of cost has smaller batches to go by)."""
+    merged = {}
+    for g in groups:
+        key = (g.shape, g.variant)
+        if key in merged:
+            old = merged[key]
+            merged[key] = replace(old, section=min(old.section, g.section), tags=old.tags | g.tags)
+        else:
+            merged[key] = g
+    return sorted(merged.values(), key=lambda g: (g.section, g.shape.batch_size, g.variant, g.shape.num_attributes,
+                                                   g.shape.dim, g.shape.k))
