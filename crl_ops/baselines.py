@@ -5,8 +5,11 @@ All three rest on one table, the per-attribute class balancing weights
 `h_jc` samples of class c): weighting every sample by the weight of its class makes the classes
 of an attribute equally heavy, and the weights of an attribute average 1 over its samples.
 
-- Cost-sensitive learning: `weighted_cross_entropy`, the cross-entropy of semantics section 4
-  with each annotated entry multiplied by `w[j, label]`.
+- Cost-sensitive learning: `weighted_cross_entropy`, per attribute the weighted mean of the
+  entries' `-log p(label)` with weights `w[j, label]`, summed over attributes (the convention of
+  `torch.nn.functional.cross_entropy(weight=...)`; with unit weights and every entry annotated it
+  is semantics section 4's cross-entropy). Dividing by the batch's weights rather than by the
+  batch size keeps the loss on CE's scale when a class 4,000 times rarer shows up (weight ~1,000).
 - Over-sampling and down-sampling: a sample has many attributes, so it is drawn according to its
   rarest value, `sample_weight_i = max_j w[j, label_ij]` (`sample_weights`). `OverSampler`
   draws an epoch of N samples with replacement in proportion to it; `DownSampler` keeps each
@@ -45,10 +48,11 @@ def sample_weights(labels: Tensor, num_classes: NumClasses) -> Tensor:
 
 
 def weighted_cross_entropy(logits: LogitsLike, labels: Tensor, class_weights: Tensor) -> Tensor:
-    """`-(1/B) sum_i sum_{j annotated} class_weights[j, label_ij] * log p_i(label_ij)`.
+    """`sum_j (sum_i w_ij * -log p_i(label_ij)) / (sum_i w_ij)` over annotated entries, `w_ij = class_weights[j, label_ij]`.
 
     logits and labels in any of `crl_ops.cross_entropy`'s formats; class_weights `[A, >= max C_j]`
-    (e.g. from `balancing_weights` on the training labels).
+    (e.g. from `balancing_weights` on the training labels). An attribute without annotated
+    entries (or whose entries all weigh 0) adds 0.
     """
     batch = normalise(None, logits, labels)
     num_attributes, width = batch.labels.shape[1], batch.max_classes
@@ -61,7 +65,9 @@ def weighted_cross_entropy(logits: LogitsLike, labels: Tensor, class_weights: Te
     index = batch.labels.clamp_min(0)
     picked = log_p.gather(-1, index[..., None]).squeeze(-1)
     weight = class_weights.to(device=log_p.device, dtype=dtype).gather(1, index.t()).t()  # [B, A]
-    return -torch.where(batch.labels >= 0, weight * picked, 0.0).sum() / batch.labels.shape[0]
+    weight = torch.where(batch.labels >= 0, weight, 0.0)
+    per_attribute = -(weight * picked).sum(0) / weight.sum(0).clamp_min(torch.finfo(dtype).tiny)
+    return per_attribute.sum()
 
 
 def _check_weights(weights) -> Tensor:

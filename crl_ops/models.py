@@ -63,10 +63,15 @@ class PerAttributeLinear(nn.Module):
 class AttributeHeads(nn.Module):
     """One small fully connected sub-network per attribute on a shared input vector.
 
-    Each head is: the `hidden_dims` layers, the feature layer (`feature_dim`, the CRL feature) and
-    an output layer of `num_outputs[j]` units, all with ReLU except the output. `forward(shared
-    [B, in_features])` returns `features [B, A, feature_dim]` and the outputs padded to
-    `[B, A, max num_outputs]` (the columns past `num_outputs[j]` are unused).
+    Each head is: the `hidden_dims` layers (with ReLU), the feature layer (`feature_dim`, the CRL
+    feature) and an output layer of `num_outputs[j]` units. `forward(shared [B, in_features])`
+    returns `features [B, A, feature_dim]` and the outputs padded to `[B, A, max num_outputs]`
+    (the columns past `num_outputs[j]` are unused).
+
+    The feature layer has no ReLU, so the CRL shapes exactly what the classifier reads. With a
+    ReLU there, the triplet loss can push all of an attribute's features to zero, where neither
+    the CRL (a zero distance has a zero gradient) nor the classifier learns any more; this
+    happened on the offline benchmark's shapes data (see docs/reproduction.md).
     """
 
     def __init__(self, in_features: int, num_outputs: Sequence[int], feature_dim: int,
@@ -83,9 +88,10 @@ class AttributeHeads(nn.Module):
 
     def forward(self, shared: Tensor) -> Tuple[Tensor, Tensor]:
         x = shared
-        for layer in self.layers:
+        for layer in self.layers[:-1]:
             x = torch.relu(layer(x))
-        return x, self.output(x)
+        features = self.layers[-1](x)
+        return features, self.output(features)
 
 
 def _check_num_classes(num_classes) -> tuple:
@@ -128,7 +134,7 @@ class CelebANet(nn.Module):
     conv 2x2 (80), and FC1 (160-d) fed by both the third (pooled) and the fourth convolution.
     DeepID2 shares conv weights locally in its upper layers; plain convolutions are used here.
 
-    `forward(images)` returns `features [B, A, feature_dim]` (the FC2 outputs, after ReLU) and
+    `forward(images)` returns `features [B, A, feature_dim]` (the FC2 outputs) and
     `logits [B, A]`: one logit per attribute, the `[B, A]` binary format of `crl_ops.CRL`.
     """
 
@@ -206,7 +212,8 @@ class CompactAttributeNet(nn.Module):
     """CelebANet's layout for small images: two conv blocks, shared FC1, per-attribute FC2 + classifier.
 
     conv 3x3 (`channels[0]`) - max-pool - conv 3x3 (`channels[1]`) - max-pool, FC1 (`fc1_dim`),
-    then per attribute FC2 (`feature_dim`, the CRL feature) and a classifier of C_j logits.
+    then per attribute FC2 (`feature_dim`, the CRL feature) and a classifier of C_j logits. The
+    convolutions are batch-normalised, so that a few hundred SGD steps train it on a CPU.
     `input_size` is given at construction (height and width divisible by 4).
     `forward(images)` returns `features [B, A, feature_dim]` and a list of A logits `[B, C_j]`.
     """
@@ -221,8 +228,10 @@ class CompactAttributeNet(nn.Module):
         self.num_classes = _check_num_classes(num_classes)
         in_channels, height, width = input_size
         self.trunk = nn.Sequential(
-            nn.Conv2d(in_channels, channels[0], 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2),
-            nn.Conv2d(channels[0], channels[1], 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+            nn.Conv2d(in_channels, channels[0], 3, padding=1), nn.BatchNorm2d(channels[0]), nn.ReLU(inplace=True),
+            nn.MaxPool2d(2),
+            nn.Conv2d(channels[0], channels[1], 3, padding=1), nn.BatchNorm2d(channels[1]), nn.ReLU(inplace=True),
+            nn.MaxPool2d(2),
             nn.Flatten(),
             nn.Linear(channels[1] * (height // 4) * (width // 4), fc1_dim), nn.ReLU(inplace=True),
         )

@@ -1,0 +1,14 @@
+"""Combine CelebA runs of examples/celeba/train.py into Table 2, Figure 5 and Table 4's layouts.
+
+    python examples/celeba/report.py runs/celeba/*/results.json --baseline ce --out runs/celeba/report
+
+Writes OUT/table2.md (every run beside all of the paper's Table 2 rows, attributes sorted by
+imbalance ratio; the gains over the baseline run; the CRL runs in Table 4's grid) and
+OUT/figure5.png (gain over the baseline per attribute against imbalance ratio).
+"""
+import paper_numbers  # next to this script
+
+from crl_ops.reporting import report_main
+
+if __name__ == "__main__":
+    report_main(None, "celeba", paper_numbers.TABLE2, paper_numbers.PAPER_ORDER, "Table 2", "Figure 5")

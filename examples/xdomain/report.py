@@ -1,0 +1,14 @@
+"""Combine X-Domain runs of examples/xdomain/train.py into Table 3, Figure 6 and Table 4's layouts.
+
+    python examples/xdomain/report.py runs/xdomain/*/results.json --baseline ce --out runs/xdomain/report
+
+Writes OUT/table3.md (every run beside all of the paper's Table 3 rows, attributes sorted by
+imbalance ratio; the gains over the baseline run; the CRL runs in Table 4's grid) and
+OUT/figure6.png (gain over the baseline per attribute against imbalance ratio).
+"""
+import paper_numbers  # next to this script
+
+from crl_ops.reporting import report_main
+
+if __name__ == "__main__":
+    report_main(None, "xdomain", paper_numbers.TABLE3, paper_numbers.ATTRIBUTES, "Table 3", "Figure 6")
