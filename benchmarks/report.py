@@ -123,6 +123,30 @@ def headline_table(results: dict) -> str:
     return _table(header, rows)
 
 
+def _memory_table(results: dict) -> str:
+    impls = _impls(results)
+    configs = _by_config(results["records"])
+    rows = []
+    for config in CONFIG_ORDER:
+        for variant in _variants(results):
+            cells = [configs.get((config, variant, i)) for i in impls]
+            if any(cells):
+                rows.append([CONFIG_TITLES[config], variant] + [
+                    format_bytes(c.get("peak_memory_bytes")) if c and c["status"] == "ok" else _cell(c) for c in cells])
+    return _table(["config", "variant"] + [LABELS[i] for i in impls], rows)
+
+
+def noise_summary(results: dict) -> str:
+    """How far apart the two timing rounds of the same case are."""
+    gaps = sorted(abs(a - b) / min(a, b) for r in results["records"] + results.get("training_step", [])
+                  if r["status"] == "ok" and len(r["round_medians"]) == 2 for a, b in [r["round_medians"]])
+    if not gaps:
+        return "No case was timed twice."
+    return (f"The two rounds' medians of the same case differ by {100 * gaps[len(gaps) // 2]:.0f}% (median over "
+            f"{len(gaps)} cases), {100 * gaps[int(0.9 * (len(gaps) - 1))]:.0f}% at the 90th percentile and "
+            f"{100 * gaps[-1]:.0f}% at most.")
+
+
 def _details_table(results: dict) -> str:
     configs = _by_config(results["records"])
     rows = []
@@ -177,7 +201,7 @@ def _sweep_tables(results: dict, parameter: str) -> str:
     return text
 
 
-def _training_table(results: dict) -> str:
+def training_table(results: dict) -> str:
     steps = results.get("training_step", [])
     base = next((s for s in steps if s["backend"] == "ce" and s["status"] == "ok"), None)
     rows = []
@@ -222,11 +246,14 @@ def markdown(results: dict) -> str:
         + ("Cases larger than the memory cap "
            f"({format_bytes(s['memory_cap_bytes'])}, by an estimate extrapolated from smaller batches) are marked "
            "OOM (est.) and not run. " if s["memory_cap_bytes"] else "")
-        + f"Cases estimated over {s['max_call_seconds']:g} s per call are marked slow (est.).\n",
+        + f"Cases estimated over {s['max_call_seconds']:g} s per call are marked slow (est.). "
+        + noise_summary(results) + "\n",
         "## Forward + backward, median (speedup of the native kernels)\n",
         headline_table(results),
+        "\n## Peak memory of one forward + backward\n",
+        _memory_table(results),
         "\n## Training step: CelebANet (DeepID2 + 40 x 64-d FC2), batch 128, SGD\n",
-        _training_table(results),
+        training_table(results),
         "\n## Forward and backward\n",
         _details_table(results),
         "\n## Loss values\n",
