@@ -155,7 +155,13 @@ def test_gradcheck(device, mode, form):
     problem = make_problem(21, 14, (2, 3), 3, False, "list", skew=1.5)
     features, logits, labels, _, _ = problem.inputs(torch.float64, device)
     crl = crl_ops.CRL(mode=mode, form=form, k=3, bins=7, backend="native")
-    assert gradcheck_crl(crl, features, logits, labels)
+    # gradcheck also asserts that backward is reentrant (bitwise equal twice): on CUDA that
+    # needs the deterministic (atomic-free) backward.
+    torch.use_deterministic_algorithms(device == "cuda")
+    try:
+        assert gradcheck_crl(crl, features, logits, labels)
+    finally:
+        torch.use_deterministic_algorithms(False)
 
 
 def _feature_gradient(problem, mode, form, device, dtype=torch.float32):
