@@ -216,7 +216,7 @@ def test_crl_with_shared_features_and_binary_logits(ranks, mode, backend):
     _check_against_single_process(world_size, [r[f"crl/shared/{mode}/{backend}"] for r in per_rank], single)
 
 
-def test_ranks_alone_would_mine_differently(ranks):
+def test_ranks_alone_would_get_other_losses(ranks):
     # Guards the comparisons above against problems where the global batch changes nothing.
     _, per_rank = ranks
     cases = [_balanced_case(m, f, "reference") for m in MODES for f in FORMS]
