@@ -18,6 +18,13 @@ namespace {
 
 using at::Tensor;
 
+// Grain size of a parallel loop whose items cost about `work` elementary steps each: small
+// problems stay on one thread, where waking the pool would cost more than the work.
+int64_t grain_for(int64_t work) {
+  constexpr int64_t kTaskWork = 1 << 15;
+  return std::max<int64_t>(1, kTaskWork / std::max<int64_t>(work, 1));
+}
+
 // ---- 1. profiling -----------------------------------------------------------------------------------
 
 std::tuple<Tensor, Tensor, Tensor> profile_cpu(const Tensor& labels_in, int64_t max_classes) {
@@ -33,7 +40,7 @@ std::tuple<Tensor, Tensor, Tensor> profile_cpu(const Tensor& labels_in, int64_t 
   bool* mino = minority.data_ptr<bool>();
   bool* act = active.data_ptr<bool>();
 
-  at::parallel_for(0, attributes, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, attributes, grain_for(batch + max_classes), [&](int64_t begin, int64_t end) {
     std::vector<int64_t> order(max_classes);
     for (int64_t j = begin; j < end; ++j) {
       int64_t* h = cnt + j * max_classes;
@@ -91,7 +98,7 @@ std::tuple<Tensor, Tensor> mine_class_cpu(const Tensor& scores_in, const Tensor&
 
   AT_DISPATCH_FLOATING_TYPES(scores.scalar_type(), "crl_ops::mine_class", [&] {
     const scalar_t* p = scores.data_ptr<scalar_t>();
-    at::parallel_for(0, attributes * max_classes, 1, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, attributes * max_classes, grain_for(batch), [&](int64_t begin, int64_t end) {
       std::vector<scalar_t> pos_keys(k), neg_keys(k);
       for (int64_t jc = begin; jc < end; ++jc) {
         if (!act[jc]) continue;
@@ -115,7 +122,7 @@ std::tuple<Tensor, Tensor> mine_class_cpu(const Tensor& scores_in, const Tensor&
 
   bool* anchor = anchors.data_ptr<bool>();
   int64_t* out = partners.data_ptr<int64_t>();
-  at::parallel_for(0, batch * attributes, 64, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, batch * attributes, grain_for(2 * k), [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
       const int64_t i = row / attributes, j = row % attributes;
       int64_t label;
@@ -161,7 +168,7 @@ std::tuple<Tensor, Tensor> mine_instance_cpu(const Tensor& features, const Tenso
   AT_DISPATCH_FLOATING_TYPES(columns.scalar_type(), "crl_ops::mine_instance", [&] {
     const scalar_t* x = columns.data_ptr<scalar_t>();
     // Rows in attribute-major order, so a thread walks one attribute's columns.
-    at::parallel_for(0, attributes * batch, 4, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, attributes * batch, grain_for(batch * dim), [&](int64_t begin, int64_t end) {
       std::vector<scalar_t> pos_keys(k), neg_keys(k);
       std::vector<int32_t> pos(k), neg(k);
       scalar_t squared[kBlock];
@@ -224,7 +231,7 @@ Tensor pair_distances_cpu(const Tensor& features, const Tensor& partners_in) {
     using acc = acc_t<scalar_t>;
     const scalar_t* x = features.data_ptr<scalar_t>();
     acc* out = distances.data_ptr<acc>();
-    at::parallel_for(0, batch * attributes, 16, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, batch * attributes, grain_for(width * dim), [&](int64_t begin, int64_t end) {
       for (int64_t row = begin; row < end; ++row) {
         const int64_t i = row / attributes, j = row % attributes;
         for (int64_t m = 0; m < width; ++m) {
@@ -265,7 +272,7 @@ Tensor pair_distances_backward_cpu(const Tensor& grad_in, const Tensor& features
     const acc* g = grad.data_ptr<acc>();
     const acc* dist = distances.data_ptr<acc>();
     acc* gx = grad_features.data_ptr<acc>();  // contiguous [B, A, D]
-    at::parallel_for(0, attributes * chunks, 1, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, attributes * chunks, grain_for(batch * width * kDims), [&](int64_t begin, int64_t end) {
       for (int64_t task = begin; task < end; ++task) {
         const int64_t j = task / chunks, d0 = (task % chunks) * kDims, d1 = std::min(dim, d0 + kDims);
         for (int64_t i = 0; i < batch; ++i) {  // rows in order: a fixed summation order
@@ -293,9 +300,9 @@ Tensor pair_distances_backward_cpu(const Tensor& grad_in, const Tensor& features
 
 // Calls row_fn(row) for every row in parallel; then returns the rows' values summed in row order.
 template <typename Value, typename RowFn>
-Value sum_rows(int64_t rows, RowFn row_fn) {
+Value sum_rows(int64_t rows, int64_t row_work, RowFn row_fn) {
   std::vector<Value> partial(rows);
-  at::parallel_for(0, rows, 256, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, rows, grain_for(row_work), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) partial[r] = row_fn(r);
   });
   Value total{};
@@ -332,7 +339,7 @@ std::tuple<Tensor, Tensor> relative_loss_cpu(const Tensor& distances_in, const T
     const scalar_t* d = distances.data_ptr<scalar_t>();
     const scalar_t* margin = margins.data_ptr<scalar_t>();
     // RowSums' positive fields carry the hinge sum and the triplet count here.
-    const RowSums<scalar_t> total = sum_rows<RowSums<scalar_t>>(rows, [&](int64_t r) {
+    const RowSums<scalar_t> total = sum_rows<RowSums<scalar_t>>(rows, k * k, [&](int64_t r) {
       RowSums<scalar_t> s;
       relative_row(d + r * width, p + r * width, k, margin[r % attributes], s.pos, s.pos_pairs);
       return s;
@@ -358,7 +365,7 @@ Tensor relative_loss_backward_cpu(const Tensor& grad, const Tensor& distances_in
     const scalar_t* d = distances.data_ptr<scalar_t>();
     const scalar_t* margin = margins.data_ptr<scalar_t>();
     scalar_t* out = grad_d.data_ptr<scalar_t>();
-    at::parallel_for(0, rows, 256, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, rows, grain_for(k * k), [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
         relative_row_backward(d + r * width, p + r * width, k, margin[r % attributes], scale, out + r * width);
       }
@@ -377,7 +384,7 @@ std::tuple<Tensor, Tensor> absolute_loss_cpu(const Tensor& distances_in, const T
   Tensor pairs = at::empty({2}, partners.options());
   AT_DISPATCH_FLOATING_TYPES(distances.scalar_type(), "crl_ops::absolute_loss", [&] {
     const scalar_t* d = distances.data_ptr<scalar_t>();
-    const RowSums<scalar_t> total = sum_rows<RowSums<scalar_t>>(rows, [&](int64_t r) {
+    const RowSums<scalar_t> total = sum_rows<RowSums<scalar_t>>(rows, k * k, [&](int64_t r) {
       RowSums<scalar_t> s;
       absolute_row(d + r * width, p + r * width, k, static_cast<scalar_t>(margin), s.pos, s.neg, s.pos_pairs,
                    s.neg_pairs);
@@ -409,7 +416,7 @@ Tensor absolute_loss_backward_cpu(const Tensor& grad, const Tensor& distances_in
     const scalar_t neg_scale = g / static_cast<scalar_t>(std::max<int64_t>(n[1], 1));
     const scalar_t* d = distances.data_ptr<scalar_t>();
     scalar_t* out = grad_d.data_ptr<scalar_t>();
-    at::parallel_for(0, rows, 256, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, rows, grain_for(k * k), [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
         absolute_row_backward(d + r * width, p + r * width, k, static_cast<scalar_t>(margin), pos_scale, neg_scale,
                               out + r * width);
@@ -436,7 +443,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> distribution_loss_cpu(const Tensor& d
     scalar_t* hist = histograms.data_ptr<scalar_t>();
     scalar_t* scl = scale.data_ptr<scalar_t>();
     std::vector<scalar_t> per_attribute(attributes, scalar_t(0));
-    at::parallel_for(0, attributes, 1, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, attributes, grain_for(batch * width), [&](int64_t begin, int64_t end) {
       for (int64_t j = begin; j < end; ++j) {
         scalar_t longest = 0;
         for (int64_t i = 0; i < batch; ++i) {
@@ -506,7 +513,7 @@ Tensor distribution_loss_backward_cpu(const Tensor& grad, const Tensor& distance
     const scalar_t* hist = histograms.data_ptr<scalar_t>();
     const scalar_t* scl = scale.data_ptr<scalar_t>();
     scalar_t* out = grad_d.data_ptr<scalar_t>();
-    at::parallel_for(0, attributes, 1, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, attributes, grain_for(batch * width), [&](int64_t begin, int64_t end) {
       std::vector<scalar_t> g_pos(bins), g_neg(bins);
       for (int64_t j = begin; j < end; ++j) {
         if (counts[j * 2] == 0 || counts[j * 2 + 1] == 0) continue;
