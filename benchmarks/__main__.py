@@ -155,6 +155,7 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     started = time.perf_counter()
+    load_at_start = os.getloadavg()
     device = torch.device(args.device)
     mode = "full" if args.full else "quick"
     defaults = DEFAULTS[(mode, device.type)]
@@ -221,6 +222,7 @@ def main(argv=None) -> int:
                               if cpu_memory_supported() else "not available on this system"),
         },
         "elapsed_seconds": time.perf_counter() - started,
+        "load_average": {"start": load_at_start, "end": os.getloadavg()},  # others' work on a shared machine
         "records": records,
         "training_step": training_records,
     }

@@ -20,7 +20,7 @@ SWEEP_BATCH = 256
 class Group:
     """One shape and variant; the implementations are timed on the same inputs, interleaved."""
 
-    section: int  # lower runs first when the budget is short
+    section: int  # 1: configs, 3: sweeps (2 is the training step, run between them)
     shape: Shape
     variant: Variant
     impls: tuple
@@ -53,14 +53,15 @@ def build_plan(full: bool, cuda: bool, impls: Sequence[str], variants: Sequence[
     groups += [Group(3, _swept_shape("B", b), v, tuple(impls), frozenset({"sweep:B"}))
                for v in batch_variants for b in BATCH_SIZES if b <= largest]
     if full:
-        groups += [Group(4, _swept_shape(p, value), v, tuple(impls), frozenset({f"sweep:{p}"}))
+        groups += [Group(3, _swept_shape(p, value), v, tuple(impls), frozenset({f"sweep:{p}"}))
                    for p, values in SWEEPS.items() for v in variants if v.form == "relative" for value in values]
     return _merge(groups)
 
 
 def _merge(groups: List[Group]) -> List[Group]:
     """One group per (shape, variant), in its earliest section, carrying every tag; ordered by
-    section, then by batch size (so the extrapolation of cost has smaller batches to go by)."""
+    section, then by batch size: the extrapolation of cost has smaller batches to go by, and a
+    short budget cuts the largest batches of the sweeps, the costliest cases."""
     merged = {}
     for g in groups:
         key = (g.shape, g.variant)

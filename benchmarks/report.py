@@ -237,7 +237,8 @@ def markdown(results: dict) -> str:
         f"{m['date']} on {m['hostname']} ({m['cpu']}, {m['cpu_count']} CPUs{gpu}); torch {m['torch']}, "
         f"{m['threads']} torch threads; crl-ops {m['crl_ops']} (native kernels: CPU {m['native_cpu']}, "
         f"CUDA {m['native_cuda']}); pytorch-metric-learning {m['pml']}; git {m['git']}. "
-        f"Command: `{s['command']}`, {results['elapsed_seconds']:.0f} s.\n",
+        f"Command: `{s['command']}`, {results['elapsed_seconds']:.0f} s; 1-minute load average "
+        f"{results['load_average']['start'][0]:.1f} at the start, {results['load_average']['end'][0]:.1f} at the end.\n",
         "Times are medians of two interleaved rounds (each at least "
         f"{s['min_repeats']} repeats and {s['min_seconds']} s, after a warm-up call), forward and backward timed "
         f"separately ({s['clock']}); [q1, q3] is the interquartile range, and the two round medians show the "

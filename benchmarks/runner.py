@@ -25,7 +25,7 @@ from . import implementations as impls_
 from .implementations import Variant
 from .plan import Group
 from .problems import CONFIGS, Shape, make_inputs
-from .timing import Clock, Samples, peak_memory, summary, time_step
+from .timing import Clock, Samples, measure_memory, summary, time_step
 
 SAFE_BATCH = 512  # at or below this batch size every implementation fits and runs in seconds
 TRAINING_BATCH = 128
@@ -152,9 +152,8 @@ class Runner:
         step = lambda: loss(inputs.features, inputs.logits, inputs.labels)  # noqa: E731
         try:
             self._call(lambda: _first_value(step, [inputs.features]))  # warm-up, so as not to time one-off setup
-            started = time.perf_counter()
-            peak = self._call(lambda: peak_memory(step, [inputs.features], self.device))
-            self.costs.add(impl, variant, smaller, time.perf_counter() - started, peak)
+            peak, seconds = self._call(lambda: measure_memory(step, [inputs.features], self.device))
+            self.costs.add(impl, variant, smaller, seconds, peak)
         except OutOfMemory:
             self.costs.add_out_of_memory(impl, variant, smaller)
 
@@ -211,14 +210,12 @@ class Runner:
         # Pass 2: peak memory (one more call, also the per-call cost estimate for larger batches).
         timed = []
         for impl in agreeing:
-            started = time.perf_counter()
             try:
-                peak = self._call(lambda: peak_memory(steps[impl], leaves, self.device))
+                peak, seconds = self._call(lambda: measure_memory(steps[impl], leaves, self.device))
             except OutOfMemory as error:
                 self.costs.add_out_of_memory(impl, variant, shape)
                 records[impl].update(status="oom", reason=str(error))
                 continue
-            seconds = time.perf_counter() - started
             self.costs.add(impl, variant, shape, seconds, peak)
             records[impl].update(peak_memory_bytes=peak, call_seconds=seconds)
             timed.append(impl)

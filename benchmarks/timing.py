@@ -13,7 +13,7 @@ import gc
 import statistics
 import time
 from dataclasses import dataclass, field
-from typing import Callable, List, Optional
+from typing import Callable, List, Optional, Tuple
 
 import torch
 
@@ -129,22 +129,29 @@ def _status_kib(key: str) -> int:
     raise KeyError(key)
 
 
-def peak_memory(step: Step, leaves, device: torch.device) -> Optional[int]:
-    """Bytes allocated at the peak of one forward + backward, above what was allocated before it."""
+def measure_memory(step: Step, leaves, device: torch.device) -> Tuple[Optional[int], float]:
+    """One forward + backward: (bytes allocated at its peak above what was allocated before it, or None
+    where this cannot be measured; its wall time in seconds, without the bookkeeping around it)."""
     _clear_grads(leaves)
     gc.collect()
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats(device)
         before = torch.cuda.memory_allocated(device)
+        started = time.perf_counter()
         run_step(step, leaves)
         torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated(device) - before
+        seconds = time.perf_counter() - started
+        return torch.cuda.max_memory_allocated(device) - before, seconds
     if _LIBC is None:
-        return None
+        started = time.perf_counter()
+        run_step(step, leaves)
+        return None, time.perf_counter() - started
     _LIBC.malloc_trim(0)
     before = _status_kib("VmRSS")
     with open("/proc/self/clear_refs", "w") as clear_refs:
         clear_refs.write("5")  # resets VmHWM to the current resident set
+    started = time.perf_counter()
     run_step(step, leaves)
-    return max(0, _status_kib("VmHWM") - before) * 1024
+    seconds = time.perf_counter() - started
+    return max(0, _status_kib("VmHWM") - before) * 1024, seconds
