@@ -157,6 +157,7 @@ def main(argv=None) -> int:
     started = time.perf_counter()
     load_at_start = os.getloadavg()
     device = torch.device(args.device)
+    machine = metadata(device)  # at the start: the date and revision of what is measured
     mode = "full" if args.full else "quick"
     defaults = DEFAULTS[(mode, device.type)]
     available = _available_memory_bytes()
@@ -202,7 +203,7 @@ def main(argv=None) -> int:
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "tmp",
                                    f"{device.type}-{mode}")
     results = {
-        "metadata": metadata(device),
+        "metadata": machine,
         "settings": {
             "command": "python -m benchmarks " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv)),
             "device": device.type,
