@@ -65,6 +65,24 @@ CRL_HD Acc distance_gradient_scale(Acc grad_d, Acc d) {
   return d > Acc(0) ? grad_d / d : Acc(0);
 }
 
+// ---- anchors --------------------------------------------------------------------------------------
+
+// Whether sample i is an anchor of attribute j (its class is an active minority class), and
+// that class. labels [B, A], active [A, Cmax].
+CRL_HD bool is_anchor(const int64_t* labels, const bool* active, int64_t attributes, int64_t max_classes,
+                      int64_t i, int64_t j, int64_t& label) {
+  label = labels[i * attributes + j];
+  return label >= 0 && label < max_classes && active[j * max_classes + label];
+}
+
+// Class-level row of anchor i: its class's K hardest positives (without i itself) and negatives.
+CRL_HD void write_class_row(const int32_t* hard_pos, const int32_t* hard_neg, int64_t k, int64_t i, int64_t* row) {
+  for (int64_t m = 0; m < k; ++m) {
+    row[m] = hard_pos[m] == i ? kEmpty : hard_pos[m];
+    row[k + m] = hard_neg[m];
+  }
+}
+
 // ---- selection of the K best candidates ----------------------------------------------------------
 
 // True when candidate (key_a, a) ranks before (key_b, b): larger (or smaller) key first, then

@@ -68,6 +68,76 @@ inline at::ScalarType accumulation_type(at::ScalarType t) {
   return t == at::kDouble ? at::kDouble : at::kFloat;
 }
 
+// ---- one check per op, covering all its arguments -------------------------------------------------
+
+inline void check_profile_args(const at::Tensor& labels, int64_t max_classes) {
+  check_labels(labels);
+  TORCH_CHECK(max_classes >= 1, "crl_ops: max_classes must be >= 1, got ", max_classes);
+}
+
+inline void check_mine_class_args(const at::Tensor& scores, const at::Tensor& labels, const at::Tensor& active,
+                                  int64_t k) {
+  check_labels(labels);
+  check_active(active, labels);
+  check_k(k);
+  TORCH_CHECK(scores.dim() == 3 && scores.size(0) == labels.size(0) && scores.size(1) == labels.size(1) &&
+                  scores.size(2) == active.size(1),
+              "crl_ops: scores must have shape [B, A, Cmax] = [", labels.size(0), ", ", labels.size(1), ", ",
+              active.size(1), "], got ", scores.sizes());
+  TORCH_CHECK(scores.scalar_type() == at::kFloat || scores.scalar_type() == at::kDouble,
+              "crl_ops: scores must be float32 or float64 probabilities, got ", scores.scalar_type());
+  check_same_device(scores, "scores", labels, "labels");
+}
+
+inline void check_mine_instance_args(const at::Tensor& features, const at::Tensor& predictions,
+                                     const at::Tensor& labels, const at::Tensor& active, int64_t k) {
+  check_features(features);
+  check_labels(labels);
+  check_active(active, labels);
+  check_k(k);
+  check_int64(predictions, "predictions", 2, "[B, A]");
+  TORCH_CHECK(features.size(0) == labels.size(0) && features.size(1) == labels.size(1) &&
+                  predictions.sizes() == labels.sizes(),
+              "crl_ops: features [B, A, D] ", features.sizes(), ", predictions ", predictions.sizes(), " and labels ",
+              labels.sizes(), " must agree on B and A");
+  check_same_device(features, "features", labels, "labels");
+  check_same_device(features, "features", predictions, "predictions");
+}
+
+inline void check_pair_distances_backward_args(const at::Tensor& grad, const at::Tensor& features,
+                                               const at::Tensor& partners, const at::Tensor& distances) {
+  check_features(features);
+  check_partners(partners, features);
+  check_distances(distances, partners);
+  TORCH_CHECK(grad.sizes() == partners.sizes(), "crl_ops: grad must have the shape of distances ", partners.sizes(),
+              ", got ", grad.sizes());
+  check_same_device(grad, "grad", features, "features");
+}
+
+inline void check_relative_args(const at::Tensor& distances, const at::Tensor& partners, const at::Tensor& margins) {
+  check_distances(distances, partners);
+  TORCH_CHECK(margins.dim() == 1 && margins.size(0) == distances.size(1), "crl_ops: margins must have shape [A] = [",
+              distances.size(1), "], got ", margins.sizes());
+  check_same_device(margins, "margins", distances, "distances");
+}
+
+inline void check_bins(int64_t bins) {
+  TORCH_CHECK(bins >= 2, "crl_ops: bins must be >= 2, got ", bins);
+}
+
+inline void check_distribution_backward_args(const at::Tensor& grad, const at::Tensor& distances,
+                                             const at::Tensor& partners, int64_t bins, const at::Tensor& histograms,
+                                             const at::Tensor& scale, const at::Tensor& pair_counts) {
+  check_distances(distances, partners);
+  check_scalar_grad(grad, distances);
+  check_bins(bins);
+  const int64_t attributes = distances.size(1);
+  TORCH_CHECK(histograms.sizes() == at::IntArrayRef({attributes, 2, bins}) &&
+                  scale.sizes() == at::IntArrayRef({attributes}) &&
+                  pair_counts.sizes() == at::IntArrayRef({attributes, 2}),
+              "crl_ops: distribution_loss_backward needs the histograms, scale and pair_counts of its forward");
+}
+
 // Outputs of the mining ops: anchors[B, A] false, partners[B, A, 2K] all empty (-1).
 inline std::tuple<at::Tensor, at::Tensor> new_mined(const at::Tensor& labels, int64_t k) {
   const auto options = labels.options();

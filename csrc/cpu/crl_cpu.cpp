@@ -28,8 +28,7 @@ int64_t grain_for(int64_t work) {
 // ---- 1. profiling -----------------------------------------------------------------------------------
 
 std::tuple<Tensor, Tensor, Tensor> profile_cpu(const Tensor& labels_in, int64_t max_classes) {
-  check_labels(labels_in);
-  TORCH_CHECK(max_classes >= 1, "crl_ops: max_classes must be >= 1, got ", max_classes);
+  check_profile_args(labels_in, max_classes);
   const Tensor labels = labels_in.contiguous();
   const int64_t batch = labels.size(0), attributes = labels.size(1);
   Tensor counts = at::zeros({attributes, max_classes}, labels.options());
@@ -70,24 +69,9 @@ std::tuple<Tensor, Tensor, Tensor> profile_cpu(const Tensor& labels_in, int64_t 
 
 // ---- 2. mining ---------------------------------------------------------------------------------------
 
-// Whether (i, j) is an anchor, and its class.
-inline bool is_anchor(const int64_t* labels, const bool* active, int64_t attributes, int64_t max_classes,
-                      int64_t i, int64_t j, int64_t& label) {
-  label = labels[i * attributes + j];
-  return label >= 0 && label < max_classes && active[j * max_classes + label];
-}
-
 std::tuple<Tensor, Tensor> mine_class_cpu(const Tensor& scores_in, const Tensor& labels_in,
                                           const Tensor& active_in, int64_t k) {
-  check_labels(labels_in);
-  check_active(active_in, labels_in);
-  check_k(k);
-  TORCH_CHECK(scores_in.dim() == 3 && scores_in.size(0) == labels_in.size(0) &&
-                  scores_in.size(1) == labels_in.size(1) && scores_in.size(2) == active_in.size(1),
-              "crl_ops: scores must have shape [B, A, Cmax] = [", labels_in.size(0), ", ", labels_in.size(1), ", ",
-              active_in.size(1), "], got ", scores_in.sizes());
-  TORCH_CHECK(scores_in.scalar_type() == at::kFloat || scores_in.scalar_type() == at::kDouble,
-              "crl_ops: scores must be float32 or float64 probabilities, got ", scores_in.scalar_type());
+  check_mine_class_args(scores_in, labels_in, active_in, k);
   const Tensor scores = scores_in.contiguous(), labels = labels_in.contiguous(), active = active_in.contiguous();
   const int64_t batch = labels.size(0), attributes = labels.size(1), max_classes = active.size(1);
   auto [anchors, partners] = new_mined(labels, k);
@@ -129,11 +113,7 @@ std::tuple<Tensor, Tensor> mine_class_cpu(const Tensor& scores_in, const Tensor&
       if (!is_anchor(lab, act, attributes, max_classes, i, j, label)) continue;
       anchor[row] = true;
       const int64_t list = (j * max_classes + label) * k;
-      for (int64_t m = 0; m < k; ++m) {
-        const int32_t positive = hard_pos[list + m];
-        out[row * 2 * k + m] = positive == i ? kEmpty : positive;  // an anchor is not its own positive
-        out[row * 2 * k + k + m] = hard_neg[list + m];
-      }
+      write_class_row(hard_pos.data() + list, hard_neg.data() + list, k, i, out + row * 2 * k);
     }
   });
   return {anchors, partners};
@@ -141,15 +121,7 @@ std::tuple<Tensor, Tensor> mine_class_cpu(const Tensor& scores_in, const Tensor&
 
 std::tuple<Tensor, Tensor> mine_instance_cpu(const Tensor& features, const Tensor& predictions_in,
                                              const Tensor& labels_in, const Tensor& active_in, int64_t k) {
-  check_features(features);
-  check_labels(labels_in);
-  check_active(active_in, labels_in);
-  check_k(k);
-  check_int64(predictions_in, "predictions", 2, "[B, A]");
-  TORCH_CHECK(features.size(0) == labels_in.size(0) && features.size(1) == labels_in.size(1) &&
-                  predictions_in.sizes() == labels_in.sizes(),
-              "crl_ops: features [B, A, D] ", features.sizes(), ", predictions ", predictions_in.sizes(),
-              " and labels ", labels_in.sizes(), " must agree on B and A");
+  check_mine_instance_args(features, predictions_in, labels_in, active_in, k);
   const Tensor labels = labels_in.contiguous(), active = active_in.contiguous();
   const Tensor predictions = predictions_in.contiguous();
   const int64_t batch = labels.size(0), attributes = labels.size(1), dim = features.size(2);
@@ -248,11 +220,7 @@ Tensor pair_distances_cpu(const Tensor& features, const Tensor& partners_in) {
 
 Tensor pair_distances_backward_cpu(const Tensor& grad_in, const Tensor& features, const Tensor& partners_in,
                                    const Tensor& distances_in) {
-  check_features(features);
-  check_partners(partners_in, features);
-  check_distances(distances_in, partners_in);
-  TORCH_CHECK(grad_in.sizes() == partners_in.sizes(), "crl_ops: grad must have the shape of distances ",
-              partners_in.sizes(), ", got ", grad_in.sizes());
+  check_pair_distances_backward_args(grad_in, features, partners_in, distances_in);
   const Tensor partners = partners_in.contiguous();
   const Tensor distances = distances_in.contiguous();
   const Tensor grad = grad_in.to(distances.scalar_type()).contiguous();
@@ -325,9 +293,7 @@ struct RowSums {
 
 std::tuple<Tensor, Tensor> relative_loss_cpu(const Tensor& distances_in, const Tensor& partners_in,
                                              const Tensor& margins_in) {
-  check_distances(distances_in, partners_in);
-  TORCH_CHECK(margins_in.dim() == 1 && margins_in.size(0) == distances_in.size(1),
-              "crl_ops: margins must have shape [A] = [", distances_in.size(1), "], got ", margins_in.sizes());
+  check_relative_args(distances_in, partners_in, margins_in);
   const Tensor distances = distances_in.contiguous(), partners = partners_in.contiguous();
   const Tensor margins = margins_in.to(distances.scalar_type()).contiguous();
   const int64_t attributes = distances.size(1), width = distances.size(2), k = width / 2;
@@ -429,7 +395,7 @@ Tensor absolute_loss_backward_cpu(const Tensor& grad, const Tensor& distances_in
 std::tuple<Tensor, Tensor, Tensor, Tensor> distribution_loss_cpu(const Tensor& distances_in,
                                                                  const Tensor& partners_in, int64_t bins) {
   check_distances(distances_in, partners_in);
-  TORCH_CHECK(bins >= 2, "crl_ops: bins must be >= 2, got ", bins);
+  check_bins(bins);
   const Tensor distances = distances_in.contiguous(), partners = partners_in.contiguous();
   const int64_t batch = distances.size(0), attributes = distances.size(1), width = distances.size(2), k = width / 2;
   Tensor histograms = at::zeros({attributes, 2, bins}, distances.options());
@@ -491,14 +457,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> distribution_loss_cpu(const Tensor& d
 Tensor distribution_loss_backward_cpu(const Tensor& grad, const Tensor& distances_in, const Tensor& partners_in,
                                       int64_t bins, const Tensor& histograms_in, const Tensor& scale_in,
                                       const Tensor& pair_counts_in) {
-  check_distances(distances_in, partners_in);
-  check_scalar_grad(grad, distances_in);
+  check_distribution_backward_args(grad, distances_in, partners_in, bins, histograms_in, scale_in, pair_counts_in);
   const Tensor distances = distances_in.contiguous(), partners = partners_in.contiguous();
   const int64_t batch = distances.size(0), attributes = distances.size(1), width = distances.size(2), k = width / 2;
-  TORCH_CHECK(histograms_in.sizes() == at::IntArrayRef({attributes, 2, bins}) &&
-                  scale_in.sizes() == at::IntArrayRef({attributes}) &&
-                  pair_counts_in.sizes() == at::IntArrayRef({attributes, 2}),
-              "crl_ops: distribution_loss_backward needs the histograms, scale and pair_counts of its forward");
   const Tensor histograms = histograms_in.to(distances.scalar_type()).contiguous();
   const Tensor scale = scale_in.to(distances.scalar_type()).contiguous();
   const Tensor pair_counts = pair_counts_in.contiguous();

@@ -24,8 +24,7 @@ cuda::Strides strides_of(const Tensor& features) {
 }
 
 std::tuple<Tensor, Tensor, Tensor> profile_cuda(const Tensor& labels_in, int64_t max_classes) {
-  check_labels(labels_in);
-  TORCH_CHECK(max_classes >= 1, "crl_ops: max_classes must be >= 1, got ", max_classes);
+  check_profile_args(labels_in, max_classes);
   c10::cuda::CUDAGuard guard(labels_in.device());
   const Tensor labels = labels_in.contiguous();
   const int64_t attributes = labels.size(1);
@@ -41,16 +40,7 @@ std::tuple<Tensor, Tensor, Tensor> profile_cuda(const Tensor& labels_in, int64_t
 
 std::tuple<Tensor, Tensor> mine_class_cuda(const Tensor& scores_in, const Tensor& labels_in, const Tensor& active_in,
                                            int64_t k) {
-  check_labels(labels_in);
-  check_active(active_in, labels_in);
-  check_k(k);
-  TORCH_CHECK(scores_in.dim() == 3 && scores_in.size(0) == labels_in.size(0) &&
-                  scores_in.size(1) == labels_in.size(1) && scores_in.size(2) == active_in.size(1),
-              "crl_ops: scores must have shape [B, A, Cmax] = [", labels_in.size(0), ", ", labels_in.size(1), ", ",
-              active_in.size(1), "], got ", scores_in.sizes());
-  TORCH_CHECK(scores_in.scalar_type() == at::kFloat || scores_in.scalar_type() == at::kDouble,
-              "crl_ops: scores must be float32 or float64 probabilities, got ", scores_in.scalar_type());
-  check_same_device(scores_in, "scores", labels_in, "labels");
+  check_mine_class_args(scores_in, labels_in, active_in, k);
   c10::cuda::CUDAGuard guard(labels_in.device());
   const Tensor scores = scores_in.contiguous(), labels = labels_in.contiguous(), active = active_in.contiguous();
   const int64_t batch = labels.size(0), attributes = labels.size(1), max_classes = active.size(1);
@@ -71,17 +61,7 @@ std::tuple<Tensor, Tensor> mine_class_cuda(const Tensor& scores_in, const Tensor
 
 std::tuple<Tensor, Tensor> mine_instance_cuda(const Tensor& features, const Tensor& predictions_in,
                                               const Tensor& labels_in, const Tensor& active_in, int64_t k) {
-  check_features(features);
-  check_labels(labels_in);
-  check_active(active_in, labels_in);
-  check_k(k);
-  check_int64(predictions_in, "predictions", 2, "[B, A]");
-  TORCH_CHECK(features.size(0) == labels_in.size(0) && features.size(1) == labels_in.size(1) &&
-                  predictions_in.sizes() == labels_in.sizes(),
-              "crl_ops: features [B, A, D] ", features.sizes(), ", predictions ", predictions_in.sizes(),
-              " and labels ", labels_in.sizes(), " must agree on B and A");
-  check_same_device(features, "features", labels_in, "labels");
-  check_same_device(features, "features", predictions_in, "predictions");
+  check_mine_instance_args(features, predictions_in, labels_in, active_in, k);
   c10::cuda::CUDAGuard guard(features.device());
   const Tensor labels = labels_in.contiguous(), active = active_in.contiguous();
   const Tensor predictions = predictions_in.contiguous();
@@ -125,11 +105,7 @@ Tensor pair_distances_cuda(const Tensor& features, const Tensor& partners_in) {
 
 Tensor pair_distances_backward_cuda(const Tensor& grad_in, const Tensor& features, const Tensor& partners_in,
                                     const Tensor& distances_in) {
-  check_features(features);
-  check_partners(partners_in, features);
-  check_distances(distances_in, partners_in);
-  TORCH_CHECK(grad_in.sizes() == partners_in.sizes(), "crl_ops: grad must have the shape of distances ",
-              partners_in.sizes(), ", got ", grad_in.sizes());
+  check_pair_distances_backward_args(grad_in, features, partners_in, distances_in);
   c10::cuda::CUDAGuard guard(features.device());
   const Tensor partners = partners_in.contiguous(), distances = distances_in.contiguous();
   const Tensor grad = grad_in.to(distances.scalar_type()).contiguous();
@@ -169,10 +145,7 @@ Tensor pair_distances_backward_cuda(const Tensor& grad_in, const Tensor& feature
 // The loss forms: 0-dim outputs stay on the device.
 std::tuple<Tensor, Tensor> relative_loss_cuda(const Tensor& distances_in, const Tensor& partners_in,
                                               const Tensor& margins_in) {
-  check_distances(distances_in, partners_in);
-  TORCH_CHECK(margins_in.dim() == 1 && margins_in.size(0) == distances_in.size(1),
-              "crl_ops: margins must have shape [A] = [", distances_in.size(1), "], got ", margins_in.sizes());
-  check_same_device(margins_in, "margins", distances_in, "distances");
+  check_relative_args(distances_in, partners_in, margins_in);
   c10::cuda::CUDAGuard guard(distances_in.device());
   const Tensor distances = distances_in.contiguous(), partners = partners_in.contiguous();
   const Tensor margins = margins_in.to(distances.scalar_type()).contiguous();
@@ -244,7 +217,7 @@ Tensor absolute_loss_backward_cuda(const Tensor& grad_in, const Tensor& distance
 std::tuple<Tensor, Tensor, Tensor, Tensor> distribution_loss_cuda(const Tensor& distances_in,
                                                                   const Tensor& partners_in, int64_t bins) {
   check_distances(distances_in, partners_in);
-  TORCH_CHECK(bins >= 2, "crl_ops: bins must be >= 2, got ", bins);
+  check_bins(bins);
   c10::cuda::CUDAGuard guard(distances_in.device());
   const Tensor distances = distances_in.contiguous(), partners = partners_in.contiguous();
   const int64_t attributes = distances.size(1);
@@ -267,13 +240,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> distribution_loss_cuda(const Tensor& 
 Tensor distribution_loss_backward_cuda(const Tensor& grad_in, const Tensor& distances_in, const Tensor& partners_in,
                                        int64_t bins, const Tensor& histograms_in, const Tensor& scale_in,
                                        const Tensor& pair_counts_in) {
-  check_distances(distances_in, partners_in);
-  check_scalar_grad(grad_in, distances_in);
+  check_distribution_backward_args(grad_in, distances_in, partners_in, bins, histograms_in, scale_in, pair_counts_in);
   const int64_t attributes = distances_in.size(1);
-  TORCH_CHECK(histograms_in.sizes() == at::IntArrayRef({attributes, 2, bins}) &&
-                  scale_in.sizes() == at::IntArrayRef({attributes}) &&
-                  pair_counts_in.sizes() == at::IntArrayRef({attributes, 2}),
-              "crl_ops: distribution_loss_backward needs the histograms, scale and pair_counts of its forward");
   c10::cuda::CUDAGuard guard(distances_in.device());
   const Tensor distances = distances_in.contiguous(), partners = partners_in.contiguous();
   const Tensor histograms = histograms_in.to(distances.scalar_type()).contiguous();

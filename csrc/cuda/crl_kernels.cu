@@ -166,12 +166,6 @@ __global__ void profile_kernel(const int64_t* labels, int64_t batch, int64_t att
 
 // ---- 2. mining ---------------------------------------------------------------------------------------------
 
-__device__ __forceinline__ bool anchor_class(const int64_t* labels, const bool* active, int64_t attributes,
-                                             int64_t max_classes, int64_t i, int64_t j, int64_t& label) {
-  label = labels[i * attributes + j];
-  return label >= 0 && label < max_classes && active[j * max_classes + label];
-}
-
 template <typename Score, int N>
 __global__ void class_lists_kernel(const Score* scores, const int64_t* labels, const bool* active, int64_t batch,
                                    int64_t attributes, int64_t max_classes, int64_t k, int32_t* hard_pos,
@@ -226,14 +220,10 @@ __global__ void class_rows_kernel(const int64_t* labels, const bool* active, int
   CRL_GRID_STRIDE(row, batch * attributes) {
     const int64_t i = row / attributes, j = row % attributes;
     int64_t label;
-    if (!anchor_class(labels, active, attributes, max_classes, i, j, label)) continue;
+    if (!is_anchor(labels, active, attributes, max_classes, i, j, label)) continue;
     anchors[row] = true;
     const int64_t list = (j * max_classes + label) * k;
-    for (int64_t m = 0; m < k; ++m) {
-      const int32_t positive = hard_pos[list + m];
-      partners[row * 2 * k + m] = positive == i ? kEmpty : positive;  // an anchor is not its own positive
-      partners[row * 2 * k + k + m] = hard_neg[list + m];
-    }
+    write_class_row(hard_pos + list, hard_neg + list, k, i, partners + row * 2 * k);
   }
 }
 
@@ -247,7 +237,7 @@ __global__ void compact_anchors_kernel(const int64_t* labels, const bool* active
   const int64_t begin = threadIdx.x * chunk, end = min(batch, begin + chunk);
   int32_t count = 0;
   int64_t label;
-  for (int64_t i = begin; i < end; ++i) count += anchor_class(labels, active, attributes, max_classes, i, j, label);
+  for (int64_t i = begin; i < end; ++i) count += is_anchor(labels, active, attributes, max_classes, i, j, label);
   offsets[threadIdx.x] = count;
   __syncthreads();
   if (threadIdx.x == 0) {  // exclusive scan of 1024 counts
@@ -262,7 +252,7 @@ __global__ void compact_anchors_kernel(const int64_t* labels, const bool* active
   __syncthreads();
   int32_t slot = offsets[threadIdx.x];
   for (int64_t i = begin; i < end; ++i) {
-    if (!anchor_class(labels, active, attributes, max_classes, i, j, label)) continue;
+    if (!is_anchor(labels, active, attributes, max_classes, i, j, label)) continue;
     anchor_list[j * batch + slot++] = static_cast<int32_t>(i);
     anchors[i * attributes + j] = true;
   }
