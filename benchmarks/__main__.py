@@ -182,24 +182,6 @@ def main(argv=None) -> int:
         training = [(b, TRAINING_VARIANT if TRAINING_VARIANT in variants else variants[0]) for b in backends]
     training = [("ce", None)] + training
 
-    runner = Runner(settings)
-    records, training_records = [], []
-    total = len(plan) + 1
-    progress = tqdm(total=total, unit="case", dynamic_ncols=True) if tqdm else _PrintedProgress(total)
-    for group in plan:
-        if group.section > 1 and not training_records:  # the training step right after the configs
-            progress.set_postfix_str("training step", refresh=False)
-            training_records = runner.run_training_steps(training)
-            progress.update()
-        progress.set_postfix_str(f"{group.shape.describe()} {group.variant.name}", refresh=False)
-        records += runner.run_group(group)
-        progress.update()
-    if not training_records:
-        progress.set_postfix_str("training step", refresh=False)
-        training_records = runner.run_training_steps(training)
-        progress.update()
-    progress.close()
-
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "tmp",
                                    f"{device.type}-{mode}")
     results = {
@@ -222,12 +204,37 @@ def main(argv=None) -> int:
                               "growth of the process's peak resident set (VmHWM) over one step"
                               if cpu_memory_supported() else "not available on this system"),
         },
-        "elapsed_seconds": time.perf_counter() - started,
-        "load_average": {"start": load_at_start, "end": os.getloadavg()},  # others' work on a shared machine
-        "records": records,
-        "training_step": training_records,
+        "records": [],
+        "training_step": [],
     }
-    paths = report.write(out, results)
+
+    def save(plots: bool):
+        # After every case, so that a run cut short (a GPU loan's time limit) keeps what it measured.
+        results["elapsed_seconds"] = time.perf_counter() - started
+        results["load_average"] = {"start": load_at_start, "end": os.getloadavg()}  # others' work on the machine
+        return report.write(out, results, plots=plots)
+
+    runner = Runner(settings)
+    total = len(plan) + 1
+    progress = tqdm(total=total, unit="case", dynamic_ncols=True) if tqdm else _PrintedProgress(total)
+
+    def training_step():
+        progress.set_postfix_str("training step", refresh=False)
+        results["training_step"] = runner.run_training_steps(training)
+        save(plots=False)
+        progress.update()
+
+    for group in plan:
+        if group.section > 1 and not results["training_step"]:  # the training step right after the configs
+            training_step()
+        progress.set_postfix_str(f"{group.shape.describe()} {group.variant.name}", refresh=False)
+        results["records"] += runner.run_group(group)
+        save(plots=False)
+        progress.update()
+    if not results["training_step"]:
+        training_step()
+    progress.close()
+    paths = save(plots=True)
     print("\n" + report.headline_table(results))
     print(report.training_table(results))
     print(report.noise_summary(results))

@@ -1,7 +1,7 @@
 """The implementations compared, each computing CRL(mode, form) on the same inputs."""
 from __future__ import annotations
 
-import importlib.util
+import importlib
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -62,8 +62,11 @@ def unavailable(impl: str, device: torch.device) -> Optional[str]:
     """Why `impl` cannot run on `device`, or None."""
     if impl == "native" and not crl_ops.native_available(device):
         return f"crl-ops native kernels are not built for {device.type}"
-    if impl == "pml" and importlib.util.find_spec("pytorch_metric_learning") is None:
-        return "pytorch-metric-learning is not installed"
+    if impl == "pml":
+        try:
+            importlib.import_module(".pml_crl", __package__)
+        except ImportError as error:  # not installed, or one of its imports (scipy, tqdm) is missing
+            return f"pytorch-metric-learning cannot be imported: {error}"
     return None
 
 

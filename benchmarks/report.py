@@ -19,18 +19,19 @@ STATUS_CELLS = {
     "mismatch": "mismatch",
     "different-function": "n/a",
     "unavailable": "n/a",
+    "error": "error",
 }
 
 
-def write(out_dir: str, results: dict) -> List[str]:
-    """Writes everything; returns the paths written."""
+def write(out_dir: str, results: dict, plots: bool = True) -> List[str]:
+    """Writes results.json, results.md and (if `plots`) the PNG plots; returns the paths written."""
     os.makedirs(out_dir, exist_ok=True)
     paths = [os.path.join(out_dir, "results.json"), os.path.join(out_dir, "results.md")]
     with open(paths[0], "w") as f:
         json.dump(results, f, indent=1)
     with open(paths[1], "w") as f:
         f.write(markdown(results))
-    return paths + plots(out_dir, results)
+    return paths + (draw_plots(out_dir, results) if plots else [])
 
 
 # ---- formatting -------------------------------------------------------------------------------------
@@ -272,7 +273,7 @@ def markdown(results: dict) -> str:
 
 # ---- plots ------------------------------------------------------------------------------------------
 
-def plots(out_dir: str, results: dict) -> List[str]:
+def draw_plots(out_dir: str, results: dict) -> List[str]:
     try:
         import matplotlib
 

@@ -43,8 +43,13 @@ class Settings:
     seed: int = 0
 
 
-class OutOfMemory(Exception):
-    pass
+class CaseFailed(Exception):
+    """A call of one implementation failed: status "oom" (out of memory) or "error" (anything else,
+    recorded so that one failing case does not end a run that a GPU loan allows only once)."""
+
+    def __init__(self, status: str, message: str):
+        super().__init__(message)
+        self.status = status
 
 
 def _is_out_of_memory(error: RuntimeError) -> bool:
@@ -107,15 +112,21 @@ class Runner:
     # ---- guards ---------------------------------------------------------------------------------
 
     def _call(self, fn: Callable):
-        """fn() with an out-of-memory error turned into OutOfMemory (and memory released)."""
+        """fn(), with a failure turned into CaseFailed (and memory released)."""
         try:
             return fn()
-        except RuntimeError as error:
-            if not _is_out_of_memory(error):
-                raise
-            message = str(error).splitlines()[0][:200]
+        except Exception as error:  # noqa: BLE001 - recorded with the case, see CaseFailed
+            oom = isinstance(error, RuntimeError) and _is_out_of_memory(error)
+            status = "oom" if oom else "error"
+            message = (str(error).splitlines() or [""])[0][:200]
+            message = message if oom else f"{type(error).__name__}: {message}"
         _release(self.device)
-        raise OutOfMemory(message)
+        raise CaseFailed(status, message)
+
+    def _failed(self, impl: str, variant: Variant, shape: Shape, record: dict, failure: CaseFailed) -> None:
+        if failure.status == "oom":
+            self.costs.add_out_of_memory(impl, variant, shape)
+        record.update(status=failure.status, reason=str(failure))
 
     def _refusal(self, impl: str, variant: Variant, shape: Shape) -> Optional[Tuple[str, str]]:
         """(status, reason) when a case should not be run, from what smaller batches cost."""
@@ -154,8 +165,9 @@ class Runner:
             self._call(lambda: _first_value(step, [inputs.features]))  # warm-up, so as not to time one-off setup
             peak, seconds = self._call(lambda: measure_memory(step, [inputs.features], self.device))
             self.costs.add(impl, variant, smaller, seconds, peak)
-        except OutOfMemory:
-            self.costs.add_out_of_memory(impl, variant, smaller)
+        except CaseFailed as failure:
+            if failure.status == "oom":
+                self.costs.add_out_of_memory(impl, variant, smaller)
 
     # ---- one group -------------------------------------------------------------------------------
 
@@ -191,9 +203,8 @@ class Runner:
         for impl in runnable:
             try:
                 values[impl] = self._call(lambda: _first_value(steps[impl], leaves))
-            except OutOfMemory as error:
-                self.costs.add_out_of_memory(impl, variant, shape)
-                records[impl].update(status="oom", reason=str(error))
+            except CaseFailed as failure:
+                self._failed(impl, variant, shape, records[impl], failure)
         baseline = next((i for i in ("reference", "native", *runnable) if i in values), None)
         agreeing = []
         for impl, value in values.items():
@@ -212,9 +223,8 @@ class Runner:
         for impl in agreeing:
             try:
                 peak, seconds = self._call(lambda: measure_memory(steps[impl], leaves, self.device))
-            except OutOfMemory as error:
-                self.costs.add_out_of_memory(impl, variant, shape)
-                records[impl].update(status="oom", reason=str(error))
+            except CaseFailed as failure:
+                self._failed(impl, variant, shape, records[impl], failure)
                 continue
             self.costs.add(impl, variant, shape, seconds, peak)
             records[impl].update(peak_memory_bytes=peak, call_seconds=seconds)
@@ -232,10 +242,10 @@ class Runner:
                     samples[impl].append(self._call(lambda: time_step(
                         steps[impl], leaves, self.clock, self.settings.min_seconds, repeats,
                         self.settings.max_repeats)))
-                except OutOfMemory as error:
-                    records[impl].update(status="oom", reason=str(error))
+                except CaseFailed as failure:
+                    self._failed(impl, variant, shape, records[impl], failure)
         for impl in timed:
-            if records[impl]["status"] == "oom":
+            if records[impl]["status"] in ("oom", "error"):
                 continue
             if not samples[impl]:
                 records[impl].update(status="budget", reason="time budget spent before timing")
@@ -277,18 +287,25 @@ class Runner:
             steps[objective] = lambda criterion=criterion: criterion(*model(images), inputs.labels)
             records[objective] = _training_record(objective, "budget", "time budget spent before timing")
 
-        for step in steps.values():
-            time_step(step, leaves, self.clock, 0.0, 2, 2)  # warm-up
-        samples = {o: [] for o in steps}
+        samples = {}
+        for objective, step in steps.items():
+            try:
+                self._call(lambda: time_step(step, leaves, self.clock, 0.0, 2, 2))  # warm-up
+                samples[objective] = []
+            except CaseFailed as failure:
+                records[objective].update(status=failure.status, reason=str(failure))
         for _ in range(2):
-            for objective, step in steps.items():
-                if self.seconds_left() <= 0:
+            for objective in samples:
+                if self.seconds_left() <= 0 or records[objective]["status"] in ("oom", "error"):
                     continue
-                samples[objective].append(time_step(step, leaves, self.clock, self.settings.min_seconds,
-                                                    self.settings.min_repeats, self.settings.max_repeats,
-                                                    update=optimiser.step))
+                try:
+                    samples[objective].append(self._call(lambda: time_step(
+                        steps[objective], leaves, self.clock, self.settings.min_seconds, self.settings.min_repeats,
+                        self.settings.max_repeats, update=optimiser.step)))
+                except CaseFailed as failure:
+                    records[objective].update(status=failure.status, reason=str(failure))
         for objective, rounds in samples.items():
-            if rounds:
+            if rounds and records[objective]["status"] not in ("oom", "error"):
                 records[objective].update(status="ok", reason=None, **_timing_fields(rounds))
         return list(records.values())
 

@@ -92,6 +92,21 @@ def test_a_wrong_implementation_is_reported_and_not_timed(monkeypatch):
     assert records["loop"]["relative_difference"] == pytest.approx(0.01, rel=1e-3)
 
 
+def test_a_failing_implementation_is_recorded_and_the_others_still_run(monkeypatch):
+    make_loss = implementations.make_loss
+
+    def broken(*args):
+        raise ValueError("broken on purpose")
+
+    monkeypatch.setattr(implementations, "make_loss",
+                        lambda impl, variant, k: broken if impl == "loop" else make_loss(impl, variant, k))
+    group = _group(binary_shape(batch_size=32, num_attributes=4, dim=8), Variant("instance", "absolute"),
+                   ["native", "loop"])
+    records = {r["impl"]: r for r in runner.Runner(_settings()).run_group(group)}
+    assert records["loop"]["status"] == "error" and "broken on purpose" in records["loop"]["reason"]
+    assert records["native"]["status"] == "ok"
+
+
 def test_all_implementations_agree_in_a_group():
     impls = [i for i in implementations.IMPLEMENTATIONS if implementations.unavailable(i, torch.device("cpu")) is None]
     group = _group(Shape(LONG_TAIL, 40, (3, 7), 4, k=2), Variant("instance", "distribution"), impls)
