@@ -27,7 +27,6 @@ Offline stand-ins (no download; used by examples/offline_benchmark.py):
 """
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass
 from pathlib import Path

@@ -9,7 +9,10 @@ Values are fractions in [0, 1] or (mean, std) pairs of them; tables show percent
 """
 from __future__ import annotations
 
+import argparse
+import json
 import math
+from pathlib import Path
 from typing import Dict, Mapping, Optional, Sequence, Tuple, Union
 
 Cell = Union[float, Tuple[float, float], None]
@@ -82,8 +85,9 @@ def plot_gains(path: str, attributes: Sequence[str], ratios: Sequence[float],
 
     order = imbalance_order(ratios)
     positions = range(len(order))
-    figure, axes = plt.subplots(figsize=(max(6.0, 0.32 * len(order) + 3), 4.2))
     count = len(gains)
+    width_inches = min(24.0, 4.0 + len(order) * max(0.35, 0.1 * count))
+    figure, axes = plt.subplots(figsize=(width_inches, 4.5))
     width = 0.8 / max(count, 1)
     for k, (label, values) in enumerate(gains.items()):
         offsets = [p - 0.4 + width * (k + 0.5) for p in positions]
@@ -93,9 +97,9 @@ def plot_gains(path: str, attributes: Sequence[str], ratios: Sequence[float],
     axes.axhline(0, color="black", linewidth=0.7)
     axes.set_xticks(list(positions))
     axes.set_xticklabels([f"{attributes[j]} (1:{ratios[j]:.0f})" for j in order], rotation=60, ha="right", fontsize=8)
-    axes.set_ylabel(f"gain over {baseline} (points of class-balanced accuracy)")
-    axes.set_title(title)
-    axes.legend(fontsize=7, ncol=2)
+    axes.set_ylabel(f"gain over {baseline} (points)")
+    axes.set_title(title + "\nclass-balanced accuracy; attributes by increasing imbalance ratio", fontsize=10)
+    axes.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     figure.tight_layout()
     figure.savefig(path, dpi=130)
     plt.close(figure)
@@ -167,10 +171,6 @@ def compare_runs(records: Sequence[Mapping], paper: Tuple[Mapping, Mapping] = ({
 def report_main(argv: Optional[Sequence[str]], dataset: str, paper_table: Mapping, paper_order: Sequence[str],
                 table_name: str, figure_name: str) -> None:
     """The report scripts' command line: results.json files in, TABLE.md and FIGURE.png out."""
-    import argparse
-    import json
-    from pathlib import Path
-
     parser = argparse.ArgumentParser(description=f"Combine {dataset} runs: {table_name} with the paper's rows, "
                                                  f"{figure_name} (gain over the baseline run) and Table 4.")
     parser.add_argument("results", nargs="+", help="results.json files written by train.py")

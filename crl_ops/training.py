@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterable, Optional, Sequence, Tuple, Union
 
@@ -23,7 +24,7 @@ from tqdm import tqdm
 
 from .baselines import DownSampler, OverSampler, balancing_weights, sample_weights, weighted_cross_entropy
 from .loss import CRL, cross_entropy
-from .metrics import BalancedAccuracy, class_balanced_accuracy
+from .metrics import BalancedAccuracy, class_balanced_accuracy, imbalance_ratios
 
 BASELINES = ("oversample", "downsample", "costsensitive")
 MODES = ("class", "instance")
@@ -277,17 +278,15 @@ def add_run_arguments(parser: argparse.ArgumentParser, epochs: int, batch_size: 
 def run_experiment(args: argparse.Namespace, dataset: str, model: nn.Module, train_set, test_set,
                    train_labels: Tensor, attributes: Sequence[str], num_classes: Sequence[int]) -> dict:
     """Trains (unless --evaluate-only) and tests `model`; writes and returns OUT/results.json's record."""
-    import json
-    from dataclasses import asdict
-
-    from .metrics import imbalance_ratios
-
     method = method_from_args(args)
     config = TrainingConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, crl_weight=args.crl_weight,
                             backend=args.backend, workers=args.workers, seed=args.seed)
     torch.manual_seed(args.seed)
     if args.evaluate_only:
-        state = torch.load(Checkpoint(args.out).path, map_location="cpu", weights_only=False)
+        path = Checkpoint(args.out).path
+        if not path.is_file():
+            raise FileNotFoundError(f"--evaluate-only tests a trained model, but {path} is missing")
+        state = torch.load(path, map_location="cpu", weights_only=False)
         model.load_state_dict(state["model"])
         model.to(args.device)
     else:

@@ -6,6 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
+import crl_ops.data
 from crl_ops.data import (
     CELEBA_ATTRIBUTES,
     ImageAttributeDataset,
@@ -235,3 +236,12 @@ def test_shapes_attributes_draw_what_the_labels_say():
     assert shapes_attributes(num_train=200, num_test=10, image_size=24).train_images.shape[-1] == 24
     with pytest.raises(ValueError, match="num_train must be >= 100"):
         shapes_attributes(num_train=50)
+
+
+def test_celeba_full_size_must_have_the_standard_split(tmp_path, monkeypatch):
+    write_celeba(tmp_path)  # 28 images: 16 / 4 / 8
+    monkeypatch.setattr(crl_ops.data, "CELEBA_SPLIT_SIZES", (16, 4, 8))
+    read_celeba(tmp_path)
+    monkeypatch.setattr(crl_ops.data, "CELEBA_SPLIT_SIZES", (15, 5, 8))  # a "full" set split otherwise
+    with pytest.raises(ValueError, match=r"expected the standard split \(15, 5, 8\), got \(16, 4, 8\)"):
+        read_celeba(tmp_path)

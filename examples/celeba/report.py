@@ -6,9 +6,14 @@ Writes OUT/table2.md (every run beside all of the paper's Table 2 rows, attribut
 imbalance ratio; the gains over the baseline run; the CRL runs in Table 4's grid) and
 OUT/figure5.png (gain over the baseline per attribute against imbalance ratio).
 """
-import paper_numbers  # next to this script
+import paper_table2  # next to this script
 
 from crl_ops.reporting import report_main
 
+
+def main(argv=None):
+    report_main(argv, "celeba", paper_table2.TABLE2, paper_table2.PAPER_ORDER, "Table 2", "Figure 5")
+
+
 if __name__ == "__main__":
-    report_main(None, "celeba", paper_numbers.TABLE2, paper_numbers.PAPER_ORDER, "Table 2", "Figure 5")
+    main()

@@ -15,7 +15,7 @@ one. examples/celeba/report.py combines several runs (all of Table 2, Figure 5, 
 import argparse
 from pathlib import Path
 
-import paper_numbers  # next to this script
+import paper_table2  # next to this script
 
 from crl_ops import reporting
 from crl_ops.data import ImageAttributeDataset, celeba_split, read_celeba
@@ -37,7 +37,7 @@ def main(argv=None):
     model = CelebANet(num_attributes=len(index.attributes))
     record = run_experiment(args, "celeba", model, ImageAttributeDataset(train, size), ImageAttributeDataset(test, size),
                             train.labels, index.attributes, index.num_classes)
-    paper = reporting.paper_rows(paper_numbers.TABLE2, paper_numbers.PAPER_ORDER, paper_numbers.SHOWN, index.attributes)
+    paper = reporting.paper_rows(paper_table2.TABLE2, paper_table2.PAPER_ORDER, paper_table2.SHOWN, index.attributes)
     table = reporting.compare_runs([record], paper)
     Path(args.out, "table.md").write_text(table)
     print(table)

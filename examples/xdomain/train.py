@@ -8,15 +8,15 @@ network is crl_ops.models.XDomainNet (MTCT: five NIN units, nine three-layer FC 
 the class counts read from the manifest's header; the split is the paper's random 165,467 /
 80,000 (crl_ops.data.xdomain_split, fixed seed). Defaults follow the paper: SGD, lr 0.001,
 momentum 0.9, weight decay 0.0005, batch 256, 150 epochs. The paper fine-tunes an ImageNet
-pre-trained trunk: pass its weights with --init (a state_dict of XDomainNet, matched by name;
-the trunk's parameters are enough). OUT gets last.pt, log.csv, results.json and table.md
+pre-trained trunk: pass its weights with --init (a state_dict of XDomainNet, or a run's last.pt,
+matched by name; the trunk's parameters are enough). OUT gets last.pt, log.csv, results.json and table.md
 (Table 3's layout with the paper's MTCT, LMLE and CRL(I) rows beside the measured one).
 examples/xdomain/report.py combines several runs (all of Table 3, Figure 6, Table 4).
 """
 import argparse
 from pathlib import Path
 
-import paper_numbers  # next to this script
+import paper_table3  # next to this script
 import torch
 
 from crl_ops import reporting
@@ -39,12 +39,14 @@ def main(argv=None):
         train, test = (split.subset(range(min(args.limit, len(split.paths)))) for split in (train, test))
     model = XDomainNet(num_classes=index.num_classes)
     if args.init:
-        missing, unexpected = model.load_state_dict(torch.load(args.init, map_location="cpu"), strict=False)
+        weights = torch.load(args.init, map_location="cpu", weights_only=False)
+        weights = weights.get("model", weights)  # a run's last.pt, or a plain state_dict
+        missing, unexpected = model.load_state_dict(weights, strict=False)
         print(f"initialised from {args.init}: {len(missing)} parameters left at random, {len(unexpected)} ignored")
     size = XDomainNet.input_size[1:]
     record = run_experiment(args, "xdomain", model, ImageAttributeDataset(train, size), ImageAttributeDataset(test, size),
                             train.labels, index.attributes, index.num_classes)
-    paper = reporting.paper_rows(paper_numbers.TABLE3, paper_numbers.ATTRIBUTES, paper_numbers.SHOWN, index.attributes)
+    paper = reporting.paper_rows(paper_table3.TABLE3, paper_table3.ATTRIBUTES, paper_table3.SHOWN, index.attributes)
     table = reporting.compare_runs([record], paper)
     Path(args.out, "table.md").write_text(table)
     print(table)

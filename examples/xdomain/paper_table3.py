@@ -4,7 +4,9 @@ Transcribed from Dong, Gong & Zhu, ICCV 2017, Table 3 (category, colour, collar,
 shape, length, sleeve shape, sleeve length), with its imbalance ratio row ("1:x").
 """
 
-from crl_ops.models import XDOMAIN_ATTRIBUTES as ATTRIBUTES  # Table 3's columns, as named in the manifest
+from crl_ops.models import XDOMAIN_ATTRIBUTES
+
+ATTRIBUTES = XDOMAIN_ATTRIBUTES  # Table 3's columns, as named in the manifest
 
 # Imbalance ratios (1:x) in the paper's training data: 2, 138, 210, 242, 476, 2138, 3401, 4115, 4162.
 

@@ -1,0 +1,100 @@
+"""The reproduction scripts end to end: CelebA and X-Domain on tiny fixtures in the real file
+formats, their report scripts, and the offline benchmark's --quick run."""
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from .test_data import XDOMAIN_FIXTURE_CLASSES, write_celeba, write_xdomain
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_script(relative: str):
+    """Imports an example script as a module (its folder on sys.path, as when run directly)."""
+    path = ROOT / relative
+    if str(path.parent) not in sys.path:
+        sys.path.insert(0, str(path.parent))
+    spec = importlib.util.spec_from_file_location(f"script_{path.parent.name}_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # so that worker processes can unpickle its functions
+    spec.loader.exec_module(module)
+    return module
+
+
+def run(script: str, *args, capsys) -> str:
+    """Runs a script's main() in this process (no interpreter start-up) and returns what it printed."""
+    capsys.readouterr()
+    load_script(script).main([str(a) for a in args])
+    return capsys.readouterr().out
+
+
+def test_celeba_training_resume_evaluation_and_report(tmp_path, capsys):
+    write_celeba(tmp_path / "celeba")
+    common = ["--data", tmp_path / "celeba", "--batch-size", 8, "--workers", 0, "--device", "cpu"]
+    out = run("examples/celeba/train.py", *common, "--out", tmp_path / "crl", "--loss", "crl", "--mode", "class",
+              "--form", "absolute", "--epochs", 1, capsys=capsys)
+    assert "CRL(C+A) (measured)" in out and "DeepID2 (paper)" in out and "LMLE (paper)" in out
+    out = run("examples/celeba/train.py", *common, "--out", tmp_path / "crl", "--loss", "crl", "--mode", "class",
+              "--form", "absolute", "--epochs", 2, "--resume", capsys=capsys)
+    epochs = {row.split(",")[0] for row in (tmp_path / "crl" / "log.csv").read_text().splitlines()[1:]}
+    assert epochs == {"1", "2"}  # the second call trained epoch 2 only
+    record = json.loads((tmp_path / "crl" / "results.json").read_text())
+    assert record["test_size"] == 8 and record["train_size"] == 16 and len(record["per_attribute"]) == 40
+    assert record["method"] == "crl-c-a" and 0 <= record["mean"] <= 1
+    table = (tmp_path / "crl" / "table.md").read_text()
+    assert table.splitlines()[0].startswith("| Methods |") and "Imbalance ratio (1:x)" in table
+
+    run("examples/celeba/train.py", *common, "--out", tmp_path / "ce", "--loss", "ce", "--baseline", "downsample",
+        "--epochs", 1, capsys=capsys)
+    run("examples/celeba/train.py", *common, "--out", tmp_path / "ce", "--loss", "ce", "--baseline", "downsample",
+        "--evaluate-only", capsys=capsys)
+    with pytest.raises(FileNotFoundError, match="--evaluate-only tests a trained model, but .*last.pt is missing"):
+        run("examples/celeba/train.py", *common, "--out", tmp_path / "none", "--evaluate-only", capsys=capsys)
+    out = run("examples/celeba/report.py", tmp_path / "crl" / "results.json", tmp_path / "ce" / "results.json",
+              "--baseline", "downsample", "--out", tmp_path / "report", capsys=capsys)
+    assert "Gain over Down-Sampling" in out and "CRL(I) (paper)" in out and "Table 4 layout" in out
+    assert (tmp_path / "report" / "figure5.png").stat().st_size > 1000
+    assert (tmp_path / "report" / "table2.md").read_text().count("(paper)") >= 10
+
+
+def test_xdomain_training_and_report(tmp_path, capsys):
+    write_xdomain(tmp_path / "xdomain", count=18)
+    common = ["--manifest", tmp_path / "xdomain" / "manifest.tsv", "--batch-size", 8, "--workers", 0,
+              "--device", "cpu", "--epochs", 1]
+    out = run("examples/xdomain/train.py", *common, "--out", tmp_path / "ce", "--loss", "ce", capsys=capsys)
+    assert "CE (measured)" in out and "MTCT (paper)" in out
+    out = run("examples/xdomain/train.py", *common, "--out", tmp_path / "crl", "--loss", "crl", "--baseline",
+              "costsensitive", "--limit", 8, "--init", tmp_path / "ce" / "last.pt", capsys=capsys)
+    assert "0 parameters left at random, 0 ignored" in out
+    record = json.loads((tmp_path / "crl" / "results.json").read_text())
+    assert record["num_classes"] == list(XDOMAIN_FIXTURE_CLASSES) and record["train_size"] == 8
+    assert record["method"] == "costsensitive+crl-i-r"
+    out = run("examples/xdomain/report.py", tmp_path / "ce" / "results.json", tmp_path / "crl" / "results.json",
+              "--out", tmp_path / "report", capsys=capsys)
+    assert "Gain over CE" in out and (tmp_path / "report" / "figure6.png").is_file()
+
+
+def test_report_rejects_results_of_another_dataset(tmp_path, capsys):
+    (tmp_path / "results.json").write_text(json.dumps({"dataset": "xdomain"}))
+    with pytest.raises(SystemExit):
+        run("examples/celeba/report.py", tmp_path / "results.json", "--out", tmp_path, capsys=capsys)
+    assert "is a result of 'xdomain', not 'celeba'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_offline_benchmark_quick(tmp_path, capsys, workers):
+    out = run("examples/offline_benchmark.py", "--quick", "--seeds-shapes", 1, "--workers", workers,
+              "--methods", "crl-i-r,oversample,costsensitive", "--out", tmp_path / "offline", capsys=capsys)
+    assert "Table 4 layout" in out and "| Instance level |" in out
+    record = json.loads((tmp_path / "offline" / "benchmark.json").read_text())
+    assert set(record["runs"]) == {"digits", "shapes"}
+    assert set(record["runs"]["shapes"]) == {"ce", "crl-i-r", "oversample", "costsensitive"}  # CE added
+    assert all(len(seeds) == 2 for seeds in record["runs"]["digits"].values())  # --quick's default
+    assert all(len(seeds) == 1 for seeds in record["runs"]["shapes"].values())
+    for name in ("digits", "shapes"):
+        assert (tmp_path / "offline" / f"{name}_gains.png").stat().st_size > 1000
+    summary = (tmp_path / "offline" / "summary.md").read_text()
+    assert "CRL(I+R)" in summary and "Over-Sampling" in summary
