@@ -32,12 +32,14 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-import crl_ops
-from crl_ops import reporting
-from crl_ops.data import digits_attributes, shapes_attributes
-from crl_ops.metrics import imbalance_ratios
-from crl_ops.models import CompactAttributeNet
-from crl_ops.training import METHODS, make_objective, make_sampler, predict
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout: crl_ops is one folder up
+
+import crl_ops  # noqa: E402
+from crl_ops import reporting  # noqa: E402
+from crl_ops.data import digits_attributes, shapes_attributes  # noqa: E402
+from crl_ops.metrics import imbalance_ratios  # noqa: E402
+from crl_ops.models import CompactAttributeNet  # noqa: E402
+from crl_ops.training import METHODS, make_objective, make_sampler, predict  # noqa: E402
 
 DATASETS = ("digits", "shapes")
 # The paper's Table 4: gain (points) of each CRL variant over DeepID2 (CelebA) and MTCT (X-Domain).

@@ -6,9 +6,13 @@ Writes OUT/table2.md (every run beside all of the paper's Table 2 rows, attribut
 imbalance ratio; the gains over the baseline run; the CRL runs in Table 4's grid) and
 OUT/figure5.png (gain over the baseline per attribute against imbalance ratio).
 """
-import paper_table2  # next to this script
+import sys
+from pathlib import Path
 
-from crl_ops.reporting import report_main
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from a checkout: crl_ops is two folders up
+
+import paper_table2  # noqa: E402 (next to this script)
+from crl_ops.reporting import report_main  # noqa: E402
 
 
 def main(argv=None):

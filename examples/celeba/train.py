@@ -13,14 +13,16 @@ sorted by imbalance ratio, with the paper's DeepID2, LMLE and CRL(I) rows beside
 one. examples/celeba/report.py combines several runs (all of Table 2, Figure 5, Table 4).
 """
 import argparse
+import sys
 from pathlib import Path
 
-import paper_table2  # next to this script
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from a checkout: crl_ops is two folders up
 
-from crl_ops import reporting
-from crl_ops.data import ImageAttributeDataset, celeba_split, read_celeba
-from crl_ops.models import CelebANet
-from crl_ops.training import add_run_arguments, run_experiment
+import paper_table2  # noqa: E402 (next to this script)
+from crl_ops import reporting  # noqa: E402
+from crl_ops.data import ImageAttributeDataset, celeba_split, read_celeba  # noqa: E402
+from crl_ops.models import CelebANet  # noqa: E402
+from crl_ops.training import add_run_arguments, run_experiment  # noqa: E402
 
 
 def main(argv=None):

@@ -14,15 +14,18 @@ matched by name; the trunk's parameters are enough). OUT gets last.pt, log.csv, 
 examples/xdomain/report.py combines several runs (all of Table 3, Figure 6, Table 4).
 """
 import argparse
+import sys
 from pathlib import Path
 
-import paper_table3  # next to this script
 import torch
 
-from crl_ops import reporting
-from crl_ops.data import ImageAttributeDataset, read_xdomain, xdomain_split
-from crl_ops.models import XDomainNet
-from crl_ops.training import add_run_arguments, run_experiment
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from a checkout: crl_ops is two folders up
+
+import paper_table3  # noqa: E402 (next to this script)
+from crl_ops import reporting  # noqa: E402
+from crl_ops.data import ImageAttributeDataset, read_xdomain, xdomain_split  # noqa: E402
+from crl_ops.models import XDomainNet  # noqa: E402
+from crl_ops.training import add_run_arguments, run_experiment  # noqa: E402
 
 
 def main(argv=None):
