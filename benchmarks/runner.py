@@ -25,7 +25,7 @@ from . import implementations as impls_
 from .implementations import Variant
 from .plan import Group
 from .problems import CONFIGS, Shape, make_inputs
-from .timing import Clock, Samples, measure_memory, summary, time_step
+from .timing import Clock, Samples, measure_memory, run_step, summary, time_step
 
 SAFE_BATCH = 512  # at or below this batch size every implementation fits and runs in seconds
 TRAINING_BATCH = 128
@@ -162,7 +162,7 @@ class Runner:
         loss = impls_.make_loss(impl, variant, smaller.k)
         step = lambda: loss(inputs.features, inputs.logits, inputs.labels)  # noqa: E731
         try:
-            self._call(lambda: _first_value(step, [inputs.features]))  # warm-up, so as not to time one-off setup
+            self._call(lambda: run_step(step, [inputs.features]))  # warm-up, so as not to time one-off setup
             peak, seconds = self._call(lambda: measure_memory(step, [inputs.features], self.device))
             self.costs.add(impl, variant, smaller, seconds, peak)
         except CaseFailed as failure:
@@ -202,7 +202,7 @@ class Runner:
         values = {}
         for impl in runnable:
             try:
-                values[impl] = self._call(lambda: _first_value(steps[impl], leaves))
+                values[impl] = float(self._call(lambda: run_step(steps[impl], leaves)))
             except CaseFailed as failure:
                 self._failed(impl, variant, shape, records[impl], failure)
         baseline = next((i for i in ("reference", "native", *runnable) if i in values), None)
@@ -308,14 +308,6 @@ class Runner:
             if rounds and records[objective]["status"] not in ("oom", "error"):
                 records[objective].update(status="ok", reason=None, **_timing_fields(rounds))
         return list(records.values())
-
-
-def _first_value(step, leaves) -> float:
-    for leaf in leaves:
-        leaf.grad = None
-    loss = step()
-    loss.backward()
-    return float(loss.detach())
 
 
 def _record(group: Group, impl: str) -> dict:
