@@ -7,6 +7,8 @@
 # $OUT/results.tar.gz (every log, timings JSON, benchmark results).
 #
 #   OUT=/tmp/gpu-check bash tools/gpu_check.sh [benchmark seconds, default 120]
+#
+# The benchmark's pytorch-metric-learning column needs that package importable (PYTHONPATH).
 set -uo pipefail
 OUT=${OUT:-$PWD/gpu-check-out}
 LOGS=$(mktemp -d)/logs
@@ -27,6 +29,7 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, log, one summar
   [ "$rc" -ne 0 ] && status=1
   printf '%-12s rc=%-4s%5ss  %s\n' "$name" "$rc" "$((SECONDS - start))" "$(tail -n 1 "$LOGS/$name.txt" | cut -c1-110)" |
     tee -a "$OUT/summary.txt"
+  tar -czf "$OUT/results.tar.gz" -C "$(dirname "$LOGS")" logs  # after every step: a cut-off run keeps the rest
 }
 
 { nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv
@@ -40,5 +43,4 @@ step racecheck 120 compute-sanitizer --tool racecheck --error-exitcode 1 python3
 step timing 150 python3 tools/cuda_quick_timing.py --out "$LOGS/timing.json"
 step bench $((BENCH_SECONDS + 60)) python3 -m benchmarks --device cuda --budget-seconds "$BENCH_SECONDS" --out "$LOGS/bench"
 step compile_amp 150 python3 examples/ddp/gpu_compile_amp_check.py
-tar -czf "$OUT/results.tar.gz" -C "$(dirname "$LOGS")" logs
 exit $status
