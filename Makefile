@@ -18,7 +18,8 @@ export CUDA_HOME FORCE_CUDA TORCH_CUDA_ARCH_LIST MAX_JOBS
 $(BIN)/.ready: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip setuptools wheel ninja
-	$(BIN)/pip install -q "$(TORCH_SPEC)" numpy "pytest>=7" "hypothesis>=6" tqdm matplotlib scikit-learn
+	$(BIN)/pip install -q "$(TORCH_SPEC)" numpy "pytest>=7" "hypothesis>=6" tqdm matplotlib pillow scikit-learn \
+	  pytorch-metric-learning
 	touch $@
 
 setup: $(BIN)/.ready
@@ -33,7 +34,6 @@ demo: build
 	$(BIN)/python examples/offline_benchmark.py
 
 bench: build
-	$(BIN)/pip install -q pytorch-metric-learning
 	$(BIN)/python -m benchmarks
 
 # libtorch users: CMake against the CPU wheel of torch (see CMakeLists.txt).
