@@ -3,10 +3,35 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import pytest
 import torch
 from hypothesis import strategies as st
+from torch import nn
 
+import crl_ops
+
+MODES = ("class", "instance")
+FORMS = ("relative", "absolute", "distribution")
+CPU_BACKENDS = [
+    "reference",
+    pytest.param("native", marks=pytest.mark.skipif(not crl_ops.native_available("cpu"),
+                                                    reason="native CPU kernels not built")),
+]
 LOGIT_FORMATS = ("list", "tensor3d", "binary", "single")
+
+
+class AttributeNet(nn.Module):
+    """A shared layer, per-attribute features [B, A, dim] and one classifier per attribute."""
+
+    def __init__(self, input_size, num_classes, dim, activation=torch.relu):
+        super().__init__()
+        self.activation = activation
+        self.embed = nn.Linear(input_size, len(num_classes) * dim)
+        self.classifiers = nn.ModuleList(nn.Linear(dim, c) for c in num_classes)
+
+    def forward(self, x):
+        features = self.activation(self.embed(x)).view(x.shape[0], len(self.classifiers), -1)
+        return features, [head(features[:, j]) for j, head in enumerate(self.classifiers)]
 
 
 @dataclass(frozen=True)

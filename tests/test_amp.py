@@ -5,19 +5,13 @@ import math
 
 import pytest
 import torch
-from torch import nn
 from torch._dynamo.testing import CompileCounterWithBackend
 
 import crl_ops
 from crl_ops import reference
 
-MODES = ("class", "instance")
-FORMS = ("relative", "absolute", "distribution")
-BACKENDS = [
-    "reference",
-    pytest.param("native", marks=pytest.mark.skipif(not crl_ops.native_available("cpu"),
-                                                    reason="native CPU kernels not built")),
-]
+from .problems import CPU_BACKENDS, FORMS, MODES, AttributeNet
+
 NUM_CLASSES = (2, 3, 4)
 BINS = 10
 # End-to-end tolerance (relative) for the model's half-precision outputs. bfloat16 keeps 8
@@ -30,15 +24,8 @@ BINS = 10
 END_TO_END_RTOL = {torch.bfloat16: 4 * 3 * 2**-9, torch.float16: 4 * 3 * 2**-12}
 
 
-class Net(nn.Module):
-    def __init__(self, dim=8):
-        super().__init__()
-        self.embed = nn.Linear(6, len(NUM_CLASSES) * dim)
-        self.classifiers = nn.ModuleList(nn.Linear(dim, c) for c in NUM_CLASSES)
-
-    def forward(self, x):
-        features = torch.relu(self.embed(x)).view(x.shape[0], len(self.classifiers), -1)
-        return features, [head(features[:, j]) for j, head in enumerate(self.classifiers)]
+def Net():
+    return AttributeNet(6, NUM_CLASSES, dim=8)
 
 
 def _data(batch_size=32, seed=0):
@@ -66,7 +53,7 @@ def _crl_on_pairs(features, partners, form):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize("mode", MODES)
 def test_loss_arithmetic_stays_float32(mode, form, backend, dtype):
@@ -96,7 +83,7 @@ def test_loss_arithmetic_stays_float32(mode, form, backend, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize("mode", MODES)
 def test_autocast_training_matches_float32(mode, form, backend, dtype):
@@ -119,7 +106,7 @@ def test_autocast_training_matches_float32(mode, form, backend, dtype):
     torch.testing.assert_close(loss_fn.last_ce, crl_ops.cross_entropy(logits32, labels), rtol=rtol, atol=1e-6)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_compiled_under_autocast(backend):
     torch._dynamo.reset()
     torch.manual_seed(0)

@@ -13,7 +13,7 @@ from benchmarks.__main__ import main
 from benchmarks.implementations import VARIANTS, Variant
 from benchmarks.loop_crl import LoopCRL
 from benchmarks.plan import Group
-from benchmarks.problems import BINARY, LONG_TAIL, Shape, binary_shape, make_inputs
+from benchmarks.problems import LONG_TAIL, Shape, binary_shape, make_inputs
 
 SMALL_SHAPES = [binary_shape(batch_size=48, num_attributes=6, dim=8),
                 Shape(LONG_TAIL, 64, (2, 5, 9), 6, k=3)]

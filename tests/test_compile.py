@@ -5,31 +5,18 @@ import copy
 
 import pytest
 import torch
-from torch import nn
 from torch._dynamo.testing import CompileCounterWithBackend
 
 import crl_ops
 
-MODES = ("class", "instance")
-FORMS = ("relative", "absolute", "distribution")
-BACKENDS = [
-    "reference",
-    pytest.param("native", marks=pytest.mark.skipif(not crl_ops.native_available("cpu"),
-                                                    reason="native CPU kernels not built")),
-]
+from .problems import CPU_BACKENDS, FORMS, MODES, AttributeNet
+
 NUM_CLASSES = (2, 3, 4)
 INPUT_SIZE = 6
 
 
-class Net(nn.Module):
-    def __init__(self, dim=4):
-        super().__init__()
-        self.embed = nn.Linear(INPUT_SIZE, len(NUM_CLASSES) * dim)
-        self.classifiers = nn.ModuleList(nn.Linear(dim, c) for c in NUM_CLASSES)
-
-    def forward(self, x):
-        features = torch.relu(self.embed(x)).view(x.shape[0], len(self.classifiers), -1)
-        return features, [head(features[:, j]) for j, head in enumerate(self.classifiers)]
+def Net():
+    return AttributeNet(INPUT_SIZE, NUM_CLASSES, dim=4)
 
 
 def _label_mixes(batch_size, seed=0):
@@ -95,21 +82,21 @@ def fresh_dynamo():
     torch._dynamo.reset()
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize("mode", MODES)
 def test_one_graph_for_all_label_mixes(mode, form, backend):
     assert _compare_with_eager("aot_eager", mode, form, backend, _label_mixes(16)) == 1
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_a_smaller_last_batch_compiles_once_more(backend):
     # The second batch size makes dynamo compile one graph with a dynamic batch size, used from then on.
     batches = _label_mixes(16)[:2] + _label_mixes(11, seed=1)[:1] + _label_mixes(13, seed=2)[:1]
     assert _compare_with_eager("aot_eager", "instance", "relative", backend, batches) == 2
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_inductor(backend):
     assert _compare_with_eager("inductor", "instance", "distribution", backend, _label_mixes(12)[:2],
                                rtol=1e-5, atol=1e-5) == 1

@@ -17,15 +17,8 @@ from torch import nn
 
 import crl_ops
 
-from .problems import make_problem
+from .problems import CPU_BACKENDS, FORMS, MODES, AttributeNet, make_problem
 
-MODES = ("class", "instance")
-FORMS = ("relative", "absolute", "distribution")
-BACKENDS = [
-    "reference",
-    pytest.param("native", marks=pytest.mark.skipif(not crl_ops.native_available("cpu"),
-                                                    reason="native CPU kernels not built")),
-]
 # Uneven per-rank batch sizes; the global batch has minority classes that single ranks barely see.
 ROWS_PER_RANK = {2: (9, 5), 3: (6, 9, 4)}
 NUM_CLASSES = (2, 3, 4)
@@ -79,17 +72,8 @@ def _run_loss(loss_fn, problem, rows=slice(None)):
     return {"loss": loss.detach(), "grads": grads, "stats": loss_fn.last_stats.summary()}
 
 
-class Heads(nn.Module):
-    """A shared layer, per-attribute features [B, A, D] and one classifier per attribute."""
-
-    def __init__(self, dim=3):
-        super().__init__()
-        self.embed = nn.Linear(INPUT_SIZE, len(NUM_CLASSES) * dim)
-        self.classifiers = nn.ModuleList(nn.Linear(dim, c) for c in NUM_CLASSES)
-
-    def forward(self, x):
-        features = torch.tanh(self.embed(x)).view(x.shape[0], len(self.classifiers), -1)
-        return features, [head(features[:, j]) for j, head in enumerate(self.classifiers)]
+def Heads():
+    return AttributeNet(INPUT_SIZE, NUM_CLASSES, dim=3, activation=torch.tanh)
 
 
 def _ddp_problem(world_size):
@@ -193,7 +177,7 @@ def _check_against_single_process(world_size, per_rank, single):
             torch.testing.assert_close(grad, world_size * full[rows], rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize("mode", MODES)
 def test_balanced_loss_is_the_global_batch_loss(ranks, mode, form, backend):
@@ -207,7 +191,7 @@ def test_balanced_loss_is_the_global_batch_loss(ranks, mode, form, backend):
         torch.testing.assert_close(result[case]["crl"], single_fn.last_crl, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("mode", MODES)
 def test_crl_with_shared_features_and_binary_logits(ranks, mode, backend):
     world_size, per_rank = ranks
@@ -224,7 +208,7 @@ def test_ranks_alone_would_get_other_losses(ranks):
     assert differing == cases
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("mode, form", DDP_VARIANTS)
 def test_ddp_step_gives_single_process_gradients(ranks, mode, form, backend):
     world_size, per_rank = ranks

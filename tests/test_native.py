@@ -13,8 +13,8 @@ import crl_ops
 from crl_ops import _native, reference
 from crl_ops.loss import _margins
 
-from .problems import make_problem, problems
-from .test_reference import FORMS, MODES, check_against_oracle, gradcheck_crl
+from .problems import FORMS, MODES, make_problem, problems
+from .test_reference import check_against_oracle, gradcheck_crl
 
 DEVICES = [
     pytest.param("cpu"),

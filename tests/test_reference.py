@@ -10,10 +10,8 @@ import crl_ops
 from crl_ops.loss import Mined
 
 from . import oracle
-from .problems import make_problem, mined_sets, problems
+from .problems import FORMS, MODES, make_problem, mined_sets, problems
 
-FORMS = ("relative", "absolute", "distribution")
-MODES = ("class", "instance")
 
 
 def _margins(num_classes, margin):
