@@ -168,6 +168,14 @@ def compare_runs(records: Sequence[Mapping], paper: Tuple[Mapping, Mapping] = ({
     return text
 
 
+def write_run_table(record: Mapping, paper: Tuple[Mapping, Mapping], out: Union[str, Path]) -> None:
+    """A training script's summary: the run beside the paper's rows, printed and written to OUT/table.md."""
+    table = compare_runs([record], paper)
+    Path(out, "table.md").write_text(table)
+    print(table)
+    print(f"class-balanced accuracy {100 * record['mean']:.2f}% ({record['label']}); wrote {out}/results.json, table.md")
+
+
 def report_main(argv: Optional[Sequence[str]], dataset: str, paper_table: Mapping, paper_order: Sequence[str],
                 table_name: str, figure_name: str) -> None:
     """The report scripts' command line: results.json files in, TABLE.md and FIGURE.png out."""

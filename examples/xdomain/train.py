@@ -50,10 +50,7 @@ def main(argv=None):
     record = run_experiment(args, "xdomain", model, ImageAttributeDataset(train, size), ImageAttributeDataset(test, size),
                             train.labels, index.attributes, index.num_classes)
     paper = reporting.paper_rows(paper_table3.TABLE3, paper_table3.ATTRIBUTES, paper_table3.SHOWN, index.attributes)
-    table = reporting.compare_runs([record], paper)
-    Path(args.out, "table.md").write_text(table)
-    print(table)
-    print(f"class-balanced accuracy {100 * record['mean']:.2f}% ({record['label']}); wrote {args.out}/results.json, table.md")
+    reporting.write_run_table(record, paper, args.out)
 
 
 if __name__ == "__main__":
