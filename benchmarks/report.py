@@ -148,38 +148,41 @@ def noise_summary(results: dict) -> str:
             f"{100 * gaps[-1]:.0f}% at most.")
 
 
-def _details_table(results: dict) -> str:
+def _config_records(results: dict):
+    """(config, variant, implementation, record) of every config case, in table order."""
     configs = _by_config(results["records"])
-    rows = []
     for config in CONFIG_ORDER:
         for variant in _variants(results):
             for impl in _impls(results):
                 r = configs.get((config, variant, impl))
-                if r is None or r["status"] != "ok":
-                    continue
-                first, second = r["round_medians"] + [None] * (2 - len(r["round_medians"]))
-                rounds = format_seconds(first) + (f" / {format_seconds(second)}" if second else "")
-                spread = lambda k: f"{format_seconds(r[k]['median'])} [{format_seconds(r[k]['q1'])}, {format_seconds(r[k]['q3'])}]"  # noqa: E731
-                rows.append([CONFIG_TITLES[config], variant, LABELS[impl], spread("forward"), spread("backward"),
-                             spread("total"), rounds, str(r["total"]["n"]), format_bytes(r.get("peak_memory_bytes"))])
+                if r is not None:
+                    yield config, variant, impl, r
+
+
+def _details_table(results: dict) -> str:
+    rows = []
+    for config, variant, impl, r in _config_records(results):
+        if r["status"] != "ok":
+            continue
+        first, second = r["round_medians"] + [None] * (2 - len(r["round_medians"]))
+        rounds = format_seconds(first) + (f" / {format_seconds(second)}" if second else "")
+        spread = lambda k: f"{format_seconds(r[k]['median'])} [{format_seconds(r[k]['q1'])}, {format_seconds(r[k]['q3'])}]"  # noqa: E731
+        rows.append([CONFIG_TITLES[config], variant, LABELS[impl], spread("forward"), spread("backward"),
+                     spread("total"), rounds, str(r["total"]["n"]), format_bytes(r.get("peak_memory_bytes"))])
     header = ["config", "variant", "implementation", "forward", "backward", "fwd+bwd", "round 1 / round 2",
               "repeats", "peak memory"]
     return _table(header, rows)
 
 
 def _equality_table(results: dict) -> str:
-    configs = _by_config(results["records"])
     rows = []
-    for config in CONFIG_ORDER:
-        for variant in _variants(results):
-            for impl in _impls(results):
-                r = configs.get((config, variant, impl))
-                if r is None or "loss" not in r:
-                    continue
-                verdict = {"mismatch": "differs", "different-function": "different function"}.get(
-                    r["status"], "agrees")
-                rows.append([CONFIG_TITLES[config], variant, LABELS[impl], f"{r['loss']:.7g}",
-                             f"{r['relative_difference']:.1e} vs {r['baseline']}", verdict])
+    for config, variant, impl, r in _config_records(results):
+        if "loss" not in r:
+            continue
+        verdict = {"mismatch": "differs", "different-function": "different function"}.get(
+            r["status"], "agrees")
+        rows.append([CONFIG_TITLES[config], variant, LABELS[impl], f"{r['loss']:.7g}",
+                     f"{r['relative_difference']:.1e} vs {r['baseline']}", verdict])
     return _table(["config", "variant", "implementation", "loss", "relative difference", "verdict"], rows)
 
 
