@@ -1,7 +1,7 @@
 """Backend selection: the native kernels (csrc/, when built for the device) or the reference.
 
 A backend is a module with the functions of `crl_ops.reference` (profile, mine_class,
-mine_instance, pair_distances, relative_loss, absolute_loss, distribution_loss) and the same
+mine_instance, relative_loss, absolute_loss, distribution_loss) and the same
 signatures; `crl_ops._native` wraps the compiled ops behind that interface.
 """
 from __future__ import annotations

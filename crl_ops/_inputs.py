@@ -37,7 +37,7 @@ class Batch:
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     """float32 for half, bfloat16 and float32 inputs; float64 stays float64."""
-    return torch.promote_types(dtype, torch.float32)
+    return torch.float64 if dtype == torch.float64 else torch.float32  # torch.promote_types would dispatch an op
 
 
 def _shape(t: Tensor) -> str:
@@ -77,7 +77,7 @@ def _normalise_labels(labels) -> Tensor:
         labels = labels[:, None]
     elif labels.dim() != 2:
         raise ValueError(f"labels must have shape [B, A] or [B], got {_shape(labels)}")
-    return labels.long()
+    return labels if labels.dtype == torch.long else labels.long()
 
 
 def _normalise_logits(logits: LogitsLike, batch_size: int, num_attributes: int, labels_1d: bool):

@@ -94,39 +94,61 @@ if loaded():
     def _(features, predictions, labels, active, k):
         return _fake_mined(features, labels, k)
 
-    @torch.library.register_fake("crl_ops::pair_distances")
-    def _(features, partners):
-        return features.new_empty(partners.shape, dtype=_accumulation(features.dtype))
-
-    @torch.library.register_fake("crl_ops::pair_distances_backward")
-    def _(grad, features, partners, distances):
-        return torch.empty_like(features, memory_format=torch.contiguous_format)
+    def _fake_loss(features: Tensor, partners: Tensor):
+        """The scalar loss and the pair distances every loss op returns first."""
+        loss = features.new_empty((), dtype=_accumulation(features.dtype))
+        return loss, loss.new_empty(partners.shape)
 
     @torch.library.register_fake("crl_ops::relative_loss")
-    def _(distances, partners, margins):
-        return distances.new_empty(()), distances.new_empty((), dtype=torch.long)
+    def _(features, partners, margins):
+        return *_fake_loss(features, partners), partners.new_empty(())
 
     @torch.library.register_fake("crl_ops::absolute_loss")
-    def _(distances, partners, margin):
-        return distances.new_empty(()), distances.new_empty((2,), dtype=torch.long)
+    def _(features, partners, margin):
+        return *_fake_loss(features, partners), partners.new_empty((2,))
 
     @torch.library.register_fake("crl_ops::distribution_loss")
-    def _(distances, partners, bins):
-        num_attributes = distances.shape[1]
+    def _(features, partners, bins):
+        loss, distances = _fake_loss(features, partners)
+        num_attributes = features.shape[1]
         return (
-            distances.new_empty(()),
-            distances.new_empty((num_attributes, 2, bins)),
-            distances.new_empty((num_attributes,)),
-            distances.new_empty((num_attributes, 2), dtype=torch.long),
+            loss,
+            distances,
+            loss.new_empty((num_attributes, 2, bins)),
+            loss.new_empty((num_attributes,)),
+            partners.new_empty((num_attributes, 2)),
         )
 
     for _name in ("relative_loss_backward", "absolute_loss_backward", "distribution_loss_backward"):
 
         @torch.library.register_fake(f"crl_ops::{_name}")
-        def _(grad, distances, *args):
-            return torch.empty_like(distances, memory_format=torch.contiguous_format)
+        def _(grad, features, *args):
+            return torch.empty_like(features, memory_format=torch.contiguous_format)
 
-    # ---- autograd: each backward is an op of its own ------------------------------------------
+    # ---- autograd: each loss op's backward is an op of its own ----------------------------------
+    # A loss op is (features, partners, option) -> (loss, distances, *counts), where option is the
+    # margins tensor, the contrastive margin or the number of bins; its backward op takes
+    # (grad, features, partners, distances, option, *counts) and returns d loss / d features.
+
+    def _setup_loss(ctx, inputs, output):
+        features, partners, option = inputs
+        ctx.mark_non_differentiable(*output[1:])  # distances and counts only feed the backward
+        ctx.set_materialize_grads(False)  # so autograd does not fill their (unused) gradients with zeros
+        ctx.option_is_tensor = isinstance(option, Tensor)
+        ctx.option = None if ctx.option_is_tensor else option
+        ctx.save_for_backward(features, partners, *output[1:], *([option] if ctx.option_is_tensor else []))
+
+    def _loss_backward(name: str):
+        backward_op = getattr(ops, f"{name}_backward")
+
+        def backward(ctx, grad, *_aux_grads):
+            if grad is None:  # not materialised (see set_materialize_grads): the loss took no gradient
+                return None, None, None
+            features, partners, distances, *rest = ctx.saved_tensors
+            option = rest.pop() if ctx.option_is_tensor else ctx.option
+            return backward_op(grad, features, partners, distances, option, *rest), None, None
+
+        return backward
 
     def _no_double_backward(name: str):
         def backward(ctx, *grads):
@@ -134,59 +156,9 @@ if loaded():
 
         return backward
 
-    def _setup_pair_distances(ctx, inputs, output):
-        features, partners = inputs
-        ctx.save_for_backward(features, partners, output)
-
-    def _backward_pair_distances(ctx, grad):
-        features, partners, distances = ctx.saved_tensors
-        return ops.pair_distances_backward(grad.contiguous(), features, partners, distances), None
-
-    torch.library.register_autograd(
-        "crl_ops::pair_distances", _backward_pair_distances, setup_context=_setup_pair_distances
-    )
-
-    def _setup_relative(ctx, inputs, output):
-        distances, partners, margins = inputs
-        ctx.save_for_backward(distances, partners, margins, output[1])
-
-    def _backward_relative(ctx, grad, _grad_count):
-        distances, partners, margins, num_triplets = ctx.saved_tensors
-        return ops.relative_loss_backward(grad, distances, partners, margins, num_triplets), None, None
-
-    torch.library.register_autograd("crl_ops::relative_loss", _backward_relative, setup_context=_setup_relative)
-
-    def _setup_absolute(ctx, inputs, output):
-        distances, partners, margin = inputs
-        ctx.margin = margin
-        ctx.save_for_backward(distances, partners, output[1])
-
-    def _backward_absolute(ctx, grad, _grad_count):
-        distances, partners, num_pairs = ctx.saved_tensors
-        return ops.absolute_loss_backward(grad, distances, partners, ctx.margin, num_pairs), None, None
-
-    torch.library.register_autograd("crl_ops::absolute_loss", _backward_absolute, setup_context=_setup_absolute)
-
-    def _setup_distribution(ctx, inputs, output):
-        distances, partners, bins = inputs
-        ctx.mark_non_differentiable(*output[1:])  # histograms and scale only feed the backward
-        ctx.bins = bins
-        ctx.save_for_backward(distances, partners, *output[1:])
-
-    def _backward_distribution(ctx, grad, *_aux_grads):
-        distances, partners, histograms, scale, pair_counts = ctx.saved_tensors
-        grad_d = ops.distribution_loss_backward(
-            grad, distances, partners, ctx.bins, histograms, scale, pair_counts
-        )
-        return grad_d, None, None
-
-    torch.library.register_autograd(
-        "crl_ops::distribution_loss", _backward_distribution, setup_context=_setup_distribution
-    )
-
-    for _name in ("pair_distances_backward", "relative_loss_backward", "absolute_loss_backward",
-                  "distribution_loss_backward"):
-        torch.library.register_autograd(f"crl_ops::{_name}", _no_double_backward(_name))
+    for _name in ("relative_loss", "absolute_loss", "distribution_loss"):
+        torch.library.register_autograd(f"crl_ops::{_name}", _loss_backward(_name), setup_context=_setup_loss)
+        torch.library.register_autograd(f"crl_ops::{_name}_backward", _no_double_backward(f"{_name}_backward"))
 
 
 # ---- the reference's interface ----------------------------------------------------------------
@@ -204,17 +176,13 @@ def mine_instance(features: Tensor, predictions: Tensor, labels: Tensor, active:
     return torch.ops.crl_ops.mine_instance(features.detach(), predictions, labels, active, k)
 
 
-def pair_distances(features: Tensor, partners: Tensor) -> Tensor:
-    return torch.ops.crl_ops.pair_distances(features, partners)
+def relative_loss(features: Tensor, partners: Tensor, margins: Tensor) -> Tensor:
+    return torch.ops.crl_ops.relative_loss(features, partners, margins)[0]
 
 
-def relative_loss(d: Tensor, partners: Tensor, margins: Tensor) -> Tensor:
-    return torch.ops.crl_ops.relative_loss(d, partners, margins.to(d.dtype))[0]
+def absolute_loss(features: Tensor, partners: Tensor, margin: float) -> Tensor:
+    return torch.ops.crl_ops.absolute_loss(features, partners, float(margin))[0]
 
 
-def absolute_loss(d: Tensor, partners: Tensor, margin: float) -> Tensor:
-    return torch.ops.crl_ops.absolute_loss(d, partners, float(margin))[0]
-
-
-def distribution_loss(d: Tensor, partners: Tensor, bins: int) -> Tensor:
-    return torch.ops.crl_ops.distribution_loss(d, partners, bins)[0]
+def distribution_loss(features: Tensor, partners: Tensor, bins: int) -> Tensor:
+    return torch.ops.crl_ops.distribution_loss(features, partners, bins)[0]

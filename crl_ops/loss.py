@@ -1,8 +1,8 @@
 """The public CRL API: `CRL`, `BalancedLoss`, `mine`, `profile_minority`, `cross_entropy`.
 
-One pipeline serves every backend: normalise the inputs, profile the batch, mine, measure the
-mined pairs, apply the chosen loss form. The backend (native kernels or the reference) supplies
-the five steps; everything else lives here once.
+One pipeline serves every backend: normalise the inputs, profile the batch, mine, then apply the
+chosen loss form to the mined pairs (measuring their distances inside it). The backend (native
+kernels or the reference) supplies those steps; everything else lives here once.
 """
 from __future__ import annotations
 
@@ -160,7 +160,7 @@ def _mine_batch(batch: Batch, mode: str, k: int, backend):
     counts, minority, active = backend.profile(batch.labels, batch.max_classes)
     logits = batch.logits.detach()
     if mode == "class":
-        scores = torch.softmax(logits.to(accumulation_dtype(logits.dtype)), dim=-1)
+        scores = torch.softmax(logits, dim=-1, dtype=accumulation_dtype(logits.dtype))
         anchors, partners = backend.mine_class(scores, batch.labels, active, k)
     else:
         anchors, partners = backend.mine_instance(batch.features, logits.argmax(-1), batch.labels, active, k)
@@ -171,13 +171,14 @@ def _mine_batch(batch: Batch, mode: str, k: int, backend):
 def _crl_from_batch(batch: Batch, mode, form, k, margin, apc_margin, bins, backend_name):
     backend = _backends.resolve(backend_name, batch.features.device)
     record = _mine_batch(batch, mode, k, backend)
-    d = backend.pair_distances(batch.features, record.partners)
+    features, partners = batch.features, record.partners
     if form == "relative":
-        loss = backend.relative_loss(d, record.partners, _margins(margin, batch.num_classes, d.dtype, d.device))
+        margins = _margins(margin, batch.num_classes, accumulation_dtype(features.dtype), features.device)
+        loss = backend.relative_loss(features, partners, margins)
     elif form == "absolute":
-        loss = backend.absolute_loss(d, record.partners, apc_margin)
+        loss = backend.absolute_loss(features, partners, apc_margin)
     else:
-        loss = backend.distribution_loss(d, record.partners, bins)
+        loss = backend.distribution_loss(features, partners, bins)
     return loss, record
 
 

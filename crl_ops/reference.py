@@ -9,6 +9,8 @@ Index conventions shared with the kernels:
 - `partners[B, A, 2K]`: per sample and attribute, the K mined positives then the K mined
   negatives, sample indices, -1 where empty, order within each half free.
 - `d[B, A, 2K]`: the L2 distance of each (sample, partner) pair, 0 where the partner is -1.
+  The three loss forms take features[B, A, D] and partners and measure d themselves, as the
+  native loss ops do (one op, one backward, per loss).
 """
 from __future__ import annotations
 
@@ -111,8 +113,9 @@ def _halves(d: Tensor, partners: Tensor):
     return d[..., :k], d[..., k:], partners[..., :k] >= 0, partners[..., k:] >= 0
 
 
-def relative_loss(d: Tensor, partners: Tensor, margins: Tensor) -> Tensor:
+def relative_loss(features: Tensor, partners: Tensor, margins: Tensor) -> Tensor:
     """Section 3, Eq. 9: mean over all triplets of all attributes of relu(m_j + d(a,p) - d(a,n))."""
+    d = pair_distances(features, partners)
     d_pos, d_neg, has_pos, has_neg = _halves(d, partners)
     margin = margins.to(d.dtype)[None, :, None, None]
     hinge = torch.relu(margin + d_pos[..., :, None] - d_neg[..., None, :])  # [B, A, K, K]
@@ -121,8 +124,9 @@ def relative_loss(d: Tensor, partners: Tensor, margins: Tensor) -> Tensor:
     return total / is_triplet.sum().clamp_min(1)
 
 
-def absolute_loss(d: Tensor, partners: Tensor, margin: float) -> Tensor:
+def absolute_loss(features: Tensor, partners: Tensor, margin: float) -> Tensor:
     """Section 3, Eq. 11: 0.5 * (mean d^2 over positive pairs + mean relu(m - d)^2 over negative pairs)."""
+    d = pair_distances(features, partners)
     d_pos, d_neg, has_pos, has_neg = _halves(d, partners)
     pos_term = torch.where(has_pos, d_pos.square(), 0.0).sum() / has_pos.sum().clamp_min(1)
     neg_term = torch.where(has_neg, torch.relu(margin - d_neg).square(), 0.0).sum() / has_neg.sum().clamp_min(1)
@@ -139,8 +143,9 @@ def histogram_nodes(d: Tensor, scale: Tensor, bins: int) -> tuple[Tensor, Tensor
     return t.long(), u - t
 
 
-def distribution_loss(d: Tensor, partners: Tensor, bins: int) -> Tensor:
+def distribution_loss(features: Tensor, partners: Tensor, bins: int) -> Tensor:
     """Section 3, Eq. 12-14: per attribute sum_t h+_t * sum_{k<=t} h-_k, averaged over attributes with both pair kinds."""
+    d = pair_distances(features, partners)
     num_attributes = d.shape[1]
     k = partners.shape[-1] // 2
     is_pair = partners >= 0

@@ -13,22 +13,25 @@ TORCH_LIBRARY(crl_ops, m) {
   m.def(
       "mine_instance(Tensor features, Tensor predictions, Tensor labels, Tensor active, int k) -> "
       "(Tensor anchors, Tensor partners)");
-  // distances[B, A, 2K] between each sample and its partners (0 where empty)
-  m.def("pair_distances(Tensor features, Tensor partners) -> Tensor");
-  m.def("pair_distances_backward(Tensor grad, Tensor features, Tensor partners, Tensor distances) -> Tensor");
-  // The loss forms on the pair distances; the extra outputs are what their backward needs.
-  m.def("relative_loss(Tensor distances, Tensor partners, Tensor margins) -> (Tensor loss, Tensor num_triplets)");
+  // The loss forms over the mined pairs. Each forward also returns the pair distances
+  // d[B, A, 2K] (0 where empty) and the counts its backward needs; each backward returns the
+  // gradient w.r.t. features, through the loss and the distances in one op.
   m.def(
-      "relative_loss_backward(Tensor grad, Tensor distances, Tensor partners, Tensor margins, "
+      "relative_loss(Tensor features, Tensor partners, Tensor margins) -> "
+      "(Tensor loss, Tensor distances, Tensor num_triplets)");
+  m.def(
+      "relative_loss_backward(Tensor grad, Tensor features, Tensor partners, Tensor distances, Tensor margins, "
       "Tensor num_triplets) -> Tensor");
-  m.def("absolute_loss(Tensor distances, Tensor partners, float margin) -> (Tensor loss, Tensor num_pairs)");
   m.def(
-      "absolute_loss_backward(Tensor grad, Tensor distances, Tensor partners, float margin, "
+      "absolute_loss(Tensor features, Tensor partners, float margin) -> "
+      "(Tensor loss, Tensor distances, Tensor num_pairs)");
+  m.def(
+      "absolute_loss_backward(Tensor grad, Tensor features, Tensor partners, Tensor distances, float margin, "
       "Tensor num_pairs) -> Tensor");
   m.def(
-      "distribution_loss(Tensor distances, Tensor partners, int bins) -> "
-      "(Tensor loss, Tensor histograms, Tensor scale, Tensor pair_counts)");
+      "distribution_loss(Tensor features, Tensor partners, int bins) -> "
+      "(Tensor loss, Tensor distances, Tensor histograms, Tensor scale, Tensor pair_counts)");
   m.def(
-      "distribution_loss_backward(Tensor grad, Tensor distances, Tensor partners, int bins, "
+      "distribution_loss_backward(Tensor grad, Tensor features, Tensor partners, Tensor distances, int bins, "
       "Tensor histograms, Tensor scale, Tensor pair_counts) -> Tensor");
 }

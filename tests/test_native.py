@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 import crl_ops
 from crl_ops import _native, reference
+from crl_ops._inputs import accumulation_dtype
 from crl_ops.loss import _margins
 
 from .problems import FORMS, MODES, make_problem, problems
@@ -62,18 +63,18 @@ def assert_same_selection(features, native, ref, mode, tolerance):
 
 
 def assert_same_losses(features, partners, form, num_classes, bins, dtype):
-    """pair_distances + loss of both backends on the same pairs: values and feature gradients."""
+    """The loss op of both backends on the same pairs: values and feature gradients."""
     values, grads = [], []
     for backend in (reference, _native):
         f = features.detach().clone().requires_grad_()
         batch_features = f if f.dim() == 3 else f[:, None].expand(-1, partners.shape[1], -1)
-        d = backend.pair_distances(batch_features, partners)
         if form == "relative":
-            loss = backend.relative_loss(d, partners, _margins(None, num_classes, d.dtype, d.device))
+            margins = _margins(None, num_classes, accumulation_dtype(dtype), f.device)
+            loss = backend.relative_loss(batch_features, partners, margins)
         elif form == "absolute":
-            loss = backend.absolute_loss(d, partners, 1.0)
+            loss = backend.absolute_loss(batch_features, partners, 1.0)
         else:
-            loss = backend.distribution_loss(d, partners, bins)
+            loss = backend.distribution_loss(batch_features, partners, bins)
         loss.backward()
         values.append(loss.detach())
         grads.append(f.grad)
@@ -229,25 +230,23 @@ def _op_samples(device):
     predictions = batch.logits.detach().argmax(-1)
     x = features.detach().requires_grad_()
     _, partners = _native.mine_instance(x, predictions, batch.labels, active, 3)
-    d = torch.ops.crl_ops.pair_distances(x, partners).detach().requires_grad_()
     margins = torch.full((2,), 0.7, dtype=torch.float64, device=device)
     ops = torch.ops.crl_ops
-    loss, triplets = ops.relative_loss(d, partners, margins)
-    _, pairs = ops.absolute_loss(d, partners, 1.0)
-    _, hist, scale, pair_counts = ops.distribution_loss(d, partners, 10)
+    _, d, triplets = ops.relative_loss(x, partners, margins)
+    _, _, pairs = ops.absolute_loss(x, partners, 1.0)
+    _, _, hist, scale, pair_counts = ops.distribution_loss(x, partners, 10)
     grad = torch.ones((), dtype=torch.float64, device=device)
+    x0 = x.detach()
     return [
         (ops.profile.default, (batch.labels, batch.max_classes)),
         (ops.mine_class.default, (scores, batch.labels, active, 3)),
-        (ops.mine_instance.default, (x.detach(), predictions, batch.labels, active, 3)),
-        (ops.pair_distances.default, (x, partners)),
-        (ops.pair_distances_backward.default, (torch.ones_like(d), x.detach(), partners, d.detach())),
-        (ops.relative_loss.default, (d, partners, margins)),
-        (ops.relative_loss_backward.default, (grad, d.detach(), partners, margins, triplets)),
-        (ops.absolute_loss.default, (d, partners, 1.0)),
-        (ops.absolute_loss_backward.default, (grad, d.detach(), partners, 1.0, pairs)),
-        (ops.distribution_loss.default, (d, partners, 10)),
-        (ops.distribution_loss_backward.default, (grad, d.detach(), partners, 10, hist, scale, pair_counts)),
+        (ops.mine_instance.default, (x0, predictions, batch.labels, active, 3)),
+        (ops.relative_loss.default, (x, partners, margins)),
+        (ops.relative_loss_backward.default, (grad, x0, partners, d, margins, triplets)),
+        (ops.absolute_loss.default, (x, partners, 1.0)),
+        (ops.absolute_loss_backward.default, (grad, x0, partners, d, 1.0, pairs)),
+        (ops.distribution_loss.default, (x, partners, 10)),
+        (ops.distribution_loss_backward.default, (grad, x0, partners, d, 10, hist, scale, pair_counts)),
     ]
 
 
@@ -259,18 +258,23 @@ def test_opcheck(device):
 def test_op_argument_errors(device):
     ops = torch.ops.crl_ops
     features = torch.randn(6, 2, 3, device=device)
+    partners = torch.zeros(6, 2, 4, dtype=torch.long, device=device)
     with pytest.raises(RuntimeError, match="partners must have shape"):
-        ops.pair_distances(features, torch.zeros(6, 3, 4, dtype=torch.long, device=device))
+        ops.absolute_loss(features, torch.zeros(6, 3, 4, dtype=torch.long, device=device), 1.0)
     with pytest.raises(RuntimeError, match="partners must be int64"):
-        ops.pair_distances(features, torch.zeros(6, 2, 4, dtype=torch.int32, device=device))
+        ops.distribution_loss(features, partners.int(), 10)
+    with pytest.raises(RuntimeError, match="bins must be >= 2"):
+        ops.distribution_loss(features, partners, 1)
+    with pytest.raises(RuntimeError, match="distances must be Double for Double features"):
+        ops.absolute_loss_backward(torch.ones((), device=device), features.double(), partners,
+                                   torch.zeros(6, 2, 4, device=device), 1.0, torch.zeros(2, dtype=torch.long, device=device))
     with pytest.raises(RuntimeError, match="labels must have shape"):
         ops.profile(torch.zeros(6, dtype=torch.long, device=device), 2)
     with pytest.raises(RuntimeError, match="k must be >= 1"):
         ops.mine_class(torch.rand(6, 2, 2, device=device), torch.zeros(6, 2, dtype=torch.long, device=device),
                        torch.zeros(2, 2, dtype=torch.bool, device=device), 0)
     with pytest.raises(RuntimeError, match="margins must have shape"):
-        ops.relative_loss(torch.zeros(6, 2, 4, device=device), torch.zeros(6, 2, 4, dtype=torch.long, device=device),
-                          torch.zeros(3, device=device))
+        ops.relative_loss(features, partners, torch.zeros(3, device=device))
 
 
 def test_cpu_kernel_rejects_out_of_range_indices():
@@ -278,7 +282,7 @@ def test_cpu_kernel_rejects_out_of_range_indices():
     with pytest.raises(RuntimeError, match="labels\\[1, 0\\] = 5"):
         torch.ops.crl_ops.profile(torch.tensor([[0], [5]]), 2)
     with pytest.raises(RuntimeError, match="partner index 9"):
-        torch.ops.crl_ops.pair_distances(torch.randn(3, 1, 2), torch.tensor([[[9, -1]], [[-1, -1]], [[-1, -1]]]))
+        torch.ops.crl_ops.absolute_loss(torch.randn(3, 1, 2), torch.tensor([[[9, -1]], [[-1, -1]], [[-1, -1]]]), 1.0)
 
 
 def test_native_without_kernels_for_the_device_says_how_to_build(monkeypatch):

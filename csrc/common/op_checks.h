@@ -1,4 +1,4 @@
-// Argument checks and output allocation shared by the CPU and CUDA entry points, so a bad call
+// Argument checks shared by the CPU and CUDA entry points, so a bad call
 // of torch.ops.crl_ops.* fails with the same clear message on either backend.
 #pragma once
 
@@ -59,11 +59,6 @@ inline void check_distances(const at::Tensor& distances, const at::Tensor& partn
   check_same_device(distances, "distances", partners, "partners");
 }
 
-inline void check_scalar_grad(const at::Tensor& grad, const at::Tensor& distances) {
-  TORCH_CHECK(grad.numel() == 1, "crl_ops: the loss gradient must be a scalar, got ", grad.sizes());
-  check_same_device(grad, "grad", distances, "distances");
-}
-
 inline at::ScalarType accumulation_type(at::ScalarType t) {
   return t == at::kDouble ? at::kDouble : at::kFloat;
 }
@@ -104,45 +99,46 @@ inline void check_mine_instance_args(const at::Tensor& features, const at::Tenso
   check_same_device(features, "features", predictions, "predictions");
 }
 
-inline void check_pair_distances_backward_args(const at::Tensor& grad, const at::Tensor& features,
-                                               const at::Tensor& partners, const at::Tensor& distances) {
+// A loss op's features[B, A, D] and partners[B, A, 2K].
+inline void check_loss_args(const at::Tensor& features, const at::Tensor& partners) {
   check_features(features);
   check_partners(partners, features);
-  check_distances(distances, partners);
-  TORCH_CHECK(grad.sizes() == partners.sizes(), "crl_ops: grad must have the shape of distances ", partners.sizes(),
-              ", got ", grad.sizes());
-  check_same_device(grad, "grad", features, "features");
 }
 
-inline void check_relative_args(const at::Tensor& distances, const at::Tensor& partners, const at::Tensor& margins) {
-  check_distances(distances, partners);
-  TORCH_CHECK(margins.dim() == 1 && margins.size(0) == distances.size(1), "crl_ops: margins must have shape [A] = [",
-              distances.size(1), "], got ", margins.sizes());
-  check_same_device(margins, "margins", distances, "distances");
+inline void check_relative_args(const at::Tensor& features, const at::Tensor& partners, const at::Tensor& margins) {
+  check_loss_args(features, partners);
+  TORCH_CHECK(margins.dim() == 1 && margins.size(0) == features.size(1), "crl_ops: margins must have shape [A] = [",
+              features.size(1), "], got ", margins.sizes());
+  check_same_device(margins, "margins", features, "features");
 }
 
 inline void check_bins(int64_t bins) {
   TORCH_CHECK(bins >= 2, "crl_ops: bins must be >= 2, got ", bins);
 }
 
-inline void check_distribution_backward_args(const at::Tensor& grad, const at::Tensor& distances,
-                                             const at::Tensor& partners, int64_t bins, const at::Tensor& histograms,
-                                             const at::Tensor& scale, const at::Tensor& pair_counts) {
+// A loss backward op's scalar grad, and the features, partners and distances of its forward.
+inline void check_loss_backward_args(const at::Tensor& grad, const at::Tensor& features, const at::Tensor& partners,
+                                     const at::Tensor& distances) {
+  check_loss_args(features, partners);
   check_distances(distances, partners);
-  check_scalar_grad(grad, distances);
+  TORCH_CHECK(distances.scalar_type() == accumulation_type(features.scalar_type()), "crl_ops: distances must be ",
+              accumulation_type(features.scalar_type()), " for ", features.scalar_type(), " features, got ",
+              distances.scalar_type());
+  TORCH_CHECK(grad.numel() == 1, "crl_ops: the loss gradient must be a scalar, got ", grad.sizes());
+  check_same_device(grad, "grad", features, "features");
+}
+
+inline void check_distribution_backward_args(const at::Tensor& grad, const at::Tensor& features,
+                                             const at::Tensor& partners, const at::Tensor& distances, int64_t bins,
+                                             const at::Tensor& histograms, const at::Tensor& scale,
+                                             const at::Tensor& pair_counts) {
+  check_loss_backward_args(grad, features, partners, distances);
   check_bins(bins);
   const int64_t attributes = distances.size(1);
   TORCH_CHECK(histograms.sizes() == at::IntArrayRef({attributes, 2, bins}) &&
                   scale.sizes() == at::IntArrayRef({attributes}) &&
                   pair_counts.sizes() == at::IntArrayRef({attributes, 2}),
               "crl_ops: distribution_loss_backward needs the histograms, scale and pair_counts of its forward");
-}
-
-// Outputs of the mining ops: anchors[B, A] false, partners[B, A, 2K] all empty (-1).
-inline std::tuple<at::Tensor, at::Tensor> new_mined(const at::Tensor& labels, int64_t k) {
-  const auto options = labels.options();
-  return {at::zeros({labels.size(0), labels.size(1)}, options.dtype(at::kBool)),
-          at::full({labels.size(0), labels.size(1), 2 * k}, -1, options.dtype(at::kLong))};
 }
 
 }  // namespace crl

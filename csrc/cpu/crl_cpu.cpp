@@ -25,6 +25,13 @@ int64_t grain_for(int64_t work) {
   return std::max<int64_t>(1, kTaskWork / std::max<int64_t>(work, 1));
 }
 
+// Outputs of the mining ops: anchors[B, A] false, partners[B, A, 2K] all empty (-1).
+std::tuple<at::Tensor, at::Tensor> new_mined(const at::Tensor& labels, int64_t k) {
+  const auto options = labels.options();
+  return {at::zeros({labels.size(0), labels.size(1)}, options.dtype(at::kBool)),
+          at::full({labels.size(0), labels.size(1), 2 * k}, -1, options.dtype(at::kLong))};
+}
+
 // ---- 1. profiling -----------------------------------------------------------------------------------
 
 std::tuple<Tensor, Tensor, Tensor> profile_cpu(const Tensor& labels_in, int64_t max_classes) {
@@ -179,7 +186,7 @@ std::tuple<Tensor, Tensor> mine_instance_cpu(const Tensor& features, const Tenso
   return {anchors, partners};
 }
 
-// ---- 3. pair distances and their backward --------------------------------------------------------------
+// ---- 3. pair distances and their backward, inside the loss ops -------------------------------------------
 
 void check_partner_range(const int64_t* partners, int64_t count, int64_t batch) {
   for (int64_t m = 0; m < count; ++m) {
@@ -188,18 +195,16 @@ void check_partner_range(const int64_t* partners, int64_t count, int64_t batch) 
   }
 }
 
-Tensor pair_distances_cpu(const Tensor& features, const Tensor& partners_in) {
-  check_features(features);
-  check_partners(partners_in, features);
-  const Tensor partners = partners_in.contiguous();
+// d[B, A, 2K] in the accumulation type; 0 where the partner slot is empty. partners: contiguous.
+Tensor distances_cpu(const Tensor& features, const Tensor& partners) {
   const int64_t batch = features.size(0), attributes = features.size(1), dim = features.size(2);
   const int64_t width = partners.size(2);
-  Tensor distances = at::zeros(partners.sizes(), features.options().dtype(accumulation_type(features.scalar_type())));
+  Tensor distances = at::empty(partners.sizes(), features.options().dtype(accumulation_type(features.scalar_type())));
   const int64_t* p = partners.data_ptr<int64_t>();
   check_partner_range(p, partners.numel(), batch);
   const int64_t sb = features.stride(0), sa = features.stride(1), sd = features.stride(2);
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, features.scalar_type(), "crl_ops::pair_distances", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, features.scalar_type(), "crl_ops::distances", [&] {
     using acc = acc_t<scalar_t>;
     const scalar_t* x = features.data_ptr<scalar_t>();
     acc* out = distances.data_ptr<acc>();
@@ -208,7 +213,10 @@ Tensor pair_distances_cpu(const Tensor& features, const Tensor& partners_in) {
         const int64_t i = row / attributes, j = row % attributes;
         for (int64_t m = 0; m < width; ++m) {
           const int64_t other = p[row * width + m];
-          if (other < 0) continue;
+          if (other < 0) {
+            out[row * width + m] = acc(0);
+            continue;
+          }
           out[row * width + m] = distance_from_squared(
               squared_distance<acc>(x + i * sb + j * sa, sd, x + other * sb + j * sa, sd, dim));
         }
@@ -218,22 +226,20 @@ Tensor pair_distances_cpu(const Tensor& features, const Tensor& partners_in) {
   return distances;
 }
 
-Tensor pair_distances_backward_cpu(const Tensor& grad_in, const Tensor& features, const Tensor& partners_in,
-                                   const Tensor& distances_in) {
-  check_pair_distances_backward_args(grad_in, features, partners_in, distances_in);
-  const Tensor partners = partners_in.contiguous();
-  const Tensor distances = distances_in.contiguous();
-  const Tensor grad = grad_in.to(distances.scalar_type()).contiguous();
+// d loss / d features from grad[B, A, 2K] = d loss / d distances: each pair adds s * (x_i - x_p)
+// to its sample's row and subtracts it from its partner's. All of partners, distances, grad: contiguous.
+Tensor features_gradient_cpu(const Tensor& grad, const Tensor& features, const Tensor& partners,
+                             const Tensor& distances) {
   const int64_t batch = features.size(0), attributes = features.size(1), dim = features.size(2);
   const int64_t width = partners.size(2);
   Tensor grad_features = at::zeros(features.sizes(), features.options().dtype(distances.scalar_type()));
   const int64_t* p = partners.data_ptr<int64_t>();
-  check_partner_range(p, partners.numel(), batch);
+  check_partner_range(p, partners.numel(), batch);  // the backward op may be called on its own
   const int64_t sb = features.stride(0), sa = features.stride(1), sd = features.stride(2);
   constexpr int64_t kDims = 16;  // a task owns one attribute and kDims feature dimensions
   const int64_t chunks = (dim + kDims - 1) / kDims;
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, features.scalar_type(), "crl_ops::pair_distances_backward",
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, features.scalar_type(), "crl_ops::features_gradient",
                                   [&] {
     using acc = acc_t<scalar_t>;
     const scalar_t* x = features.data_ptr<scalar_t>();
@@ -291,10 +297,11 @@ struct RowSums {
   }
 };
 
-std::tuple<Tensor, Tensor> relative_loss_cpu(const Tensor& distances_in, const Tensor& partners_in,
-                                             const Tensor& margins_in) {
-  check_relative_args(distances_in, partners_in, margins_in);
-  const Tensor distances = distances_in.contiguous(), partners = partners_in.contiguous();
+std::tuple<Tensor, Tensor, Tensor> relative_loss_cpu(const Tensor& features, const Tensor& partners_in,
+                                                     const Tensor& margins_in) {
+  check_relative_args(features, partners_in, margins_in);
+  const Tensor partners = partners_in.contiguous();
+  const Tensor distances = distances_cpu(features, partners);
   const Tensor margins = margins_in.to(distances.scalar_type()).contiguous();
   const int64_t attributes = distances.size(1), width = distances.size(2), k = width / 2;
   const int64_t rows = distances.size(0) * attributes;
@@ -313,13 +320,12 @@ std::tuple<Tensor, Tensor> relative_loss_cpu(const Tensor& distances_in, const T
     loss.fill_(total.pos / static_cast<scalar_t>(std::max<int64_t>(total.pos_pairs, 1)));
     triplets.fill_(total.pos_pairs);
   });
-  return {loss, triplets};
+  return {loss, distances, triplets};
 }
 
-Tensor relative_loss_backward_cpu(const Tensor& grad, const Tensor& distances_in, const Tensor& partners_in,
-                                  const Tensor& margins_in, const Tensor& num_triplets) {
-  check_distances(distances_in, partners_in);
-  check_scalar_grad(grad, distances_in);
+Tensor relative_loss_backward_cpu(const Tensor& grad, const Tensor& features, const Tensor& partners_in,
+                                  const Tensor& distances_in, const Tensor& margins_in, const Tensor& num_triplets) {
+  check_loss_backward_args(grad, features, partners_in, distances_in);
   const Tensor distances = distances_in.contiguous(), partners = partners_in.contiguous();
   const Tensor margins = margins_in.to(distances.scalar_type()).contiguous();
   const int64_t attributes = distances.size(1), width = distances.size(2), k = width / 2;
@@ -337,12 +343,14 @@ Tensor relative_loss_backward_cpu(const Tensor& grad, const Tensor& distances_in
       }
     });
   });
-  return grad_d;
+  return features_gradient_cpu(grad_d, features, partners, distances);
 }
 
-std::tuple<Tensor, Tensor> absolute_loss_cpu(const Tensor& distances_in, const Tensor& partners_in, double margin) {
-  check_distances(distances_in, partners_in);
-  const Tensor distances = distances_in.contiguous(), partners = partners_in.contiguous();
+std::tuple<Tensor, Tensor, Tensor> absolute_loss_cpu(const Tensor& features, const Tensor& partners_in,
+                                                     double margin) {
+  check_loss_args(features, partners_in);
+  const Tensor partners = partners_in.contiguous();
+  const Tensor distances = distances_cpu(features, partners);
   const int64_t width = distances.size(2), k = width / 2;
   const int64_t rows = distances.size(0) * distances.size(1);
   const int64_t* p = partners.data_ptr<int64_t>();
@@ -362,13 +370,12 @@ std::tuple<Tensor, Tensor> absolute_loss_cpu(const Tensor& distances_in, const T
     pairs[0] = total.pos_pairs;
     pairs[1] = total.neg_pairs;
   });
-  return {loss, pairs};
+  return {loss, distances, pairs};
 }
 
-Tensor absolute_loss_backward_cpu(const Tensor& grad, const Tensor& distances_in, const Tensor& partners_in,
-                                  double margin, const Tensor& num_pairs) {
-  check_distances(distances_in, partners_in);
-  check_scalar_grad(grad, distances_in);
+Tensor absolute_loss_backward_cpu(const Tensor& grad, const Tensor& features, const Tensor& partners_in,
+                                  const Tensor& distances_in, double margin, const Tensor& num_pairs) {
+  check_loss_backward_args(grad, features, partners_in, distances_in);
   const Tensor distances = distances_in.contiguous(), partners = partners_in.contiguous();
   const int64_t width = distances.size(2), k = width / 2;
   const int64_t rows = distances.size(0) * distances.size(1);
@@ -389,14 +396,15 @@ Tensor absolute_loss_backward_cpu(const Tensor& grad, const Tensor& distances_in
       }
     });
   });
-  return grad_d;
+  return features_gradient_cpu(grad_d, features, partners, distances);
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor> distribution_loss_cpu(const Tensor& distances_in,
-                                                                 const Tensor& partners_in, int64_t bins) {
-  check_distances(distances_in, partners_in);
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> distribution_loss_cpu(const Tensor& features,
+                                                                         const Tensor& partners_in, int64_t bins) {
+  check_loss_args(features, partners_in);
   check_bins(bins);
-  const Tensor distances = distances_in.contiguous(), partners = partners_in.contiguous();
+  const Tensor partners = partners_in.contiguous();
+  const Tensor distances = distances_cpu(features, partners);
   const int64_t batch = distances.size(0), attributes = distances.size(1), width = distances.size(2), k = width / 2;
   Tensor histograms = at::zeros({attributes, 2, bins}, distances.options());
   Tensor scale = at::zeros({attributes}, distances.options());
@@ -451,13 +459,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> distribution_loss_cpu(const Tensor& d
     }
     loss.fill_(total / static_cast<scalar_t>(std::max<int64_t>(counted, 1)));
   });
-  return {loss, histograms, scale, pair_counts};
+  return {loss, distances, histograms, scale, pair_counts};
 }
 
-Tensor distribution_loss_backward_cpu(const Tensor& grad, const Tensor& distances_in, const Tensor& partners_in,
-                                      int64_t bins, const Tensor& histograms_in, const Tensor& scale_in,
-                                      const Tensor& pair_counts_in) {
-  check_distribution_backward_args(grad, distances_in, partners_in, bins, histograms_in, scale_in, pair_counts_in);
+Tensor distribution_loss_backward_cpu(const Tensor& grad, const Tensor& features, const Tensor& partners_in,
+                                      const Tensor& distances_in, int64_t bins, const Tensor& histograms_in,
+                                      const Tensor& scale_in, const Tensor& pair_counts_in) {
+  check_distribution_backward_args(grad, features, partners_in, distances_in, bins, histograms_in, scale_in,
+                                   pair_counts_in);
   const Tensor distances = distances_in.contiguous(), partners = partners_in.contiguous();
   const int64_t batch = distances.size(0), attributes = distances.size(1), width = distances.size(2), k = width / 2;
   const Tensor histograms = histograms_in.to(distances.scalar_type()).contiguous();
@@ -493,7 +502,7 @@ Tensor distribution_loss_backward_cpu(const Tensor& grad, const Tensor& distance
       }
     });
   });
-  return grad_d;
+  return features_gradient_cpu(grad_d, features, partners, distances);
 }
 
 }  // namespace
@@ -503,8 +512,6 @@ TORCH_LIBRARY_IMPL(crl_ops, CPU, m) {
   m.impl("profile", &crl::profile_cpu);
   m.impl("mine_class", &crl::mine_class_cpu);
   m.impl("mine_instance", &crl::mine_instance_cpu);
-  m.impl("pair_distances", &crl::pair_distances_cpu);
-  m.impl("pair_distances_backward", &crl::pair_distances_backward_cpu);
   m.impl("relative_loss", &crl::relative_loss_cpu);
   m.impl("relative_loss_backward", &crl::relative_loss_backward_cpu);
   m.impl("absolute_loss", &crl::absolute_loss_cpu);

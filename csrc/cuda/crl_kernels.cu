@@ -138,6 +138,8 @@ __global__ void profile_kernel(const int64_t* labels, int64_t batch, int64_t att
                                int64_t* counts, bool* minority, bool* active) {
   const int64_t j = blockIdx.x;
   int64_t* h = counts + j * max_classes;
+  for (int64_t c = threadIdx.x; c < max_classes; c += blockDim.x) h[c] = 0;  // counts come uninitialised
+  __syncthreads();
   int64_t valid = 0;
   for (int64_t i = threadIdx.x; i < batch; i += blockDim.x) {
     const int64_t label = labels[i * attributes + j];
@@ -171,7 +173,11 @@ __global__ void class_lists_kernel(const Score* scores, const int64_t* labels, c
                                    int64_t attributes, int64_t max_classes, int64_t k, int32_t* hard_pos,
                                    int32_t* hard_neg) {
   const int64_t jc = blockIdx.x;
-  if (!active[jc]) return;
+  if (!active[jc]) return;  // only the lists of active classes are read
+  for (int64_t m = threadIdx.x; m < k; m += blockDim.x) {  // slots the merge leaves stay empty
+    hard_pos[jc * k + m] = kEmpty;
+    hard_neg[jc * k + m] = kEmpty;
+  }
   const int64_t j = jc / max_classes, c = jc % max_classes;
   FixedTopK<false, Score, N> pos;  // lowest p(c) within class c
   FixedTopK<true, Score, N> neg;   // highest p(c) elsewhere
@@ -199,6 +205,7 @@ __global__ void class_lists_large_k_kernel(const Score* scores, const int64_t* l
   const int64_t lists = attributes * max_classes;
   CRL_GRID_STRIDE(jc, lists) {
     if (!active[jc]) continue;
+    for (int64_t m = 0; m < k; ++m) hard_pos[jc * k + m] = hard_neg[jc * k + m] = kEmpty;
     const int64_t j = jc / max_classes, c = jc % max_classes;
     int64_t n_pos = 0, n_neg = 0;
     for (int64_t i = 0; i < batch; ++i) {
@@ -217,20 +224,24 @@ __global__ void class_lists_large_k_kernel(const Score* scores, const int64_t* l
 __global__ void class_rows_kernel(const int64_t* labels, const bool* active, int64_t batch, int64_t attributes,
                                   int64_t max_classes, int64_t k, const int32_t* hard_pos, const int32_t* hard_neg,
                                   bool* anchors, int64_t* partners) {
-  CRL_GRID_STRIDE(row, batch * attributes) {
+  CRL_GRID_STRIDE(row, batch * attributes) {  // every row: the outputs come uninitialised
     const int64_t i = row / attributes, j = row % attributes;
     int64_t label;
-    if (!is_anchor(labels, active, attributes, max_classes, i, j, label)) continue;
-    anchors[row] = true;
-    const int64_t list = (j * max_classes + label) * k;
-    write_class_row(hard_pos + list, hard_neg + list, k, i, partners + row * 2 * k);
+    anchors[row] = is_anchor(labels, active, attributes, max_classes, i, j, label);
+    if (anchors[row]) {
+      const int64_t list = (j * max_classes + label) * k;
+      write_class_row(hard_pos + list, hard_neg + list, k, i, partners + row * 2 * k);
+    } else {
+      for (int64_t m = 0; m < 2 * k; ++m) partners[row * 2 * k + m] = kEmpty;
+    }
   }
 }
 
-// Anchors of each attribute in sample order: anchor_list[j, 0..count_j), and the anchors mask.
+// Anchors of each attribute in sample order: anchor_list[j, 0..count_j); also the whole anchors
+// mask and the (empty) partner rows of the non-anchors, as the outputs come uninitialised.
 __global__ void compact_anchors_kernel(const int64_t* labels, const bool* active, int64_t batch, int64_t attributes,
-                                       int64_t max_classes, int32_t* anchor_list, int32_t* anchor_count,
-                                       bool* anchors) {
+                                       int64_t max_classes, int64_t k, int32_t* anchor_list, int32_t* anchor_count,
+                                       bool* anchors, int64_t* partners) {
   __shared__ int32_t offsets[1024];
   const int64_t j = blockIdx.x;
   const int64_t chunk = (batch + blockDim.x - 1) / blockDim.x;
@@ -252,9 +263,13 @@ __global__ void compact_anchors_kernel(const int64_t* labels, const bool* active
   __syncthreads();
   int32_t slot = offsets[threadIdx.x];
   for (int64_t i = begin; i < end; ++i) {
-    if (!is_anchor(labels, active, attributes, max_classes, i, j, label)) continue;
-    anchor_list[j * batch + slot++] = static_cast<int32_t>(i);
-    anchors[i * attributes + j] = true;
+    const int64_t row = i * attributes + j;
+    anchors[row] = is_anchor(labels, active, attributes, max_classes, i, j, label);
+    if (anchors[row]) {
+      anchor_list[j * batch + slot++] = static_cast<int32_t>(i);
+    } else {
+      for (int64_t m = 0; m < 2 * k; ++m) partners[row * 2 * k + m] = kEmpty;
+    }
   }
 }
 
@@ -336,6 +351,9 @@ __global__ void __launch_bounds__(kAnchorsPerBlock * kWarp)
   }
   if (has_anchor) {
     int64_t* row = partners + (int64_t(a) * attributes + j) * 2 * k;
+    if (lane == 0) {  // the merges (lane 0) fill what they find; the rest stays empty
+      for (int64_t m = 0; m < 2 * k; ++m) row[m] = kEmpty;
+    }
     warp_merge(pos, k, row, static_cast<Acc*>(nullptr));
     warp_merge(neg, k, row + k, static_cast<Acc*>(nullptr));
   }
@@ -369,8 +387,10 @@ __global__ void instance_large_k_kernel(const Acc* columns, const int64_t* predi
       }
     }
     int64_t* row = partners + (a * attributes + j) * 2 * k;
-    for (int64_t m = 0; m < n_pos; ++m) row[m] = pos[m];
-    for (int64_t m = 0; m < n_neg; ++m) row[k + m] = neg[m];
+    for (int64_t m = 0; m < k; ++m) {
+      row[m] = m < n_pos ? pos[m] : kEmpty;
+      row[k + m] = m < n_neg ? neg[m] : kEmpty;
+    }
   }
 }
 
@@ -508,6 +528,9 @@ __global__ void histogram_kernel(const Acc* distances, const int64_t* partners, 
                                  int64_t width, int64_t bins, Acc* histograms, Acc* scale, int64_t* pair_counts,
                                  Acc* per_attribute) {
   const int64_t j = blockIdx.x, k = width / 2, pairs = batch * width;
+  Acc* h = histograms + j * 2 * bins;  // [positive bins | negative bins]
+  // Each thread owns the entries entry = threadIdx.x + n * blockDim.x in every loop over h below.
+  for (int64_t entry = threadIdx.x; entry < 2 * bins; entry += blockDim.x) h[entry] = Acc(0);
   Acc longest = Acc(0);
   int64_t n_pos = 0, n_neg = 0;
   for (int64_t e = threadIdx.x; e < pairs; e += blockDim.x) {
@@ -530,7 +553,6 @@ __global__ void histogram_kernel(const Acc* distances, const int64_t* partners, 
   __shared__ int32_t stage_node[kThreads];
   __shared__ Acc stage_weight[kThreads];
   __shared__ int8_t stage_kind[kThreads];  // 0 positive, 1 negative, -1 no pair
-  Acc* h = histograms + j * 2 * bins;      // [positive bins | negative bins]
   for (int64_t base = 0; base < pairs; base += blockDim.x) {
     __syncthreads();
     const int64_t e = base + threadIdx.x;
@@ -589,7 +611,12 @@ __global__ void histogram_backward_kernel(const Acc* grad, const Acc* distances,
                                           const Acc* histograms, const Acc* scale, const int64_t* pair_counts,
                                           Acc* gradients, Acc* out) {
   const int64_t j = blockIdx.x, k = width / 2;
-  if (pair_counts[2 * j] == 0 || pair_counts[2 * j + 1] == 0) return;
+  if (pair_counts[2 * j] == 0 || pair_counts[2 * j + 1] == 0) {  // an attribute outside the mean
+    for (int64_t e = threadIdx.x; e < batch * width; e += blockDim.x) {
+      out[((e / width) * attributes + j) * width + e % width] = Acc(0);
+    }
+    return;
+  }
   __shared__ int64_t counted;
   Acc* g = gradients + j * 2 * bins;  // [d/dh+ | d/dh-]
   if (threadIdx.x == 0) {
@@ -602,7 +629,10 @@ __global__ void histogram_backward_kernel(const Acc* grad, const Acc* distances,
   const Acc factor[2] = {base / static_cast<Acc>(pair_counts[2 * j]), base / static_cast<Acc>(pair_counts[2 * j + 1])};
   for (int64_t e = threadIdx.x; e < batch * width; e += blockDim.x) {
     const int64_t m = e % width, at = ((e / width) * attributes + j) * width + m;
-    if (partners[at] < 0) continue;
+    if (partners[at] < 0) {
+      out[at] = Acc(0);
+      continue;
+    }
     const int kind = m < k ? 0 : 1;
     out[at] = factor[kind] * histogram_pair_gradient(distances[at], scale[j], bins, g + kind * bins);
   }
@@ -643,8 +673,8 @@ void mine_instance(const Acc* columns, const int64_t* predictions, const int64_t
                    int64_t batch, int64_t attributes, int64_t dim, int64_t max_classes, int64_t k,
                    int32_t* anchor_list, int32_t* anchor_count, Acc* key_scratch, int32_t* index_scratch,
                    bool* anchors, int64_t* partners, cudaStream_t stream) {
-  compact_anchors_kernel<<<attributes, 1024, 0, stream>>>(labels, active, batch, attributes, max_classes, anchor_list,
-                                                          anchor_count, anchors);
+  compact_anchors_kernel<<<attributes, 1024, 0, stream>>>(labels, active, batch, attributes, max_classes, k,
+                                                          anchor_list, anchor_count, anchors, partners);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   if (k <= kMaxRegisterK) {
     const dim3 grid((batch + kAnchorsPerBlock - 1) / kAnchorsPerBlock, attributes);
