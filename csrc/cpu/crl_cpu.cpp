@@ -126,6 +126,37 @@ std::tuple<Tensor, Tensor> mine_class_cpu(const Tensor& scores_in, const Tensor&
   return {anchors, partners};
 }
 
+// squared[t] = sum_d (x[d, a] - x[d, b0 + t])^2 for t < n, in order of d, where x = xj is one
+// attribute's [D, B] columns. The hot loop of instance mining; it vectorises across candidates,
+// every lane doing the same scalar steps in the same order, so the clones built for wider
+// vector units (picked at load time where the CPU has them) give bitwise the same result.
+#if defined(__GNUC__) && defined(__x86_64__) && !defined(__clang__)
+#define CRL_VECTOR_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define CRL_VECTOR_CLONES
+#endif
+
+template <typename T>
+__attribute__((always_inline)) inline void squared_block_body(const T* xj, int64_t batch, int64_t dim, int64_t a,
+                                                              int64_t b0, int64_t n, T* squared) {
+  std::fill(squared, squared + n, T(0));
+  for (int64_t d = 0; d < dim; ++d) {
+    const T xa = xj[d * batch + a];
+    const T* xb = xj + d * batch + b0;
+    for (int64_t t = 0; t < n; ++t) accumulate_squared(squared[t], xa, xb[t]);
+  }
+}
+
+CRL_VECTOR_CLONES void squared_block(const float* xj, int64_t batch, int64_t dim, int64_t a, int64_t b0, int64_t n,
+                                     float* squared) {
+  squared_block_body(xj, batch, dim, a, b0, n, squared);
+}
+
+CRL_VECTOR_CLONES void squared_block(const double* xj, int64_t batch, int64_t dim, int64_t a, int64_t b0, int64_t n,
+                                     double* squared) {
+  squared_block_body(xj, batch, dim, a, b0, n, squared);
+}
+
 std::tuple<Tensor, Tensor> mine_instance_cpu(const Tensor& features, const Tensor& predictions_in,
                                              const Tensor& labels_in, const Tensor& active_in, int64_t k) {
   check_mine_instance_args(features, predictions_in, labels_in, active_in, k);
@@ -159,12 +190,7 @@ std::tuple<Tensor, Tensor> mine_instance_cpu(const Tensor& features, const Tenso
         int64_t n_pos = 0, n_neg = 0;
         for (int64_t b0 = 0; b0 < batch; b0 += kBlock) {
           const int64_t n = std::min(kBlock, batch - b0);
-          std::fill(squared, squared + n, scalar_t(0));
-          for (int64_t d = 0; d < dim; ++d) {
-            const scalar_t xa = xj[d * batch + a];
-            const scalar_t* xb = xj + d * batch + b0;
-            for (int64_t t = 0; t < n; ++t) accumulate_squared(squared[t], xa, xb[t]);
-          }
+          squared_block(xj, batch, dim, a, b0, n, squared);
           for (int64_t t = 0; t < n; ++t) {
             const int64_t b = b0 + t;
             const int64_t other = lab[b * attributes + j];
