@@ -7,6 +7,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstring>
 #include <numeric>
 #include <vector>
 
@@ -126,9 +127,13 @@ std::tuple<Tensor, Tensor> mine_class_cpu(const Tensor& scores_in, const Tensor&
   return {anchors, partners};
 }
 
-// squared[t] = sum_d (x[d, a] - x[d, b0 + t])^2 for t < n, in order of d, where x = xj is one
-// attribute's [D, B] columns. The hot loop of instance mining; it vectorises across candidates,
-// every lane doing the same scalar steps in the same order, so the clones built for wider
+constexpr int64_t kBlock = 256;  // candidates per scan block
+constexpr int kGroup = 4;         // anchors scanned together: a candidate column is read once per group
+
+// squared[g * kBlock + t] = sum_d (x[d, group[g]] - x[d, b0 + t])^2 for g < kGroup, t < n, in
+// order of d, where x = xj is one attribute's [D, B] columns: the hot loop of instance mining.
+// A 64-byte vector of candidates per anchor stays in registers while d runs. Each lane does
+// the scalar steps of accumulate_squared in the same order, so the clones built for wider
 // vector units (picked at load time where the CPU has them) give bitwise the same result.
 #if defined(__GNUC__) && defined(__x86_64__) && !defined(__clang__)
 #define CRL_VECTOR_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
@@ -137,24 +142,40 @@ std::tuple<Tensor, Tensor> mine_class_cpu(const Tensor& scores_in, const Tensor&
 #endif
 
 template <typename T>
-__attribute__((always_inline)) inline void squared_block_body(const T* xj, int64_t batch, int64_t dim, int64_t a,
-                                                              int64_t b0, int64_t n, T* squared) {
-  std::fill(squared, squared + n, T(0));
+__attribute__((always_inline)) inline void squared_block_body(const T* xj, int64_t batch, int64_t dim,
+                                                              const int64_t* group, int64_t b0, int64_t n,
+                                                              T* squared) {
+  typedef T Vector __attribute__((vector_size(64)));
+  constexpr int64_t kLanes = 64 / sizeof(T);
+  int64_t t0 = 0;
+  for (; t0 + kLanes <= n; t0 += kLanes) {
+    Vector acc[kGroup] = {};
+    for (int64_t d = 0; d < dim; ++d) {
+      Vector xb;
+      std::memcpy(&xb, xj + d * batch + b0 + t0, sizeof(Vector));
+      for (int g = 0; g < kGroup; ++g) accumulate_squared(acc[g], Vector{} + xj[d * batch + group[g]], xb);
+    }
+    for (int g = 0; g < kGroup; ++g) std::memcpy(squared + g * kBlock + t0, &acc[g], sizeof(Vector));
+  }
+  if (t0 == n) return;
+  for (int g = 0; g < kGroup; ++g) std::fill(squared + g * kBlock + t0, squared + g * kBlock + n, T(0));
   for (int64_t d = 0; d < dim; ++d) {
-    const T xa = xj[d * batch + a];
     const T* xb = xj + d * batch + b0;
-    for (int64_t t = 0; t < n; ++t) accumulate_squared(squared[t], xa, xb[t]);
+    for (int g = 0; g < kGroup; ++g) {
+      const T xa = xj[d * batch + group[g]];
+      for (int64_t t = t0; t < n; ++t) accumulate_squared(squared[g * kBlock + t], xa, xb[t]);
+    }
   }
 }
 
-CRL_VECTOR_CLONES void squared_block(const float* xj, int64_t batch, int64_t dim, int64_t a, int64_t b0, int64_t n,
-                                     float* squared) {
-  squared_block_body(xj, batch, dim, a, b0, n, squared);
+CRL_VECTOR_CLONES void squared_block(const float* xj, int64_t batch, int64_t dim, const int64_t* group, int64_t b0,
+                                     int64_t n, float* squared) {
+  squared_block_body(xj, batch, dim, group, b0, n, squared);
 }
 
-CRL_VECTOR_CLONES void squared_block(const double* xj, int64_t batch, int64_t dim, int64_t a, int64_t b0, int64_t n,
-                                     double* squared) {
-  squared_block_body(xj, batch, dim, a, b0, n, squared);
+CRL_VECTOR_CLONES void squared_block(const double* xj, int64_t batch, int64_t dim, const int64_t* group, int64_t b0,
+                                     int64_t n, double* squared) {
+  squared_block_body(xj, batch, dim, group, b0, n, squared);
 }
 
 std::tuple<Tensor, Tensor> mine_instance_cpu(const Tensor& features, const Tensor& predictions_in,
@@ -166,47 +187,68 @@ std::tuple<Tensor, Tensor> mine_instance_cpu(const Tensor& features, const Tenso
   const int64_t max_classes = active.size(1);
   auto [anchors, partners] = new_mined(labels, k);
   // [A, D, B] in the accumulation type: a candidate block of one dimension is contiguous,
-  // so the distance loop below vectorises across candidates and keeps the order over d.
+  // so the distance loop vectorises across candidates and keeps the order over d.
   const Tensor columns = features.to(accumulation_type(features.scalar_type())).permute({1, 2, 0}).contiguous();
   const int64_t* lab = labels.data_ptr<int64_t>();
   const int64_t* pred = predictions.data_ptr<int64_t>();
   const bool* act = active.data_ptr<bool>();
   bool* anchor = anchors.data_ptr<bool>();
   int64_t* out = partners.data_ptr<int64_t>();
-  constexpr int64_t kBlock = 256;
 
   AT_DISPATCH_FLOATING_TYPES(columns.scalar_type(), "crl_ops::mine_instance", [&] {
     const scalar_t* x = columns.data_ptr<scalar_t>();
-    // Rows in attribute-major order, so a thread walks one attribute's columns.
+    // Rows in attribute-major order, so a thread walks one attribute's anchors, kGroup at a time.
     at::parallel_for(0, attributes * batch, grain_for(batch * dim), [&](int64_t begin, int64_t end) {
-      std::vector<scalar_t> pos_keys(k), neg_keys(k);
-      std::vector<int32_t> pos(k), neg(k);
-      scalar_t squared[kBlock];
-      for (int64_t r = begin; r < end; ++r) {
-        const int64_t j = r / batch, a = r % batch;
-        int64_t label;
-        if (!is_anchor(lab, act, attributes, max_classes, a, j, label)) continue;
+      std::vector<scalar_t> keys(kGroup * 2 * k), squared(kGroup * kBlock);
+      std::vector<int32_t> index(kGroup * 2 * k);
+      int64_t group[kGroup], group_label[kGroup], j = 0;
+      int count = 0;
+
+      const auto mine_group = [&] {
+        for (int g = count; g < kGroup; ++g) group[g] = group[0];  // padding: scanned, never used
         const scalar_t* xj = x + j * dim * batch;
-        int64_t n_pos = 0, n_neg = 0;
+        int64_t n_pos[kGroup] = {}, n_neg[kGroup] = {};
         for (int64_t b0 = 0; b0 < batch; b0 += kBlock) {
           const int64_t n = std::min(kBlock, batch - b0);
-          squared_block(xj, batch, dim, a, b0, n, squared);
-          for (int64_t t = 0; t < n; ++t) {
-            const int64_t b = b0 + t;
-            const int64_t other = lab[b * attributes + j];
-            if (b == a || other < 0) continue;
-            if (other != label) {
-              offer_dynamic<false>(neg_keys.data(), neg.data(), n_neg, k, squared[t], static_cast<int32_t>(b));
-            } else if (pred[b * attributes + j] != label) {
-              offer_dynamic<true>(pos_keys.data(), pos.data(), n_pos, k, squared[t], static_cast<int32_t>(b));
+          squared_block(xj, batch, dim, group, b0, n, squared.data());
+          for (int g = 0; g < count; ++g) {
+            const int64_t a = group[g], label = group_label[g];
+            const scalar_t* sq = squared.data() + g * kBlock;
+            scalar_t* pos_keys = keys.data() + g * 2 * k;
+            int32_t* pos = index.data() + g * 2 * k;
+            for (int64_t t = 0; t < n; ++t) {
+              const int64_t b = b0 + t;
+              const int64_t other = lab[b * attributes + j];
+              if (b == a || other < 0) continue;
+              if (other != label) {
+                offer_dynamic<false>(pos_keys + k, pos + k, n_neg[g], k, sq[t], static_cast<int32_t>(b));
+              } else if (pred[b * attributes + j] != label) {
+                offer_dynamic<true>(pos_keys, pos, n_pos[g], k, sq[t], static_cast<int32_t>(b));
+              }
             }
           }
         }
-        const int64_t row = a * attributes + j;
-        anchor[row] = true;
-        for (int64_t m = 0; m < n_pos; ++m) out[row * 2 * k + m] = pos[m];
-        for (int64_t m = 0; m < n_neg; ++m) out[row * 2 * k + k + m] = neg[m];
+        for (int g = 0; g < count; ++g) {
+          const int64_t row = group[g] * attributes + j;
+          const int32_t* pos = index.data() + g * 2 * k;
+          anchor[row] = true;
+          for (int64_t m = 0; m < n_pos[g]; ++m) out[row * 2 * k + m] = pos[m];
+          for (int64_t m = 0; m < n_neg[g]; ++m) out[row * 2 * k + k + m] = pos[k + m];
+        }
+        count = 0;
+      };
+
+      for (int64_t r = begin; r < end; ++r) {
+        const int64_t row_attribute = r / batch, a = r % batch;
+        int64_t label;
+        if (!is_anchor(lab, act, attributes, max_classes, a, row_attribute, label)) continue;
+        if (count == kGroup || (count > 0 && row_attribute != j)) mine_group();
+        j = row_attribute;
+        group[count] = a;
+        group_label[count] = label;
+        ++count;
       }
+      if (count > 0) mine_group();
     });
   });
   return {anchors, partners};
