@@ -182,15 +182,18 @@ std::tuple<Tensor, Tensor> mine_instance_cpu(const Tensor& features, const Tenso
                                              const Tensor& labels_in, const Tensor& active_in, int64_t k) {
   check_mine_instance_args(features, predictions_in, labels_in, active_in, k);
   const Tensor labels = labels_in.contiguous(), active = active_in.contiguous();
-  const Tensor predictions = predictions_in.contiguous();
   const int64_t batch = labels.size(0), attributes = labels.size(1), dim = features.size(2);
   const int64_t max_classes = active.size(1);
   auto [anchors, partners] = new_mined(labels, k);
   // [A, D, B] in the accumulation type: a candidate block of one dimension is contiguous,
-  // so the distance loop vectorises across candidates and keeps the order over d.
+  // so the distance loop vectorises across candidates and keeps the order over d. The
+  // candidates' labels and misclassified flags, [A, B], are read in the same order.
   const Tensor columns = features.to(accumulation_type(features.scalar_type())).permute({1, 2, 0}).contiguous();
+  const Tensor candidate_labels = labels.t().contiguous();
+  const Tensor misclassified = predictions_in.ne(labels).t().contiguous();
   const int64_t* lab = labels.data_ptr<int64_t>();
-  const int64_t* pred = predictions.data_ptr<int64_t>();
+  const int64_t* lab_t = candidate_labels.data_ptr<int64_t>();
+  const bool* mis_t = misclassified.data_ptr<bool>();
   const bool* act = active.data_ptr<bool>();
   bool* anchor = anchors.data_ptr<bool>();
   int64_t* out = partners.data_ptr<int64_t>();
@@ -207,6 +210,8 @@ std::tuple<Tensor, Tensor> mine_instance_cpu(const Tensor& features, const Tenso
       const auto mine_group = [&] {
         for (int g = count; g < kGroup; ++g) group[g] = group[0];  // padding: scanned, never used
         const scalar_t* xj = x + j * dim * batch;
+        const int64_t* lab_j = lab_t + j * batch;
+        const bool* mis_j = mis_t + j * batch;
         int64_t n_pos[kGroup] = {}, n_neg[kGroup] = {};
         for (int64_t b0 = 0; b0 < batch; b0 += kBlock) {
           const int64_t n = std::min(kBlock, batch - b0);
@@ -218,11 +223,11 @@ std::tuple<Tensor, Tensor> mine_instance_cpu(const Tensor& features, const Tenso
             int32_t* pos = index.data() + g * 2 * k;
             for (int64_t t = 0; t < n; ++t) {
               const int64_t b = b0 + t;
-              const int64_t other = lab[b * attributes + j];
+              const int64_t other = lab_j[b];
               if (b == a || other < 0) continue;
               if (other != label) {
                 offer_dynamic<false>(pos_keys + k, pos + k, n_neg[g], k, sq[t], static_cast<int32_t>(b));
-              } else if (pred[b * attributes + j] != label) {
+              } else if (mis_j[b]) {
                 offer_dynamic<true>(pos_keys, pos, n_pos[g], k, sq[t], static_cast<int32_t>(b));
               }
             }
