@@ -212,11 +212,19 @@ std::tuple<Tensor, Tensor> mine_instance_cpu(const Tensor& features, const Tenso
   // so the distance loop vectorises across candidates and keeps the order over d. The
   // candidates' labels and misclassified flags, [A, B], are read in the same order.
   const Tensor columns = attribute_columns(features);
-  const Tensor candidate_labels = labels.t().contiguous();
-  const Tensor misclassified = predictions_in.ne(labels).t().contiguous();
+  const Tensor predictions = predictions_in.contiguous();
   const int64_t* lab = labels.data_ptr<int64_t>();
-  const int64_t* lab_t = candidate_labels.data_ptr<int64_t>();
-  const bool* mis_t = misclassified.data_ptr<bool>();
+  const int64_t* pred = predictions.data_ptr<int64_t>();
+  std::vector<int64_t> candidate_labels(attributes * batch);
+  std::vector<uint8_t> misclassified(attributes * batch);
+  for (int64_t i = 0; i < batch; ++i) {
+    for (int64_t j = 0; j < attributes; ++j) {
+      candidate_labels[j * batch + i] = lab[i * attributes + j];
+      misclassified[j * batch + i] = pred[i * attributes + j] != lab[i * attributes + j];
+    }
+  }
+  const int64_t* lab_t = candidate_labels.data();
+  const uint8_t* mis_t = misclassified.data();
   const bool* act = active.data_ptr<bool>();
   bool* anchor = anchors.data_ptr<bool>();
   int64_t* out = partners.data_ptr<int64_t>();
@@ -234,7 +242,7 @@ std::tuple<Tensor, Tensor> mine_instance_cpu(const Tensor& features, const Tenso
         for (int g = count; g < kGroup; ++g) group[g] = group[0];  // padding: scanned, never used
         const scalar_t* xj = x + j * dim * batch;
         const int64_t* lab_j = lab_t + j * batch;
-        const bool* mis_j = mis_t + j * batch;
+        const uint8_t* mis_j = mis_t + j * batch;
         int64_t n_pos[kGroup] = {}, n_neg[kGroup] = {};
         for (int64_t b0 = 0; b0 < batch; b0 += kBlock) {
           const int64_t n = std::min(kBlock, batch - b0);
