@@ -2,10 +2,10 @@
 # The GPU check, in one call on a machine with an NVIDIA GPU: build the extension in place
 # (sm_90 unless TORCH_CUDA_ARCH_LIST says otherwise), run the CUDA tests (native CUDA against
 # the reference on the same GPU, against the float64 oracle, and against the CPU kernels),
-# compute-sanitizer memcheck and racecheck on a small workload, the headline timings, the fixed
-# cost per step (ops, kernels and host time on a tiny batch), the benchmark sweep, and the
-# compile + autocast check. Writes $OUT/summary.txt and
-# $OUT/results.tar.gz (every log, timings JSON, benchmark results).
+# compute-sanitizer memcheck, racecheck and initcheck on a small workload, the headline
+# timings, the fixed cost per step (ops, kernels and host time on a tiny batch), the benchmark
+# sweep, and the compile + autocast check. Writes $OUT/summary.txt and $OUT/results.tar.gz
+# (every log, timings JSON, benchmark results).
 #
 #   OUT=/tmp/gpu-check bash tools/gpu_check.sh [benchmark seconds, default 120]
 #
@@ -41,6 +41,8 @@ ldd crl_ops/_C*.so | grep -q libstdc++ || echo "WARNING: the extension links lib
 step tests 180 python3 -m pytest -q -p no:cacheprovider -p no:logging tests/test_native.py -k cuda
 step memcheck 120 compute-sanitizer --tool memcheck --error-exitcode 1 python3 tools/sanitizer_case.py
 step racecheck 120 compute-sanitizer --tool racecheck --error-exitcode 1 python3 tools/sanitizer_case.py --quick
+# The kernels write their outputs without a prior fill: initcheck finds any entry read unwritten.
+step initcheck 120 compute-sanitizer --tool initcheck --error-exitcode 1 python3 tools/sanitizer_case.py --quick
 step timing 150 python3 tools/cuda_quick_timing.py --out "$LOGS/timing.json"
 step host 90 python3 tools/host_overhead.py --device cuda --out "$LOGS/host_overhead"
 step bench $((BENCH_SECONDS + 60)) python3 -m benchmarks --device cuda --budget-seconds "$BENCH_SECONDS" --out "$LOGS/bench"
