@@ -80,6 +80,15 @@ def _normalise_labels(labels) -> Tensor:
     return labels if labels.dtype == torch.long else labels.long()
 
 
+def _pad_classes(logits: Tensor, dtype: torch.dtype, max_classes: int) -> Tensor:
+    """[B, C_j] -> [B, Cmax] in `dtype`, padded with -inf (probability 0); no op where nothing changes."""
+    if logits.dtype != dtype:
+        logits = logits.to(dtype)
+    if logits.shape[1] == max_classes:
+        return logits
+    return torch.nn.functional.pad(logits, (0, max_classes - logits.shape[1]), value=-math.inf)
+
+
 def _normalise_logits(logits: LogitsLike, batch_size: int, num_attributes: int, labels_1d: bool):
     """Returns (padded logits [B, A, Cmax], num_classes)."""
     if isinstance(logits, (list, tuple)):
@@ -99,13 +108,11 @@ def _normalise_logits(logits: LogitsLike, batch_size: int, num_attributes: int, 
             raise ValueError(f"all logits must be on one device, got {sorted(map(str, devices))}")
         dtype = logits[0].dtype
         for lj in logits[1:]:
-            dtype = torch.promote_types(dtype, lj.dtype)
+            if lj.dtype != dtype:  # each call of torch.promote_types is a dispatched op
+                dtype = torch.promote_types(dtype, lj.dtype)
         num_classes = tuple(int(lj.shape[1]) for lj in logits)
         cmax = max(num_classes)
-        padded = torch.stack(
-            [torch.nn.functional.pad(lj.to(dtype), (0, cmax - lj.shape[1]), value=-math.inf) for lj in logits],
-            dim=1,
-        )
+        padded = torch.stack([_pad_classes(lj, dtype, cmax) for lj in logits], dim=1)
         return padded, num_classes
 
     logits = _check_tensor("logits", logits, floating=True)

@@ -285,6 +285,46 @@ def test_cpu_kernel_rejects_out_of_range_indices():
         torch.ops.crl_ops.absolute_loss(torch.randn(3, 1, 2), torch.tensor([[[9, -1]], [[-1, -1]], [[-1, -1]]]), 1.0)
 
 
+def _top_level_ops(step) -> list:
+    """Names of the ops a step dispatches from Python or the autograd engine (not from inside an op)."""
+    def is_op(event):
+        return event.name.startswith(("aten::", "crl_ops::"))
+
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        step()
+    names = []
+    for event in prof.events():
+        parent = event.cpu_parent
+        while parent is not None and not is_op(parent):
+            parent = parent.cpu_parent
+        if is_op(event) and parent is None:
+            names.append(event.name)
+    return names
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("form", FORMS)
+def test_step_is_one_op_per_stage(device, mode, form):
+    """A forward + backward dispatches profile, mining, the loss and its backward, and only a
+    few cheap ops besides: no fills (on a GPU, each would be a launch) and no zero gradients
+    for the loss ops' auxiliary outputs. Guards the host cost per step, which dominates on a GPU."""
+    problem = make_problem(60, 40, (3, 3), 5, False, "list", skew=2.0)  # no padding of the logits
+    features, logits, labels, _, _ = problem.inputs(torch.float32, device)
+    crl = crl_ops.CRL(mode=mode, form=form, backend="native", validate=False)
+
+    def step():
+        torch.autograd.grad(crl(features, logits, labels), features)
+
+    step()
+    names = _top_level_ops(step)
+    kernels = [n for n in names if n.startswith("crl_ops::")]
+    assert kernels == ["crl_ops::profile", f"crl_ops::mine_{mode}", f"crl_ops::{form}_loss",
+                       f"crl_ops::{form}_loss_backward"]
+    fills = [n for n in names if n in ("aten::zeros", "aten::zeros_like", "aten::full", "aten::fill_", "aten::zero_")]
+    assert not fills, names
+    assert len(names) <= len(kernels) + 5, names  # stacking the logits, detach, argmax or softmax, the seed gradient
+
+
 def test_native_without_kernels_for_the_device_says_how_to_build(monkeypatch):
     monkeypatch.setattr(_native, "_has_kernel", lambda op, key: key == "CPU")
     with pytest.raises(RuntimeError, match="no kernels for device type 'cuda'.*FORCE_CUDA=1"):
