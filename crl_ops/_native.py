@@ -44,12 +44,17 @@ def loaded() -> bool:
     return _LOAD_ERROR is None
 
 
+_BUILT_FOR: dict = {}  # dispatch key -> whether the kernels are registered: fixed once loaded, and each query costs µs
+
+
 def available(device: torch.device) -> bool:
     """True when the kernels for `device`'s type are compiled in."""
     if not loaded():
         return False
     key = {"cpu": "CPU", "cuda": "CUDA"}.get(torch.device(device).type)
-    return key is not None and _has_kernel("profile", key)
+    if key not in _BUILT_FOR:
+        _BUILT_FOR[key] = key is not None and _has_kernel("profile", key)
+    return _BUILT_FOR[key]
 
 
 def require(device: torch.device) -> None:

@@ -327,6 +327,7 @@ def test_step_is_one_op_per_stage(device, mode, form):
 
 def test_native_without_kernels_for_the_device_says_how_to_build(monkeypatch):
     monkeypatch.setattr(_native, "_has_kernel", lambda op, key: key == "CPU")
+    monkeypatch.setattr(_native, "_BUILT_FOR", {})
     with pytest.raises(RuntimeError, match="no kernels for device type 'cuda'.*FORCE_CUDA=1"):
         _native.require(torch.device("cuda"))
 
