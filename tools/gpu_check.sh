@@ -38,13 +38,15 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, log, one summar
   tee "$LOGS/gpu.txt" "$OUT/summary.txt"
 step build 300 python3 setup.py build_ext --inplace
 ldd crl_ops/_C*.so | grep -q libstdc++ || echo "WARNING: the extension links libstdc++ statically" | tee -a "$OUT/summary.txt"
+# Steps in order of what a cut-off run should still have delivered: correctness, the headline
+# timings, the sanitizers, then the sweeps.
 step tests 180 python3 -m pytest -q -p no:cacheprovider -p no:logging tests/test_native.py -k cuda
-step memcheck 120 compute-sanitizer --tool memcheck --error-exitcode 1 python3 tools/sanitizer_case.py
-step racecheck 120 compute-sanitizer --tool racecheck --error-exitcode 1 python3 tools/sanitizer_case.py --quick
-# The kernels write their outputs without a prior fill: initcheck finds any entry read unwritten.
-step initcheck 120 compute-sanitizer --tool initcheck --error-exitcode 1 python3 tools/sanitizer_case.py --quick
 step timing 150 python3 tools/cuda_quick_timing.py --out "$LOGS/timing.json"
 step host 90 python3 tools/host_overhead.py --device cuda --out "$LOGS/host_overhead"
+step memcheck 120 compute-sanitizer --tool memcheck --error-exitcode 1 python3 tools/sanitizer_case.py
+# The kernels write their outputs without a prior fill: initcheck finds any entry read unwritten.
+step initcheck 120 compute-sanitizer --tool initcheck --error-exitcode 1 python3 tools/sanitizer_case.py --quick
+step racecheck 120 compute-sanitizer --tool racecheck --error-exitcode 1 python3 tools/sanitizer_case.py --quick
 step bench $((BENCH_SECONDS + 60)) python3 -m benchmarks --device cuda --budget-seconds "$BENCH_SECONDS" --out "$LOGS/bench"
 step compile_amp 150 python3 examples/ddp/gpu_compile_amp_check.py
 exit $status
