@@ -130,11 +130,18 @@ std::tuple<Tensor, Tensor> mine_class_cpu(const Tensor& scores_in, const Tensor&
 constexpr int64_t kBlock = 256;  // candidates per scan block
 constexpr int kGroup = 4;         // anchors scanned together: a candidate column is read once per group
 
-// squared[g * kBlock + t] = sum_d (x[d, group[g]] - x[d, b0 + t])^2 for g < kGroup, t < n, in
-// order of d, where x = xj is one attribute's [D, B] columns: the hot loop of instance mining.
-// A 64-byte vector of candidates per anchor stays in registers while d runs. Each lane does
-// the scalar steps of accumulate_squared in the same order, so the clones built for wider
-// vector units (picked at load time where the CPU has them) give bitwise the same result.
+// Row stride of a [D, kBlock] tile: one cache line more than kBlock, so that the D rows do not
+// all fall into the same few cache sets (a power-of-two stride would).
+template <typename T>
+constexpr int64_t tile_stride() {
+  return kBlock + 64 / static_cast<int64_t>(sizeof(T));
+}
+
+// squared[g * kBlock + t] = sum_d (anchors[g * dim + d] - tile[d * stride + t])^2 for g < kGroup,
+// t < n, in order of d: the hot loop of instance mining, over a block of candidates laid out
+// [D, kBlock] (row stride tile_stride<T>()). A 64-byte vector of candidates per anchor stays in registers while d runs. Each
+// lane does the scalar steps of accumulate_squared in the same order, so the clones built for
+// wider vector units (picked at load time where the CPU has them) give bitwise the same result.
 #if defined(__GNUC__) && defined(__x86_64__) && !defined(__clang__)
 #define CRL_VECTOR_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
 #else
@@ -142,149 +149,146 @@ constexpr int kGroup = 4;         // anchors scanned together: a candidate colum
 #endif
 
 template <typename T>
-__attribute__((always_inline)) inline void squared_block_body(const T* xj, int64_t batch, int64_t dim,
-                                                              const int64_t* group, int64_t b0, int64_t n,
+__attribute__((always_inline)) inline void squared_block_body(const T* tile, const T* anchors, int64_t dim, int64_t n,
                                                               T* squared) {
   typedef T Vector __attribute__((vector_size(64)));
-  constexpr int64_t kLanes = 64 / sizeof(T);
+  constexpr int64_t kLanes = 64 / sizeof(T), stride = tile_stride<T>();
   int64_t t0 = 0;
   for (; t0 + kLanes <= n; t0 += kLanes) {
     Vector acc[kGroup] = {};
     for (int64_t d = 0; d < dim; ++d) {
       Vector xb;
-      std::memcpy(&xb, xj + d * batch + b0 + t0, sizeof(Vector));
-      for (int g = 0; g < kGroup; ++g) accumulate_squared(acc[g], Vector{} + xj[d * batch + group[g]], xb);
+      std::memcpy(&xb, tile + d * stride + t0, sizeof(Vector));
+      for (int g = 0; g < kGroup; ++g) accumulate_squared(acc[g], Vector{} + anchors[g * dim + d], xb);
     }
     for (int g = 0; g < kGroup; ++g) std::memcpy(squared + g * kBlock + t0, &acc[g], sizeof(Vector));
   }
   if (t0 == n) return;
   for (int g = 0; g < kGroup; ++g) std::fill(squared + g * kBlock + t0, squared + g * kBlock + n, T(0));
   for (int64_t d = 0; d < dim; ++d) {
-    const T* xb = xj + d * batch + b0;
     for (int g = 0; g < kGroup; ++g) {
-      const T xa = xj[d * batch + group[g]];
-      for (int64_t t = t0; t < n; ++t) accumulate_squared(squared[g * kBlock + t], xa, xb[t]);
+      for (int64_t t = t0; t < n; ++t) accumulate_squared(squared[g * kBlock + t], anchors[g * dim + d], tile[d * stride + t]);
     }
   }
 }
 
-CRL_VECTOR_CLONES void squared_block(const float* xj, int64_t batch, int64_t dim, const int64_t* group, int64_t b0,
-                                     int64_t n, float* squared) {
-  squared_block_body(xj, batch, dim, group, b0, n, squared);
+CRL_VECTOR_CLONES void squared_block(const float* tile, const float* anchors, int64_t dim, int64_t n,
+                                     float* squared) {
+  squared_block_body(tile, anchors, dim, n, squared);
 }
 
-CRL_VECTOR_CLONES void squared_block(const double* xj, int64_t batch, int64_t dim, const int64_t* group, int64_t b0,
-                                     int64_t n, double* squared) {
-  squared_block_body(xj, batch, dim, group, b0, n, squared);
+CRL_VECTOR_CLONES void squared_block(const double* tile, const double* anchors, int64_t dim, int64_t n,
+                                     double* squared) {
+  squared_block_body(tile, anchors, dim, n, squared);
 }
 
-// features[B, A, D] (any strides and floating dtype) as [A, D, B] columns in the accumulation
-// type. Written sample by sample, so that both the reads (along D) and the D rows being
-// written stay in cache; a generic permuted copy reads with a stride of A * D elements instead.
-Tensor attribute_columns(const Tensor& features) {
-  const int64_t batch = features.size(0), attributes = features.size(1), dim = features.size(2);
-  Tensor columns = at::empty({attributes, dim, batch}, features.options().dtype(accumulation_type(features.scalar_type())));
-  const int64_t sb = features.stride(0), sa = features.stride(1), sd = features.stride(2);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, features.scalar_type(), "crl_ops::attribute_columns", [&] {
-    using acc = acc_t<scalar_t>;
-    const scalar_t* x = features.data_ptr<scalar_t>();
-    acc* out = columns.data_ptr<acc>();
-    at::parallel_for(0, attributes, grain_for(batch * dim), [&](int64_t begin, int64_t end) {
-      for (int64_t j = begin; j < end; ++j) {
-        acc* column = out + j * dim * batch;
-        for (int64_t i = 0; i < batch; ++i) {
-          for (int64_t d = 0; d < dim; ++d) column[d * batch + i] = static_cast<acc>(x[i * sb + j * sa + d * sd]);
-        }
+// One thread's scratch for instance mining: a [D, kBlock] candidate tile, the values of a group
+// of anchors, their squared distances, and the top-K lists of the anchors being mined.
+template <typename Acc>
+struct InstanceScratch {
+  std::vector<Acc> tile, group_values, squared, keys;
+  std::vector<int32_t> index;
+  std::vector<int64_t> n_pos, n_neg;
+};
+
+// Mines the anchors `members` (with their labels) of attribute j against all B candidates.
+// x points at attribute j of features[B, A, D] (strides sb, sd), in their own dtype. Each block
+// of candidates is copied once into the tile in the accumulation type, then scanned against
+// every anchor, kGroup at a time. Arguments by value: the compiler can keep them in registers
+// across the stores to the lists.
+template <typename T, typename Acc>
+void mine_instance_anchors(const T* x, int64_t sb, int64_t sd, int64_t batch, int64_t attributes, int64_t dim,
+                           int64_t k, int64_t j, const int64_t* labels, const int64_t* predictions,
+                           const std::vector<int64_t>& members, const std::vector<int64_t>& member_labels,
+                           InstanceScratch<Acc>& scratch, bool* anchors, int64_t* partners) {
+  const int64_t count = static_cast<int64_t>(members.size()), stride = tile_stride<Acc>();
+  scratch.tile.resize(dim * stride);
+  scratch.group_values.resize(kGroup * dim);
+  scratch.squared.resize(kGroup * kBlock);
+  scratch.keys.resize(count * 2 * k);
+  scratch.index.resize(count * 2 * k);
+  scratch.n_pos.assign(count, 0);
+  scratch.n_neg.assign(count, 0);
+  for (int64_t b0 = 0; b0 < batch; b0 += kBlock) {
+    const int64_t n = std::min(kBlock, batch - b0);
+    for (int64_t t = 0; t < n; ++t) {
+      for (int64_t d = 0; d < dim; ++d) scratch.tile[d * stride + t] = static_cast<Acc>(x[(b0 + t) * sb + d * sd]);
+    }
+    for (int64_t g0 = 0; g0 < count; g0 += kGroup) {
+      const int64_t size = std::min<int64_t>(kGroup, count - g0);
+      for (int g = 0; g < kGroup; ++g) {  // a short last group repeats its first anchor: scanned, never used
+        const int64_t a = members[g0 + (g < size ? g : 0)];
+        for (int64_t d = 0; d < dim; ++d) scratch.group_values[g * dim + d] = static_cast<Acc>(x[a * sb + d * sd]);
       }
-    });
-  });
-  return columns;
+      squared_block(scratch.tile.data(), scratch.group_values.data(), dim, n, scratch.squared.data());
+      for (int64_t g = 0; g < size; ++g) {
+        const int64_t m = g0 + g, a = members[m], label = member_labels[m];
+        const Acc* squared = scratch.squared.data() + g * kBlock;
+        Acc* keys = scratch.keys.data() + m * 2 * k;  // [K positives | K negatives]
+        int32_t* index = scratch.index.data() + m * 2 * k;
+        int64_t n_pos = scratch.n_pos[m], n_neg = scratch.n_neg[m];
+        for (int64_t t = 0; t < n; ++t) {
+          const int64_t b = b0 + t;
+          const int64_t other = labels[b * attributes + j];
+          if (b == a || other < 0) continue;
+          if (other != label) {
+            offer_dynamic<false>(keys + k, index + k, n_neg, k, squared[t], static_cast<int32_t>(b));
+          } else if (predictions[b * attributes + j] != label) {
+            offer_dynamic<true>(keys, index, n_pos, k, squared[t], static_cast<int32_t>(b));
+          }
+        }
+        scratch.n_pos[m] = n_pos;
+        scratch.n_neg[m] = n_neg;
+      }
+    }
+  }
+  for (int64_t m = 0; m < count; ++m) {
+    const int64_t row = members[m] * attributes + j;
+    const int32_t* index = scratch.index.data() + m * 2 * k;
+    anchors[row] = true;
+    for (int64_t q = 0; q < scratch.n_pos[m]; ++q) partners[row * 2 * k + q] = index[q];
+    for (int64_t q = 0; q < scratch.n_neg[m]; ++q) partners[row * 2 * k + k + q] = index[k + q];
+  }
 }
 
+// Instance mining reads the features where they are (any strides and floating dtype). Extra
+// memory per thread: a tile and the top-K lists of its anchors, O(D + B*K).
 std::tuple<Tensor, Tensor> mine_instance_cpu(const Tensor& features, const Tensor& predictions_in,
                                              const Tensor& labels_in, const Tensor& active_in, int64_t k) {
   check_mine_instance_args(features, predictions_in, labels_in, active_in, k);
   const Tensor labels = labels_in.contiguous(), active = active_in.contiguous();
+  const Tensor predictions = predictions_in.contiguous();
   const int64_t batch = labels.size(0), attributes = labels.size(1), dim = features.size(2);
   const int64_t max_classes = active.size(1);
   auto [anchors, partners] = new_mined(labels, k);
-  // [A, D, B] in the accumulation type: a candidate block of one dimension is contiguous,
-  // so the distance loop vectorises across candidates and keeps the order over d. The
-  // candidates' labels and misclassified flags, [A, B], are read in the same order.
-  const Tensor columns = attribute_columns(features);
-  const Tensor predictions = predictions_in.contiguous();
   const int64_t* lab = labels.data_ptr<int64_t>();
   const int64_t* pred = predictions.data_ptr<int64_t>();
-  std::vector<int64_t> candidate_labels(attributes * batch);
-  std::vector<uint8_t> misclassified(attributes * batch);
-  for (int64_t i = 0; i < batch; ++i) {
-    for (int64_t j = 0; j < attributes; ++j) {
-      candidate_labels[j * batch + i] = lab[i * attributes + j];
-      misclassified[j * batch + i] = pred[i * attributes + j] != lab[i * attributes + j];
-    }
-  }
-  const int64_t* lab_t = candidate_labels.data();
-  const uint8_t* mis_t = misclassified.data();
   const bool* act = active.data_ptr<bool>();
-  bool* anchor = anchors.data_ptr<bool>();
-  int64_t* out = partners.data_ptr<int64_t>();
+  const int64_t sb = features.stride(0), sa = features.stride(1), sd = features.stride(2);
 
-  AT_DISPATCH_FLOATING_TYPES(columns.scalar_type(), "crl_ops::mine_instance", [&] {
-    const scalar_t* x = columns.data_ptr<scalar_t>();
-    // Rows in attribute-major order, so a thread walks one attribute's anchors, kGroup at a time.
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, features.scalar_type(), "crl_ops::mine_instance", [&] {
+    using acc = acc_t<scalar_t>;
+    const scalar_t* x = features.data_ptr<scalar_t>();
+    // Rows in attribute-major order, so a thread's share is one or a few attributes' anchors.
     at::parallel_for(0, attributes * batch, grain_for(batch * dim), [&](int64_t begin, int64_t end) {
-      std::vector<scalar_t> keys(kGroup * 2 * k), squared(kGroup * kBlock);
-      std::vector<int32_t> index(kGroup * 2 * k);
-      int64_t group[kGroup], group_label[kGroup], j = 0;
-      int count = 0;
-
-      const auto mine_group = [&] {
-        for (int g = count; g < kGroup; ++g) group[g] = group[0];  // padding: scanned, never used
-        const scalar_t* xj = x + j * dim * batch;
-        const int64_t* lab_j = lab_t + j * batch;
-        const uint8_t* mis_j = mis_t + j * batch;
-        int64_t n_pos[kGroup] = {}, n_neg[kGroup] = {};
-        for (int64_t b0 = 0; b0 < batch; b0 += kBlock) {
-          const int64_t n = std::min(kBlock, batch - b0);
-          squared_block(xj, batch, dim, group, b0, n, squared.data());
-          for (int g = 0; g < count; ++g) {
-            const int64_t a = group[g], label = group_label[g];
-            const scalar_t* sq = squared.data() + g * kBlock;
-            scalar_t* pos_keys = keys.data() + g * 2 * k;
-            int32_t* pos = index.data() + g * 2 * k;
-            for (int64_t t = 0; t < n; ++t) {
-              const int64_t b = b0 + t;
-              const int64_t other = lab_j[b];
-              if (b == a || other < 0) continue;
-              if (other != label) {
-                offer_dynamic<false>(pos_keys + k, pos + k, n_neg[g], k, sq[t], static_cast<int32_t>(b));
-              } else if (mis_j[b]) {
-                offer_dynamic<true>(pos_keys, pos, n_pos[g], k, sq[t], static_cast<int32_t>(b));
-              }
-            }
-          }
+      InstanceScratch<acc> scratch;
+      std::vector<int64_t> members, member_labels;
+      for (int64_t first = begin; first < end;) {
+        const int64_t j = first / batch, last = std::min(end, (j + 1) * batch);
+        members.clear();
+        member_labels.clear();
+        for (int64_t r = first; r < last; ++r) {
+          int64_t label;
+          if (!is_anchor(lab, act, attributes, max_classes, r % batch, j, label)) continue;
+          members.push_back(r % batch);
+          member_labels.push_back(label);
         }
-        for (int g = 0; g < count; ++g) {
-          const int64_t row = group[g] * attributes + j;
-          const int32_t* pos = index.data() + g * 2 * k;
-          anchor[row] = true;
-          for (int64_t m = 0; m < n_pos[g]; ++m) out[row * 2 * k + m] = pos[m];
-          for (int64_t m = 0; m < n_neg[g]; ++m) out[row * 2 * k + k + m] = pos[k + m];
+        if (!members.empty()) {
+          mine_instance_anchors(x + j * sa, sb, sd, batch, attributes, dim, k, j, lab, pred, members, member_labels,
+                                scratch, anchors.data_ptr<bool>(), partners.data_ptr<int64_t>());
         }
-        count = 0;
-      };
-
-      for (int64_t r = begin; r < end; ++r) {
-        const int64_t row_attribute = r / batch, a = r % batch;
-        int64_t label;
-        if (!is_anchor(lab, act, attributes, max_classes, a, row_attribute, label)) continue;
-        if (count == kGroup || (count > 0 && row_attribute != j)) mine_group();
-        j = row_attribute;
-        group[count] = a;
-        group_label[count] = label;
-        ++count;
+        first = last;
       }
-      if (count > 0) mine_group();
     });
   });
   return {anchors, partners};
