@@ -139,9 +139,8 @@ if loaded():
         features, partners, option = inputs
         ctx.mark_non_differentiable(*output[1:])  # distances and counts only feed the backward
         ctx.set_materialize_grads(False)  # so autograd does not fill their (unused) gradients with zeros
-        ctx.option_is_tensor = isinstance(option, Tensor)
-        ctx.option = None if ctx.option_is_tensor else option
-        ctx.save_for_backward(features, partners, *output[1:], *([option] if ctx.option_is_tensor else []))
+        ctx.option = None if isinstance(option, Tensor) else option  # a tensor option is saved instead
+        ctx.save_for_backward(features, partners, *output[1:], *([option] if ctx.option is None else []))
 
     def _loss_backward(name: str):
         backward_op = getattr(ops, f"{name}_backward")
@@ -150,7 +149,7 @@ if loaded():
             if grad is None:  # not materialised (see set_materialize_grads): the loss took no gradient
                 return None, None, None
             features, partners, distances, *rest = ctx.saved_tensors
-            option = rest.pop() if ctx.option_is_tensor else ctx.option
+            option = rest.pop() if ctx.option is None else ctx.option
             return backward_op(grad, features, partners, distances, option, *rest), None, None
 
         return backward

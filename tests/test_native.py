@@ -266,8 +266,9 @@ def test_op_argument_errors(device):
     with pytest.raises(RuntimeError, match="bins must be >= 2"):
         ops.distribution_loss(features, partners, 1)
     with pytest.raises(RuntimeError, match="distances must be Double for Double features"):
-        ops.absolute_loss_backward(torch.ones((), device=device), features.double(), partners,
-                                   torch.zeros(6, 2, 4, device=device), 1.0, torch.zeros(2, dtype=torch.long, device=device))
+        float_distances, pair_counts = torch.zeros(6, 2, 4, device=device), torch.zeros(2, dtype=torch.long, device=device)
+        ops.absolute_loss_backward(torch.ones((), device=device), features.double(), partners, float_distances, 1.0,
+                                   pair_counts)
     with pytest.raises(RuntimeError, match="labels must have shape"):
         ops.profile(torch.zeros(6, dtype=torch.long, device=device), 2)
     with pytest.raises(RuntimeError, match="k must be >= 1"):

@@ -139,9 +139,10 @@ constexpr int64_t tile_stride() {
 
 // squared[g * kBlock + t] = sum_d (anchors[g * dim + d] - tile[d * stride + t])^2 for g < kGroup,
 // t < n, in order of d: the hot loop of instance mining, over a block of candidates laid out
-// [D, kBlock] (row stride tile_stride<T>()). A 64-byte vector of candidates per anchor stays in registers while d runs. Each
-// lane does the scalar steps of accumulate_squared in the same order, so the clones built for
-// wider vector units (picked at load time where the CPU has them) give bitwise the same result.
+// [D, kBlock] with row stride tile_stride<T>(). A 64-byte vector of candidates per anchor stays
+// in registers while d runs. Each lane does the scalar steps of accumulate_squared in the same
+// order, so the clones built for wider vector units (picked at load time where the CPU has
+// them) give bitwise the same result.
 #if defined(__GNUC__) && defined(__x86_64__) && !defined(__clang__)
 #define CRL_VECTOR_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
 #else
@@ -167,7 +168,8 @@ __attribute__((always_inline)) inline void squared_block_body(const T* tile, con
   for (int g = 0; g < kGroup; ++g) std::fill(squared + g * kBlock + t0, squared + g * kBlock + n, T(0));
   for (int64_t d = 0; d < dim; ++d) {
     for (int g = 0; g < kGroup; ++g) {
-      for (int64_t t = t0; t < n; ++t) accumulate_squared(squared[g * kBlock + t], anchors[g * dim + d], tile[d * stride + t]);
+      const T xa = anchors[g * dim + d];
+      for (int64_t t = t0; t < n; ++t) accumulate_squared(squared[g * kBlock + t], xa, tile[d * stride + t]);
     }
   }
 }
