@@ -12,6 +12,8 @@ import os
 import torch
 from torch import Tensor
 
+from ._inputs import accumulation_dtype
+
 
 def _load() -> str | None:
     """Loads the kernels; returns why not, or None. CRL_OPS_LIBRARY may name a library built with
@@ -72,9 +74,6 @@ if loaded():
 
     # ---- fake kernels: output shapes and dtypes only ------------------------------------------
 
-    def _accumulation(dtype: torch.dtype) -> torch.dtype:
-        return torch.promote_types(dtype, torch.float32)
-
     @torch.library.register_fake("crl_ops::profile")
     def _(labels: Tensor, max_classes: int):
         shape = (labels.shape[1], max_classes)
@@ -101,7 +100,7 @@ if loaded():
 
     def _fake_loss(features: Tensor, partners: Tensor):
         """The scalar loss and the pair distances every loss op returns first."""
-        loss = features.new_empty((), dtype=_accumulation(features.dtype))
+        loss = features.new_empty((), dtype=accumulation_dtype(features.dtype))
         return loss, loss.new_empty(partners.shape)
 
     @torch.library.register_fake("crl_ops::relative_loss")

@@ -266,6 +266,8 @@ std::tuple<Tensor, Tensor> mine_instance_cpu(const Tensor& features, const Tenso
   const int64_t* lab = labels.data_ptr<int64_t>();
   const int64_t* pred = predictions.data_ptr<int64_t>();
   const bool* act = active.data_ptr<bool>();
+  bool* anchor = anchors.data_ptr<bool>();
+  int64_t* out = partners.data_ptr<int64_t>();
   const int64_t sb = features.stride(0), sa = features.stride(1), sd = features.stride(2);
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, features.scalar_type(), "crl_ops::mine_instance", [&] {
@@ -287,7 +289,7 @@ std::tuple<Tensor, Tensor> mine_instance_cpu(const Tensor& features, const Tenso
         }
         if (!members.empty()) {
           mine_instance_anchors(x + j * sa, sb, sd, batch, attributes, dim, k, j, lab, pred, members, member_labels,
-                                scratch, anchors.data_ptr<bool>(), partners.data_ptr<int64_t>());
+                                scratch, anchor, out);
         }
         first = last;
       }
