@@ -28,7 +28,7 @@ build: setup
 	$(BIN)/python setup.py -q build_ext --inplace
 
 test: build
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q tests examples/tests benchmarks/tests
 
 demo: build
 	$(BIN)/python examples/offline_benchmark.py

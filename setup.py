@@ -26,8 +26,8 @@ def native_extensions():
               "(use `pip install --no-build-isolation .` to build them)", file=sys.stderr)
         return [], {}
 
-    sources = ["csrc/ops.cpp", "csrc/python_module.cpp", "csrc/cpu/crl_cpu.cpp"]
-    include_dirs = [os.path.join(HERE, "csrc")]
+    sources = ["crl_ops/csrc/ops.cpp", "crl_ops/csrc/python_module.cpp", "crl_ops/csrc/cpu/crl_cpu.cpp"]
+    include_dirs = [os.path.join(HERE, "crl_ops", "csrc")]
     cxx_flags = ["-O3", "-fopenmp", "-ffp-contract=off"]
     cuda_home = cpp_extension.CUDA_HOME
     with_cuda = os.environ.get("FORCE_CUDA") == "1" or (torch.cuda.is_available() and cuda_home is not None)
@@ -37,7 +37,7 @@ def native_extensions():
         if cuda_home is None:
             raise RuntimeError("FORCE_CUDA=1 but CUDA_HOME is not set and nvcc was not found")
         extension = cpp_extension.CUDAExtension
-        sources += ["csrc/cuda/crl_cuda.cpp", "csrc/cuda/crl_kernels.cu"]
+        sources += ["crl_ops/csrc/cuda/crl_cuda.cpp", "crl_ops/csrc/cuda/crl_kernels.cu"]
         # The CUDA wheel of torch ships the CUDA library headers (cuBLAS, ...) that torch's own
         # headers include; a plain toolkit install has them under CUDA_HOME already.
         for site in sys.path:

@@ -6,8 +6,10 @@ from dataclasses import dataclass, replace
 from typing import Union
 
 import torch
+from torch import nn
 
-from crl_ops.models import XDOMAIN_NUM_CLASSES
+# X-Domain's class counts as the paper gives them: 6 to 55 per attribute, 178 in all.
+XDOMAIN_NUM_CLASSES = (16, 55, 16, 12, 21, 14, 15, 23, 6)
 
 BINARY = "binary"  # CelebA-like: binary attributes, minority fractions from 2% to 50%, all annotated
 LONG_TAIL = "long-tail"  # X-Domain-like: Zipf class priors, some entries not annotated
@@ -89,3 +91,28 @@ def make_inputs(shape: Shape, device: Union[str, torch.device], seed: int = 0) -
         logits = [torch.randn(shape.batch_size, c, generator=generator).to(device) for c in shape.num_classes]
     features = torch.randn(shape.batch_size, shape.num_attributes, shape.dim, generator=generator)
     return Inputs(features.to(device).requires_grad_(), logits, labels.to(device))
+
+
+class DeepID2Sized(nn.Module):
+    """The training-step benchmark's network: DeepID2's trunk (four convolutions on 55x47 face
+    crops, a 160-d FC1) and a 64-d feature and one logit per binary attribute, as the paper's
+    CelebA model. A stand-in of the same cost, so that the benchmarks need no reproduction code.
+    """
+
+    input_size = (3, 55, 47)
+
+    def __init__(self, num_attributes: int = 40, feature_dim: int = 64):
+        super().__init__()
+        self.trunk = nn.Sequential(
+            nn.Conv2d(3, 20, 4), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(20, 40, 3), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(40, 60, 3), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(60, 80, 2), nn.ReLU(), nn.Flatten(),
+            nn.Linear(80 * 4 * 3, 160), nn.ReLU(),
+        )
+        self.features = nn.Linear(160, num_attributes * feature_dim)
+        self.classifiers = nn.Parameter(torch.randn(num_attributes, feature_dim) / feature_dim ** 0.5)
+
+    def forward(self, images):
+        features = self.features(self.trunk(images)).unflatten(1, (self.classifiers.shape[0], -1))
+        return features, (features * self.classifiers).sum(-1)  # [B, A, D], binary logits [B, A]

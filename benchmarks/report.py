@@ -257,7 +257,7 @@ def markdown(results: dict) -> str:
         headline_table(results),
         "\n## Peak memory of one forward + backward\n",
         _memory_table(results),
-        "\n## Training step: CelebANet (DeepID2 + 40 x 64-d FC2), batch 128, SGD\n",
+        "\n## Training step: a DeepID2-sized network (40 x 64-d features, binary logits), batch 128, SGD\n",
         training_table(results),
         "\n## Forward and backward\n",
         _details_table(results),

@@ -24,7 +24,7 @@ import crl_ops
 from . import implementations as impls_
 from .implementations import Variant
 from .plan import Group
-from .problems import CONFIGS, Shape, make_inputs
+from .problems import CONFIGS, DeepID2Sized, Shape, make_inputs
 from .timing import Clock, Samples, measure_memory, run_step, summary, time_step
 
 SAFE_BATCH = 512  # at or below this batch size every implementation fits and runs in seconds
@@ -257,16 +257,12 @@ class Runner:
     # ---- training step ---------------------------------------------------------------------------
 
     def run_training_steps(self, objectives: List[Tuple[str, Optional[Variant]]]) -> List[dict]:
-        """Step time of crl_ops.models.CelebANet at batch 128 (forward, loss, backward, SGD update)
+        """Step time of a DeepID2-sized network at batch 128 (forward, loss, backward, SGD update)
         for each objective: ("ce", None) for the cross-entropy alone, (backend, variant) for CE + CRL."""
-        try:
-            from crl_ops.models import CelebANet
-        except ImportError as error:
-            return [_training_record(o, "unavailable", f"crl_ops.models.CelebANet: {error}") for o in objectives]
         if self.seconds_left() <= 0:
             return [_training_record(o, "budget", "time budget spent") for o in objectives]
         torch.manual_seed(self.settings.seed)
-        model = CelebANet().to(self.device)
+        model = DeepID2Sized().to(self.device)
         optimiser = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, weight_decay=5e-4)
         inputs = make_inputs(CONFIGS["celeba"].with_batch(TRAINING_BATCH), self.device, self.settings.seed)
         generator = torch.Generator().manual_seed(self.settings.seed)

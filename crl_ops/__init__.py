@@ -5,7 +5,7 @@
 from . import reference
 from ._native import available as native_available
 from .loss import CRL, BalancedLoss, BatchStats, Mined, cross_entropy, mine, profile_minority
-from .metrics import BalancedAccuracy, class_balanced_accuracy
+from .metrics import BalancedAccuracy, class_balanced_accuracy, class_counts, imbalance_ratios
 
 __version__ = "0.1.0"
 
@@ -16,6 +16,8 @@ __all__ = [
     "Mined",
     "BalancedAccuracy",
     "class_balanced_accuracy",
+    "class_counts",
+    "imbalance_ratios",
     "cross_entropy",
     "mine",
     "native_available",

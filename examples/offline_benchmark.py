@@ -3,19 +3,19 @@
     python examples/offline_benchmark.py            # default: both datasets, 10 methods, 5 / 3 seeds
     python examples/offline_benchmark.py --quick    # a few seconds: tiny data, few steps (for tests)
 
-Two imbalanced multi-attribute tasks that need no download (crl_ops.data):
+Two imbalanced multi-attribute tasks that need no download (paper.data):
 - digits: scikit-learn's bundled handwritten digits, digit identity made long-tailed (1:20),
   plus attributes derived from it (closed loops, prime) and from the pixels (heavy ink);
 - shapes: procedurally drawn images with six attributes, imbalanced from 1:2 to 1:4000 like X-Domain.
 
-Every method trains the same network (crl_ops.models.CompactAttributeNet) for the same number of
+Every method trains the same network (paper.models.CompactAttributeNet) for the same number of
 SGD steps with the same hyper-parameters; only the loss and the sampler differ: CE,
 over-sampling, down-sampling, cost-sensitive CE, and CE + CRL in its six variants (class or
 instance mining x absolute, relative or distribution loss) with the paper's weight 1. Each
 (method, seed) pair starts from the same initial weights as CE with that seed, so gains are
 paired by seed. The metric is the class-balanced accuracy (mean per-class recall) on the test set.
 
-Writes to --out (default results/offline/): benchmark.json (every run's per-attribute accuracy),
+Writes to --out (default examples/results/offline/): benchmark.json (every run's per-attribute accuracy),
 summary.md (Table 4 layout and per-attribute tables) and <dataset>_gains.png (Figures 5/6 layout).
 """
 from __future__ import annotations
@@ -32,14 +32,15 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout: crl_ops is one folder up
+EXAMPLES = Path(__file__).resolve().parent
+sys.path[:0] = [str(EXAMPLES.parent), str(EXAMPLES)]  # from a checkout: crl_ops, and the paper package
 
 import crl_ops  # noqa: E402
-from crl_ops import reporting  # noqa: E402
-from crl_ops.data import digits_attributes, shapes_attributes  # noqa: E402
-from crl_ops.metrics import imbalance_ratios  # noqa: E402
-from crl_ops.models import CompactAttributeNet  # noqa: E402
-from crl_ops.training import METHODS, make_objective, make_sampler, predict  # noqa: E402
+from crl_ops import imbalance_ratios  # noqa: E402
+from paper import reporting  # noqa: E402
+from paper.data import digits_attributes, shapes_attributes  # noqa: E402
+from paper.models import CompactAttributeNet  # noqa: E402
+from paper.training import METHODS, make_objective, make_sampler, predict  # noqa: E402
 
 DATASETS = ("digits", "shapes")
 # The paper's Table 4: gain (points) of each CRL variant over DeepID2 (CelebA) and MTCT (X-Domain).
@@ -223,7 +224,7 @@ def main(argv=None):
     parser.add_argument("--crl-weight", type=float, default=1.0, help="weight of l_crl (paper Eq. 8: 1)")
     parser.add_argument("--backend", default="auto", choices=["auto", "native", "reference"])
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="parallel runs (processes)")
-    parser.add_argument("--out", default="results/offline", help="output folder")
+    parser.add_argument("--out", default=str(EXAMPLES / "results" / "offline"), help="output folder")
     args = parser.parse_args(argv)
 
     names = [n for n in args.datasets.split(",") if n]

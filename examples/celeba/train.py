@@ -5,7 +5,7 @@
     python examples/celeba/train.py --data DATA --out runs/celeba/oversample --loss ce --baseline oversample
 
 DATA holds CelebA's img_align_celeba/, list_attr_celeba.txt and list_eval_partition.txt. The
-network is crl_ops.models.CelebANet (DeepID2 trunk, a 64-d FC2 per attribute); the defaults are
+network is paper.models.CelebANet (DeepID2 trunk, a 64-d FC2 per attribute); the defaults are
 the paper's: SGD, lr 0.001, momentum 0.9, weight decay 0.0005, batch 128, 200 epochs, trained on
 the 162,770 training images and tested on the 19,962 test images. OUT gets last.pt (after every
 epoch; --resume continues), log.csv, results.json and table.md: Table 2's layout, attributes
@@ -16,13 +16,14 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from a checkout: crl_ops is two folders up
+EXAMPLES = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(EXAMPLES.parent), str(EXAMPLES)]  # from a checkout: crl_ops, and the paper package
 
 import paper_table2  # noqa: E402 (next to this script)
-from crl_ops import reporting  # noqa: E402
-from crl_ops.data import ImageAttributeDataset, celeba_split, read_celeba  # noqa: E402
-from crl_ops.models import CelebANet  # noqa: E402
-from crl_ops.training import add_run_arguments, run_experiment  # noqa: E402
+from paper import reporting  # noqa: E402
+from paper.data import ImageAttributeDataset, celeba_split, read_celeba  # noqa: E402
+from paper.models import CelebANet  # noqa: E402
+from paper.training import add_run_arguments, run_experiment  # noqa: E402
 
 
 def main(argv=None):

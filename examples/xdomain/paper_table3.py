@@ -4,7 +4,7 @@ Transcribed from Dong, Gong & Zhu, ICCV 2017, Table 3 (category, colour, collar,
 shape, length, sleeve shape, sleeve length), with its imbalance ratio row ("1:x").
 """
 
-from crl_ops.models import XDOMAIN_ATTRIBUTES
+from paper.models import XDOMAIN_ATTRIBUTES
 
 ATTRIBUTES = XDOMAIN_ATTRIBUTES  # Table 3's columns, as named in the manifest
 

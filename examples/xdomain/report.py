@@ -9,10 +9,11 @@ OUT/figure6.png (gain over the baseline per attribute against imbalance ratio).
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from a checkout: crl_ops is two folders up
+EXAMPLES = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(EXAMPLES.parent), str(EXAMPLES)]  # from a checkout: crl_ops, and the paper package
 
 import paper_table3  # noqa: E402 (next to this script)
-from crl_ops.reporting import report_main  # noqa: E402
+from paper.reporting import report_main  # noqa: E402
 
 
 def main(argv=None):

@@ -4,9 +4,9 @@
     python examples/xdomain/train.py --manifest DATA/manifest.tsv --out runs/xdomain/ce --loss ce
 
 The manifest lists the images and their nine attribute labels (format: crl_ops/data.py). The
-network is crl_ops.models.XDomainNet (MTCT: five NIN units, nine three-layer FC branches), with
+network is paper.models.XDomainNet (MTCT: five NIN units, nine three-layer FC branches), with
 the class counts read from the manifest's header; the split is the paper's random 165,467 /
-80,000 (crl_ops.data.xdomain_split, fixed seed). Defaults follow the paper: SGD, lr 0.001,
+80,000 (paper.data.xdomain_split, fixed seed). Defaults follow the paper: SGD, lr 0.001,
 momentum 0.9, weight decay 0.0005, batch 256, 150 epochs. The paper fine-tunes an ImageNet
 pre-trained trunk: pass its weights with --init (a state_dict of XDomainNet, or a run's last.pt,
 matched by name; the trunk's parameters are enough). OUT gets last.pt, log.csv, results.json and table.md
@@ -19,13 +19,14 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from a checkout: crl_ops is two folders up
+EXAMPLES = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(EXAMPLES.parent), str(EXAMPLES)]  # from a checkout: crl_ops, and the paper package
 
 import paper_table3  # noqa: E402 (next to this script)
-from crl_ops import reporting  # noqa: E402
-from crl_ops.data import ImageAttributeDataset, read_xdomain, xdomain_split  # noqa: E402
-from crl_ops.models import XDomainNet  # noqa: E402
-from crl_ops.training import add_run_arguments, run_experiment  # noqa: E402
+from paper import reporting  # noqa: E402
+from paper.data import ImageAttributeDataset, read_xdomain, xdomain_split  # noqa: E402
+from paper.models import XDomainNet  # noqa: E402
+from paper.training import add_run_arguments, run_experiment  # noqa: E402
 
 
 def main(argv=None):

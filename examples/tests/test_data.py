@@ -6,8 +6,9 @@ import pytest
 import torch
 from PIL import Image
 
-import crl_ops.data
-from crl_ops.data import (
+import paper.data
+from crl_ops.metrics import class_counts, imbalance_ratios
+from paper.data import (
     CELEBA_ATTRIBUTES,
     ImageAttributeDataset,
     celeba_split,
@@ -18,8 +19,7 @@ from crl_ops.data import (
     shapes_attributes,
     xdomain_split,
 )
-from crl_ops.metrics import class_counts, imbalance_ratios
-from crl_ops.models import XDOMAIN_ATTRIBUTES
+from paper.models import XDOMAIN_ATTRIBUTES
 
 XDOMAIN_FIXTURE_CLASSES = (4, 6, 3, 3, 5, 3, 4, 3, 2)
 
@@ -240,8 +240,8 @@ def test_shapes_attributes_draw_what_the_labels_say():
 
 def test_celeba_full_size_must_have_the_standard_split(tmp_path, monkeypatch):
     write_celeba(tmp_path)  # 28 images: 16 / 4 / 8
-    monkeypatch.setattr(crl_ops.data, "CELEBA_SPLIT_SIZES", (16, 4, 8))
+    monkeypatch.setattr(paper.data, "CELEBA_SPLIT_SIZES", (16, 4, 8))
     read_celeba(tmp_path)
-    monkeypatch.setattr(crl_ops.data, "CELEBA_SPLIT_SIZES", (15, 5, 8))  # a "full" set split otherwise
+    monkeypatch.setattr(paper.data, "CELEBA_SPLIT_SIZES", (15, 5, 8))  # a "full" set split otherwise
     with pytest.raises(ValueError, match=r"expected the standard split \(15, 5, 8\), got \(16, 4, 8\)"):
         read_celeba(tmp_path)

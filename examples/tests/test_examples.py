@@ -9,12 +9,12 @@ import pytest
 
 from .test_data import XDOMAIN_FIXTURE_CLASSES, write_celeba, write_xdomain
 
-ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = Path(__file__).resolve().parents[1]
 
 
 def load_script(relative: str):
     """Imports an example script as a module (its folder on sys.path, as when run directly)."""
-    path = ROOT / relative
+    path = EXAMPLES / relative
     if str(path.parent) not in sys.path:
         sys.path.insert(0, str(path.parent))
     spec = importlib.util.spec_from_file_location(f"script_{path.parent.name}_{path.stem}", path)
@@ -34,10 +34,10 @@ def run(script: str, *args, capsys) -> str:
 def test_celeba_training_resume_evaluation_and_report(tmp_path, capsys):
     write_celeba(tmp_path / "celeba")
     common = ["--data", tmp_path / "celeba", "--batch-size", 8, "--workers", 0, "--device", "cpu"]
-    out = run("examples/celeba/train.py", *common, "--out", tmp_path / "crl", "--loss", "crl", "--mode", "class",
+    out = run("celeba/train.py", *common, "--out", tmp_path / "crl", "--loss", "crl", "--mode", "class",
               "--form", "absolute", "--epochs", 1, capsys=capsys)
     assert "CRL(C+A) (measured)" in out and "DeepID2 (paper)" in out and "LMLE (paper)" in out
-    out = run("examples/celeba/train.py", *common, "--out", tmp_path / "crl", "--loss", "crl", "--mode", "class",
+    out = run("celeba/train.py", *common, "--out", tmp_path / "crl", "--loss", "crl", "--mode", "class",
               "--form", "absolute", "--epochs", 2, "--resume", capsys=capsys)
     epochs = {row.split(",")[0] for row in (tmp_path / "crl" / "log.csv").read_text().splitlines()[1:]}
     assert epochs == {"1", "2"}  # the second call trained epoch 2 only
@@ -47,13 +47,13 @@ def test_celeba_training_resume_evaluation_and_report(tmp_path, capsys):
     table = (tmp_path / "crl" / "table.md").read_text()
     assert table.splitlines()[0].startswith("| Methods |") and "Imbalance ratio (1:x)" in table
 
-    run("examples/celeba/train.py", *common, "--out", tmp_path / "ce", "--loss", "ce", "--baseline", "downsample",
+    run("celeba/train.py", *common, "--out", tmp_path / "ce", "--loss", "ce", "--baseline", "downsample",
         "--epochs", 1, capsys=capsys)
-    run("examples/celeba/train.py", *common, "--out", tmp_path / "ce", "--loss", "ce", "--baseline", "downsample",
+    run("celeba/train.py", *common, "--out", tmp_path / "ce", "--loss", "ce", "--baseline", "downsample",
         "--evaluate-only", capsys=capsys)
     with pytest.raises(FileNotFoundError, match="--evaluate-only tests a trained model, but .*last.pt is missing"):
-        run("examples/celeba/train.py", *common, "--out", tmp_path / "none", "--evaluate-only", capsys=capsys)
-    out = run("examples/celeba/report.py", tmp_path / "crl" / "results.json", tmp_path / "ce" / "results.json",
+        run("celeba/train.py", *common, "--out", tmp_path / "none", "--evaluate-only", capsys=capsys)
+    out = run("celeba/report.py", tmp_path / "crl" / "results.json", tmp_path / "ce" / "results.json",
               "--baseline", "downsample", "--out", tmp_path / "report", capsys=capsys)
     assert "Gain over Down-Sampling" in out and "CRL(I) (paper)" in out and "Table 4 layout" in out
     assert (tmp_path / "report" / "figure5.png").stat().st_size > 1000
@@ -64,15 +64,15 @@ def test_xdomain_training_and_report(tmp_path, capsys):
     write_xdomain(tmp_path / "xdomain", count=18)
     common = ["--manifest", tmp_path / "xdomain" / "manifest.tsv", "--batch-size", 8, "--workers", 0,
               "--device", "cpu", "--epochs", 1]
-    out = run("examples/xdomain/train.py", *common, "--out", tmp_path / "ce", "--loss", "ce", capsys=capsys)
+    out = run("xdomain/train.py", *common, "--out", tmp_path / "ce", "--loss", "ce", capsys=capsys)
     assert "CE (measured)" in out and "MTCT (paper)" in out
-    out = run("examples/xdomain/train.py", *common, "--out", tmp_path / "crl", "--loss", "crl", "--baseline",
+    out = run("xdomain/train.py", *common, "--out", tmp_path / "crl", "--loss", "crl", "--baseline",
               "costsensitive", "--limit", 8, "--init", tmp_path / "ce" / "last.pt", capsys=capsys)
     assert "0 parameters left at random, 0 ignored" in out
     record = json.loads((tmp_path / "crl" / "results.json").read_text())
     assert record["num_classes"] == list(XDOMAIN_FIXTURE_CLASSES) and record["train_size"] == 8
     assert record["method"] == "costsensitive+crl-i-r"
-    out = run("examples/xdomain/report.py", tmp_path / "ce" / "results.json", tmp_path / "crl" / "results.json",
+    out = run("xdomain/report.py", tmp_path / "ce" / "results.json", tmp_path / "crl" / "results.json",
               "--out", tmp_path / "report", capsys=capsys)
     assert "Gain over CE" in out and (tmp_path / "report" / "figure6.png").is_file()
 
@@ -80,13 +80,13 @@ def test_xdomain_training_and_report(tmp_path, capsys):
 def test_report_rejects_results_of_another_dataset(tmp_path, capsys):
     (tmp_path / "results.json").write_text(json.dumps({"dataset": "xdomain"}))
     with pytest.raises(SystemExit):
-        run("examples/celeba/report.py", tmp_path / "results.json", "--out", tmp_path, capsys=capsys)
+        run("celeba/report.py", tmp_path / "results.json", "--out", tmp_path, capsys=capsys)
     assert "is a result of 'xdomain', not 'celeba'" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("workers", [1, 2])
 def test_offline_benchmark_quick(tmp_path, capsys, workers):
-    out = run("examples/offline_benchmark.py", "--quick", "--seeds-shapes", 1, "--workers", workers,
+    out = run("offline_benchmark.py", "--quick", "--seeds-shapes", 1, "--workers", workers,
               "--methods", "crl-i-r,oversample,costsensitive", "--out", tmp_path / "offline", capsys=capsys)
     assert "Table 4 layout" in out and "| Instance level |" in out
     record = json.loads((tmp_path / "offline" / "benchmark.json").read_text())

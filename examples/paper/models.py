@@ -28,7 +28,7 @@ XDOMAIN_ATTRIBUTES = ("category", "colour", "collar", "button", "pattern", "shap
                       "sleeve_shape", "sleeve_length")
 # The paper gives only the range (6 values for sleeve length, 55 for colour) and the total (178);
 # the other counts here are stand-ins with that range and total. Training scripts take the real
-# counts from the dataset manifest (crl_ops.data.read_xdomain).
+# counts from the dataset manifest (paper.data.read_xdomain).
 XDOMAIN_NUM_CLASSES = (16, 55, 16, 12, 21, 14, 15, 23, 6)
 
 

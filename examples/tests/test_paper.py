@@ -1,4 +1,5 @@
-"""The reproduction's library pieces: imbalance metrics, baselines, networks, training loop, reports."""
+"""The reproduction's shared package (examples/paper): networks, methods, training loop, reports; and the
+library's imbalance tools it builds on (crl_ops.balancing, class counts and imbalance ratios)."""
 import math
 
 import pytest
@@ -6,11 +7,11 @@ import torch
 from torch.utils.data import TensorDataset
 
 import crl_ops
-from crl_ops import reporting
-from crl_ops.baselines import DownSampler, OverSampler, balancing_weights, sample_weights, weighted_cross_entropy
+from crl_ops.balancing import DownSampler, OverSampler, balancing_weights, sample_weights, weighted_cross_entropy
 from crl_ops.metrics import class_counts, imbalance_ratios
-from crl_ops.models import CelebANet, CompactAttributeNet, PerAttributeLinear, XDomainNet
-from crl_ops.training import (
+from paper import reporting
+from paper.models import CelebANet, CompactAttributeNet, PerAttributeLinear, XDomainNet
+from paper.training import (
     METHODS,
     Checkpoint,
     Method,

@@ -22,9 +22,8 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, RandomSampler, Sampler
 from tqdm import tqdm
 
-from .baselines import DownSampler, OverSampler, balancing_weights, sample_weights, weighted_cross_entropy
-from .loss import CRL, cross_entropy
-from .metrics import BalancedAccuracy, class_balanced_accuracy, imbalance_ratios
+from crl_ops import CRL, BalancedAccuracy, class_balanced_accuracy, cross_entropy, imbalance_ratios
+from crl_ops.balancing import DownSampler, OverSampler, balancing_weights, sample_weights, weighted_cross_entropy
 
 BASELINES = ("oversample", "downsample", "costsensitive")
 MODES = ("class", "instance")
