@@ -1,27 +1,40 @@
-"""The paper's comparison (Table 4 and the baselines of Tables 2-3) on real and procedural data, offline.
+"""Does CRL help, and when? CRL against the imbalance methods a user would pick instead, offline.
 
-    python examples/offline_benchmark.py            # default: both datasets, 10 methods, 5 / 3 seeds
-    python examples/offline_benchmark.py --quick    # a few seconds: tiny data, few steps (for tests)
+    python examples/offline_benchmark.py           # make demo: a subset at a short budget (about 5 min, 2 cores)
+    python examples/offline_benchmark.py --full    # the committed results: every method, trained to convergence
+    python examples/offline_benchmark.py --quick   # seconds: tiny data, 6 steps (what the tests run)
 
-Two imbalanced multi-attribute tasks that need no download (paper.data):
-- digits: scikit-learn's bundled handwritten digits, digit identity made long-tailed (1:20),
-  plus attributes derived from it (closed loops, prime) and from the pixels (heavy ink);
-- shapes: procedurally drawn images with six attributes, imbalanced from 1:2 to 1:4000 like X-Domain.
+Two imbalanced multi-attribute image tasks that need no download (paper.data): scikit-learn's
+handwritten digits made long-tailed (imbalance 1:2 to 1:25) and procedurally drawn shapes with
+X-Domain-like imbalance (1:2 to 1:4000).
 
-Every method trains the same network (paper.models.CompactAttributeNet) for the same number of
-SGD steps with the same hyper-parameters; only the loss and the sampler differ: CE,
-over-sampling, down-sampling, cost-sensitive CE, and CE + CRL in its six variants (class or
-instance mining x absolute, relative or distribution loss) with the paper's weight 1. Each
-(method, seed) pair starts from the same initial weights as CE with that seed, so gains are
-paired by seed. The metric is the class-balanced accuracy (mean per-class recall) on the test set.
+Every method trains the same network (paper.models.CompactAttributeNet; LDAM-DRW with its cosine
+classifier) for the same number of SGD steps with the same hyper-parameters; only the loss and the
+sampler differ (paper.training.METHODS): CE; the paper's baselines (over-sampling, down-sampling,
+cost-sensitive CE); the ones a user would pick today (logit adjustment = balanced softmax, focal
+loss, class-balanced effective-number weights, LDAM-DRW); CE + CRL in the paper's six variants;
+CRL on top of over-sampling and of logit adjustment; and CRL's options. A seed fixes the initial
+weights and the data order, so gains over CE are paired by seed. The metric is the class-balanced
+accuracy (mean per-class recall) on a test set.
 
-Writes to --out (default examples/results/offline/): benchmark.json (every run's per-attribute accuracy),
-summary.md (Table 4 layout and per-attribute tables) and <dataset>_gains.png (Figures 5/6 layout).
+--full first trains CE (and logit adjustment and CRL(I+R)) at 1, 2, 4 and 8 times a base number of
+steps and takes as the budget of every method the smallest one after which doubling the steps
+improves CE by less than --converged points; then it trains every method at that budget. Each run
+also records diagnostics: CRL's anchors and triplets per attribute and batch (last_stats), how
+often the rarest class of each attribute is an active minority class, the ratio of the gradient
+norms of the CRL and classification terms at the features, the features' norms, and the recall of
+each attribute's rarest class on the training and test sets.
+
+Writes to --out: benchmark.json (every run, the configuration, the machine), summary.md (all
+tables), <dataset>_gains.png (Figures 5/6 layout), <dataset>_diagnostics.png and, with --full,
+convergence.png. Runs are deterministic: the same command on the same machine gives the same
+numbers (one thread per run, fixed seeds).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import multiprocessing
 import os
 import platform
@@ -40,9 +53,10 @@ from crl_ops import imbalance_ratios  # noqa: E402
 from paper import reporting  # noqa: E402
 from paper.data import digits_attributes, shapes_attributes  # noqa: E402
 from paper.models import CompactAttributeNet  # noqa: E402
-from paper.training import METHODS, make_objective, make_sampler, predict  # noqa: E402
+from paper.training import FORMS, METHODS, MODES, BaselineSettings, make_objective, make_sampler, predictions  # noqa: E402
 
 DATASETS = ("digits", "shapes")
+BASELINE = "ce"
 # The paper's Table 4: gain (points) of each CRL variant over DeepID2 (CelebA) and MTCT (X-Domain).
 PAPER_TABLE4 = {
     "CelebA (paper)": {("class", "absolute"): 5.71, ("class", "relative"): 4.23, ("class", "distribution"): 0.54,
@@ -52,8 +66,18 @@ PAPER_TABLE4 = {
                          ("instance", "absolute"): 4.92, ("instance", "relative"): 6.13,
                          ("instance", "distribution"): 2.05},
 }
-CRL_VARIANTS = [name for name, m in METHODS.items() if m.crl]
-BASELINE = "ce"
+PAPER_VARIANTS = [f"crl-{mode[0]}-{form[0]}" for mode in MODES for form in FORMS]  # Table 4's six
+# make demo: the classical and modern baselines, the paper's default CRL and its two best-placed forms.
+DEMO_METHODS = ["ce", "oversample", "downsample", "logitadjust", "classbalanced", "focal", "ldam-drw", "crl-i-r",
+                "crl-i-r-norm", "logitadjust+crl-i-r@0.3"]
+# Figures 5/6: the strongest baselines and the CRL variants the question is about.
+PLOTTED = ["oversample", "downsample", "logitadjust", "ldam-drw", "crl-i-r", "crl-i-r-norm", "logitadjust+crl-i-r@0.3"]
+DIAGNOSED = ["ce", "logitadjust", "crl-i-r", "crl-i-r-norm", "logitadjust+crl-i-r"]
+SWEEP_METHODS = ["ce", "logitadjust", "crl-i-r"]
+SWEEP_FACTORS = (1, 2, 4, 8)
+BASE_STEPS = {"digits": 500, "shapes": 1000}
+DIAGNOSE_EVERY = 10  # steps between diagnostic records
+STEP_MILLISECONDS = {"digits": 4.5, "shapes": 12.0}  # one idle core; orders the runs longest first
 
 
 def build_dataset(name: str, quick: bool):
@@ -62,39 +86,115 @@ def build_dataset(name: str, quick: bool):
     return shapes_attributes(num_train=1_500 if quick else 16_000, num_test=300 if quick else 3_000)
 
 
-def train_and_test(dataset, method_name: str, seed: int, config: dict) -> dict:
-    """One run: per-attribute class-balanced accuracy on the test set, and the step where the
-    network's outputs stopped being finite (None if they never did; the run then stops and is
-    tested as it is)."""
+def per_class_recall(preds: torch.Tensor, labels: torch.Tensor, num_classes) -> torch.Tensor:
+    """float64 [A, Cmax]: recall of each class among the annotated labels (NaN where a class is absent)."""
+    recall = torch.full((labels.shape[1], max(num_classes)), math.nan, dtype=torch.float64)
+    for j, c in enumerate(num_classes):
+        for k in range(c):
+            members = labels[:, j] == k
+            if members.any():
+                recall[j, k] = (preds[members, j] == k).double().mean()
+    return recall
+
+
+class Diagnostics:
+    """What CRL sees and does during one run, recorded every DIAGNOSE_EVERY steps."""
+
+    def __init__(self, rarest: torch.Tensor):
+        self.rarest = rarest  # [A] each attribute's rarest training class
+        self.records = []
+
+    def record(self, objective, features: torch.Tensor) -> None:
+        entry = {"feature_norm": features.detach().norm(dim=-1).mean(0)}
+        if "crl" in objective.parts:
+            grads = {name: torch.autograd.grad(part, features, retain_graph=True, allow_unused=True)[0]
+                     for name, part in objective.parts.items()}
+            norms = {name: 0.0 if g is None else float(g.norm()) for name, g in grads.items()}
+            entry["grad_ratio"] = norms["crl"] / norms["cls"] if norms["cls"] > 0 else math.nan
+            stats = objective.crl.last_stats
+            entry["anchors"] = stats.num_anchors.double()
+            entry["triplets"] = stats.num_triplets.double()
+            entry["active"] = stats.active.sum(1).double()
+            entry["rarest_active"] = stats.active.gather(1, self.rarest[:, None]).squeeze(1).double()
+        self.records.append(entry)
+
+    def summary(self) -> dict:
+        """Means over the run's records; per attribute where the record is per attribute."""
+        out = {}
+        for key in self.records[0]:
+            values = [r[key] for r in self.records]
+            if isinstance(values[0], torch.Tensor):
+                out[key] = torch.stack(values).mean(0).tolist()
+            else:
+                finite = [v for v in values if math.isfinite(v)]
+                out[key] = sum(finite) / len(finite) if finite else None
+        out["train_feature_norm_trajectory"] = [float(r["feature_norm"].mean()) for r in self.records]
+        return out
+
+
+def train_and_test(dataset, method_name: str, seed: int, steps: int, config: dict) -> dict:
+    """One run: per-attribute class-balanced test accuracy, diagnostics, and the step where the
+    network's outputs stopped being finite (None if they never did; the run then stops there)."""
     method = METHODS[method_name]
+    settings = BaselineSettings(**config["baseline_settings"])
     torch.manual_seed(seed)  # same initial weights for every method of this seed
-    model = CompactAttributeNet(dataset.input_size, dataset.num_classes)
+    model = CompactAttributeNet(dataset.input_size, dataset.num_classes,
+                                cosine_scale=settings.scale if method.cosine_classifier else None)
     generator = torch.Generator().manual_seed(seed)
     objective = make_objective(method, dataset.train_labels, dataset.num_classes, crl_weight=config["crl_weight"],
-                               backend=config["backend"])
+                               backend=config["backend"], settings=settings)
     sampler = make_sampler(method, dataset.train_labels, dataset.num_classes, generator)
     optimiser = torch.optim.SGD(model.parameters(), lr=config["lr"], momentum=0.9, weight_decay=5e-4)
-    steps = config["steps"][dataset.name]
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, steps)
+    counts = crl_ops.class_counts(dataset.train_labels, dataset.num_classes)
+    rarest = torch.where(counts > 0, counts, counts.max() + 1).argmin(1)
+    diagnostics = Diagnostics(rarest)
     done, diverged_at = 0, None
     while done < steps and diverged_at is None:
         # One pass of the sampler (plain shuffling without one), in random order.
         epoch = torch.tensor(list(sampler)) if sampler is not None else torch.arange(len(dataset.train_labels))
         epoch = epoch[torch.randperm(len(epoch), generator=generator)]
         for batch in epoch.split(config["batch_size"])[: steps - done]:
+            objective.set_progress(done / steps)
             features, logits = model(dataset.train_images[batch])
             if not bool(torch.isfinite(features).all()):  # the weights have blown up
                 diverged_at = done
                 break
             loss = objective(features, logits, dataset.train_labels[batch])
+            if done % DIAGNOSE_EVERY == 0:
+                diagnostics.record(objective, features)
             optimiser.zero_grad()
             loss.backward()
             optimiser.step()
             schedule.step()
             done += 1
-    preds, labels = predict(model, [(dataset.test_images, dataset.test_labels)])
-    accuracy = crl_ops.class_balanced_accuracy(preds, labels, dataset.num_classes).per_attribute.tolist()
-    return {"per_attribute": accuracy, "diverged_at": diverged_at}
+    model.eval()
+    test_preds, _ = _evaluate(model, dataset.test_images)
+    train_preds, train_norms = _evaluate(model, dataset.train_images)
+    accuracy = crl_ops.class_balanced_accuracy(test_preds, dataset.test_labels, dataset.num_classes).per_attribute
+    train_accuracy = crl_ops.class_balanced_accuracy(train_preds, dataset.train_labels, dataset.num_classes)
+    pick = rarest[:, None]
+    summary = diagnostics.summary()
+    summary.update({
+        "final_feature_norm": train_norms.tolist(),
+        "train_accuracy": train_accuracy.per_attribute.tolist(),
+        "train_recall_rarest": per_class_recall(train_preds, dataset.train_labels, dataset.num_classes)
+        .gather(1, pick).squeeze(1).tolist(),
+        "test_recall_rarest": per_class_recall(test_preds, dataset.test_labels, dataset.num_classes)
+        .gather(1, pick).squeeze(1).tolist(),
+    })
+    return {"per_attribute": accuracy.tolist(), "diverged_at": diverged_at, "diagnostics": summary}
+
+
+@torch.no_grad()
+def _evaluate(model, images: torch.Tensor, chunk: int = 4096):
+    """(predictions [N, A], mean feature norm per attribute [A]) of a model in eval mode."""
+    preds, norm_sum = [], 0.0
+    for part in images.split(chunk):
+        features, logits = model(part)
+        preds.append(predictions(logits))
+        norm_sum = norm_sum + features.norm(dim=-1).sum(0)
+    return torch.cat(preds), norm_sum / len(images)
 
 
 _DATASETS = {}
@@ -106,90 +206,142 @@ def _worker_init(datasets):
 
 
 def _run(task):
-    dataset_name, method_name, seed, config = task
-    return task[:3], train_and_test(_DATASETS[dataset_name], method_name, seed, config)
+    dataset_name, method_name, seed, steps, config = task
+    return task[:4], train_and_test(_DATASETS[dataset_name], method_name, seed, steps, config)
 
 
-def run_all(datasets: dict, methods, seeds: dict, config, workers: int) -> dict:
-    """results[dataset][method][seed] = that run's result (train_and_test); seeds[dataset] = 0, 1, ..."""
-    tasks = [(d, m, s, config) for d in datasets for s in seeds[d] for m in methods]
-    results = {d: {m: [None] * len(seeds[d]) for m in methods} for d in datasets}
-    bar = tqdm(total=len(tasks), desc="runs (dataset x method x seed)", unit="run")
+def run_tasks(datasets: dict, tasks, config: dict, workers: int, desc: str) -> dict:
+    """{(dataset, method, seed, steps): result} for every task, longest first (results do not depend
+    on which worker runs what)."""
+    order = sorted(set(tasks), key=lambda t: (-t[3] * STEP_MILLISECONDS[t[0]], t))
+    results = {}
+    bar = tqdm(total=len(order), desc=desc, unit="run")
+    jobs = [(*t, config) for t in order]
     if workers > 1:
         with multiprocessing.get_context("fork").Pool(workers, _worker_init, (datasets,)) as pool:
-            for (d, m, s), accuracy in pool.imap_unordered(_run, tasks):
-                results[d][m][s] = accuracy
+            for key, result in pool.imap_unordered(_run, jobs):
+                results[key] = result
                 bar.update()
     else:
         _worker_init(datasets)
-        for task in tasks:
-            (d, m, s), accuracy = _run(task)
-            results[d][m][s] = accuracy
+        for job in jobs:
+            key, result = _run(job)
+            results[key] = result
             bar.update()
     bar.close()
     return results
 
 
-def summarise(datasets: dict, results: dict, methods) -> dict:
-    """Mean accuracy and paired gains over CE (mean ± std over seeds), overall and per attribute."""
+def mean_accuracy(result: dict) -> float:
+    return sum(result["per_attribute"]) / len(result["per_attribute"])
+
+
+def choose_budget(sweep: dict, name: str, seeds, threshold: float) -> tuple:
+    """(steps, table): the smallest swept budget after which doubling it improves CE's mean
+    accuracy by less than `threshold` (a fraction); the largest one if none does."""
+    budgets = [BASE_STEPS[name] * f for f in SWEEP_FACTORS]
+    means = [sum(mean_accuracy(sweep[(name, BASELINE, s, b)]) for s in seeds) / len(seeds) for b in budgets]
+    for (steps, mean), following in zip(zip(budgets, means), means[1:]):
+        if following - mean < threshold:
+            return steps, means
+    return budgets[-1], means
+
+
+def summarise(datasets: dict, runs: dict, methods, seeds: dict) -> dict:
+    """Per dataset and method: accuracy, paired gains over CE and over the strongest baseline
+    (mean ± std over seeds, wins), per attribute too, and the mean diagnostics."""
     summary = {}
     for name, dataset in datasets.items():
-        runs = {method: [run["per_attribute"] for run in results[name][method]] for method in methods}
-        gains = reporting.paired_gains(runs, BASELINE)
-        per_method = {}
+        per_seed = {m: [runs[name][m][s]["per_attribute"] for s in range(len(seeds[name]))] for m in methods}
+        gains = reporting.paired_gains(per_seed, BASELINE)
+        entries = {}
         for method in methods:
-            means = [sum(seed) / len(seed) for seed in runs[method]]
-            per_attribute = [reporting.mean_std([seed[j] for seed in runs[method]])
-                             for j in range(len(dataset.attributes))]
-            entry = {"label": METHODS[method].label, "mean": reporting.mean_std(means), "per_attribute": per_attribute,
-                     "diverged_runs": sum(run["diverged_at"] is not None for run in results[name][method])}
+            means = [sum(v) / len(v) for v in per_seed[method]]
+            entry = {"label": METHODS[method].label, "mean": reporting.mean_std(means),
+                     "per_attribute": [reporting.mean_std([v[j] for v in per_seed[method]])
+                                       for j in range(len(dataset.attributes))],
+                     "diverged_runs": sum(runs[name][method][s]["diverged_at"] is not None
+                                          for s in range(len(seeds[name]))),
+                     "diagnostics": _mean_diagnostics([runs[name][method][s]["diagnostics"]
+                                                       for s in range(len(seeds[name]))])}
             if method in gains:
-                entry["gain"] = reporting.mean_std([sum(seed) / len(seed) for seed in gains[method]])
-                entry["gain_per_attribute"] = [reporting.mean_std([seed[j] for seed in gains[method]])
+                seed_gains = [sum(v) / len(v) for v in gains[method]]
+                entry["gain"] = reporting.mean_std(seed_gains)
+                entry["wins"] = sum(g > 0 for g in seed_gains)
+                entry["gain_per_attribute"] = [reporting.mean_std([v[j] for v in gains[method]])
                                                for j in range(len(dataset.attributes))]
-            per_method[method] = entry
-        summary[name] = per_method
+            entries[method] = entry
+        baselines = [m for m in methods if m != BASELINE and not METHODS[m].crl]
+        strongest = max(baselines, key=lambda m: entries[m]["gain"][0]) if baselines else None
+        if strongest is not None:
+            for method in methods:
+                if method != strongest:
+                    diffs = [a - b for a, b in zip((sum(v) / len(v) for v in per_seed[method]),
+                                                   (sum(v) / len(v) for v in per_seed[strongest]))]
+                    entries[method]["vs_strongest"] = reporting.mean_std(diffs)
+                    entries[method]["wins_vs_strongest"] = sum(d > 0 for d in diffs)
+        summary[name] = {"methods": entries, "strongest_baseline": strongest}
     return summary
 
 
-def write_outputs(out: Path, datasets: dict, ratios: dict, results: dict, summary: dict, config: dict,
-                  seeds, wall_seconds: float) -> str:
-    out.mkdir(parents=True, exist_ok=True)
-    record = {
-        "config": config, "seeds": seeds, "wall_seconds": round(wall_seconds, 1),
-        "machine": {"python": platform.python_version(), "torch": torch.__version__, "cpus": os.cpu_count(),
-                    "native_kernels": crl_ops.native_available("cpu")},
-        "datasets": {name: {"description": d.description, "attributes": d.attributes, "num_classes": d.num_classes,
-                            "train_imbalance_ratios": ratios[name], "train_size": len(d.train_labels),
-                            "test_size": len(d.test_labels)} for name, d in datasets.items()},
-        "runs": results, "summary": summary,
-    }
-    (out / "benchmark.json").write_text(json.dumps(record, indent=1))
+def _mean_diagnostics(records) -> dict:
+    out = {}
+    for key, value in records[0].items():
+        if key == "train_feature_norm_trajectory" or value is None:
+            continue
+        values = [r[key] for r in records if r.get(key) is not None]
+        if isinstance(value, list):
+            out[key] = [sum(v[j] for v in values) / len(values) for j in range(len(value))]
+        else:
+            out[key] = sum(values) / len(values)
+    return out
 
-    seed_counts = ", ".join(f"{len(seeds[n])} on {n}" for n in datasets)
+
+def write_outputs(out: Path, datasets: dict, ratios: dict, record: dict) -> str:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "benchmark.json").write_text(json.dumps(record, indent=1))
+    summary, seeds, config = record["summary"], record["seeds"], record["config"]
     lines = ["# Offline benchmark: class-balanced accuracy (%), gains over CE", "",
-             f"Seeds: {seed_counts}; mean ± std over seeds; gains are paired by seed. "
-             f"Wall time {wall_seconds / 60:.1f} min on {os.cpu_count()} CPU cores.", ""]
-    variants = {name: {(METHODS[m].mode, METHODS[m].form): summary[name][m].get("gain")
-                       for m in CRL_VARIANTS if m in summary[name]} for name in datasets}
-    paper = {name: {cell: value / 100 for cell, value in cells.items()} for name, cells in PAPER_TABLE4.items()}
+             f"Mode: {config['mode']}. Seeds: " + ", ".join(f"{len(seeds[n])} on {n}" for n in datasets)
+             + "; mean ± std over seeds; gains are paired by seed (wins: seeds with a positive gain). "
+             + "SGD steps per run: " + ", ".join(f"{config['steps'][n]} on {n}" for n in datasets)
+             + f". Wall time {record['wall_seconds'] / 60:.1f} min on {record['machine']['cpus']} CPU cores "
+             + f"({record['cpu_seconds'] / 60:.1f} CPU-minutes; load average {record['load_average'][0]:.1f} "
+             + f"at the start, {record['load_average'][1]:.1f} at the end).", ""]
+    if "convergence" in record:
+        lines += _convergence_lines(record["convergence"], datasets)
+        reporting.plot_convergence(str(out / "convergence.png"), record["convergence"],
+                                   {m: METHODS[m].label for m in SWEEP_METHODS})
+        lines += ["![convergence](convergence.png)", ""]
+    methods = list(summary[next(iter(datasets))]["methods"])
     diverged = [f"{METHODS[m].label} on {name} ({entry['diverged_runs']})" for name in datasets
-                for m, entry in summary[name].items() if entry["diverged_runs"]]
-    lines += ["## Table 4 layout: gain of each CRL variant over CE (points)", "",
-              reporting.variant_table(variants), "The paper's Table 4, for comparison (gain over DeepID2 / MTCT):", "",
-              reporting.variant_table(paper), "## All methods (mean over attributes)", "",
+                for m, entry in summary[name]["methods"].items() if entry["diverged_runs"]]
+    lines += ["## All methods (mean over attributes)", "",
               "Runs stopped early because the network's outputs stopped being finite: "
               + (", ".join(diverged) if diverged else "none") + ".", "",
-              "| Method | " + " | ".join(f"{n} accuracy | {n} gain over CE" for n in datasets) + " |",
-              "|---|" + "---|---|" * len(datasets)]
-    for method in summary[next(iter(datasets))]:
+              "Strongest baseline (largest mean gain among the methods without CRL): "
+              + ", ".join(f"{METHODS[summary[n]['strongest_baseline']].label} on {n}" for n in datasets
+                          if summary[n]["strongest_baseline"]) + ".", "",
+              "| Method | " + " | ".join(f"{n} accuracy | {n} gain over CE (wins) | {n} vs strongest (wins)"
+                                       for n in datasets) + " |",
+              "|---|" + "---|---|---|" * len(datasets)]
+    for method in methods:
         cells = []
         for name in datasets:
-            entry = summary[name][method]
-            cells += [reporting.format_cell(entry["mean"], 1), reporting.format_cell(entry.get("gain"), 2, signed=True)]
+            entry = summary[name]["methods"][method]
+            count = len(seeds[name])
+            cells += [reporting.format_cell(entry["mean"], 1),
+                      _with_wins(entry.get("gain"), entry.get("wins"), count),
+                      _with_wins(entry.get("vs_strongest"), entry.get("wins_vs_strongest"), count)]
         lines.append(f"| {METHODS[method].label} | " + " | ".join(cells) + " |")
+    variants = {name: {(METHODS[m].mode, METHODS[m].form): summary[name]["methods"][m].get("gain")
+                       for m in PAPER_VARIANTS if m in summary[name]["methods"]} for name in datasets}
+    paper = {name: {cell: value / 100 for cell, value in cells.items()} for name, cells in PAPER_TABLE4.items()}
+    lines += ["", "## Table 4 layout: gain of each of the paper's CRL variants over CE (points)", "",
+              reporting.variant_table(variants), "The paper's Table 4, for comparison (gain over DeepID2 / MTCT):", "",
+              reporting.variant_table(paper)]
     for name, dataset in datasets.items():
-        entries = summary[name]
+        entries = summary[name]["methods"]
         lines += ["", f"## {name}: {dataset.description}", "", "Class-balanced accuracy per attribute:", "",
                   reporting.attribute_table(dataset.attributes, ratios[name],
                                             {e["label"]: e["per_attribute"] for e in entries.values()},
@@ -199,67 +351,185 @@ def write_outputs(out: Path, datasets: dict, ratios: dict, results: dict, summar
                                             {e["label"]: e["gain_per_attribute"] for e in entries.values() if "gain" in e},
                                             {e["label"]: e["gain"] for e in entries.values() if "gain" in e},
                                             signed=True),
-                  f"![{name} gains]({name}_gains.png)"]
+                  f"![{name} gains]({name}_gains.png)", ""]
+        shown = [m for m in PLOTTED if m in entries]
         reporting.plot_gains(str(out / f"{name}_gains.png"), dataset.attributes, ratios[name],
-                             {e["label"]: [g[0] for g in e["gain_per_attribute"]] for e in entries.values() if "gain" in e},
+                             {entries[m]["label"]: [g[0] for g in entries[m]["gain_per_attribute"]] for m in shown},
                              title=f"{name}: gain over CE per attribute ({len(seeds[name])} seeds)",
-                             errors={e["label"]: [g[1] for g in e["gain_per_attribute"]]
-                                     for e in entries.values() if "gain" in e}, baseline="CE")
+                             errors={entries[m]["label"]: [g[1] for g in entries[m]["gain_per_attribute"]]
+                                     for m in shown}, baseline="CE")
+        lines += _diagnostic_lines(name, dataset, ratios[name], entries)
+        diagnosed = [m for m in DIAGNOSED if m in entries]
+        reporting.plot_diagnostics(str(out / f"{name}_diagnostics.png"), dataset.attributes, ratios[name],
+                                   {entries[m]["label"]: entries[m]["diagnostics"] for m in diagnosed},
+                                   title=f"{name}: what the methods do to the features ({len(seeds[name])} seeds)")
+        lines += [f"![{name} diagnostics]({name}_diagnostics.png)", ""]
     text = "\n".join(lines) + "\n"
     (out / "summary.md").write_text(text)
     return text
 
 
+def _with_wins(cell, wins, count) -> str:
+    if cell is None:
+        return ""
+    return f"{reporting.format_cell(cell, 2, signed=True)} ({wins}/{count})"
+
+
+def _convergence_lines(convergence: dict, datasets) -> list:
+    lines = ["## Training budget: mean accuracy against SGD steps", "",
+             f"The budget of every method is the smallest number of steps after which doubling it improves "
+             f"CE by less than {100 * convergence['threshold']:.1f} points (mean over the seeds).", ""]
+    for name in datasets:
+        table = convergence[name]
+        lines += [f"{name}: budget {table['budget']} steps.", "",
+                  "| Method | " + " | ".join(f"{b} steps" for b in table["budgets"]) + " |",
+                  "|---|" + "---|" * len(table["budgets"])]
+        for method, cells in table["accuracy"].items():
+            lines.append(f"| {METHODS[method].label} | " + " | ".join(reporting.format_cell(tuple(c), 2)
+                                                                      for c in cells) + " |")
+        lines.append("")
+    return lines
+
+
+def _diagnostic_lines(name: str, dataset, ratios, entries: dict) -> list:
+    order = reporting.imbalance_order(ratios)
+    header = "| Method | " + " | ".join(f"{dataset.attributes[j]} (1:{ratios[j]:.0f})" for j in order) + " |"
+    rule = "|---|" + "---|" * len(order)
+
+    def table(title, key, scale=1.0, digits=1, methods=None):
+        rows = [title, "", header, rule]
+        for method, entry in entries.items():
+            values = entry["diagnostics"].get(key)
+            if values is None or (methods is not None and method not in methods):
+                continue
+            rows.append(f"| {entry['label']} | " + " | ".join(f"{scale * values[j]:.{digits}f}" for j in order) + " |")
+        return rows + [""]
+
+    crl_methods = [m for m in entries if METHODS[m].crl]
+    lines = [f"### {name}: diagnostics (mean over seeds; attributes by increasing imbalance)", ""]
+    lines += table("Recall (%) of each attribute's rarest class on the training set at the end:",
+                   "train_recall_rarest", 100, 0)
+    lines += table("Recall (%) of each attribute's rarest class on the test set:", "test_recall_rarest", 100, 0)
+    lines += table("Mean feature norm ||x_ij|| on the training set at the end:", "final_feature_norm", 1, 2)
+    lines += table("CRL anchors per batch (last_stats, every 10th step):", "anchors", 1, 1, crl_methods)
+    lines += table("CRL triplets per batch:", "triplets", 1, 0, crl_methods)
+    lines += table("Active minority classes per batch:", "active", 1, 2, crl_methods)
+    lines += table("Share (%) of batches in which the attribute's rarest class is an active minority class:",
+                   "rarest_active", 100, 0, crl_methods)
+    shares = ["Share (%) of the pooled triplet mean that each attribute gets (its triplets over all triplets):",
+              "", header, rule]
+    for method in crl_methods:
+        triplets = entries[method]["diagnostics"]["triplets"]
+        total = sum(triplets) or 1.0
+        shares.append(f"| {entries[method]['label']} | " + " | ".join(f"{100 * triplets[j] / total:.0f}"
+                                                                    for j in order) + " |")
+    lines += shares + ["", "Gradient norm at the features, CRL term over classification term (mean over the run):", "",
+                       "| Method | ratio |", "|---|---|"]
+    for method in crl_methods:
+        ratio = entries[method]["diagnostics"].get("grad_ratio")
+        lines.append(f"| {entries[method]['label']} | {'n/a' if ratio is None else f'{ratio:.2f}'} |")
+    return lines + [""]
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="tiny data, 6 steps, 2 seeds (seconds; for tests)")
-    parser.add_argument("--seeds-digits", type=int, default=None, help="seeds per method on digits (default 5)")
-    parser.add_argument("--seeds-shapes", type=int, default=None, help="seeds per method on shapes (default 3)")
+    modes = parser.add_mutually_exclusive_group()
+    modes.add_argument("--full", action="store_true",
+                       help="every method, 5 seeds, budget from a convergence sweep (hours; the committed results)")
+    modes.add_argument("--quick", action="store_true", help="tiny data, 6 steps, 2 seeds (seconds; for tests)")
+    parser.add_argument("--seeds", type=int, default=None,
+                        help="seeds per method and dataset (default 5; the demo runs 3 on shapes)")
     parser.add_argument("--datasets", default=",".join(DATASETS), help="comma-separated subset of digits,shapes")
-    parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {','.join(METHODS)}")
-    parser.add_argument("--steps-digits", type=int, default=500, help="SGD steps per digits run")
-    parser.add_argument("--steps-shapes", type=int, default=1000, help="SGD steps per shapes run")
+    parser.add_argument("--methods", default=None,
+                        help=f"comma-separated subset of {','.join(METHODS)} (default: all with --full, "
+                             f"else {','.join(DEMO_METHODS)})")
+    parser.add_argument("--steps-digits", type=int, default=None,
+                        help=f"SGD steps per digits run (default: the sweep's budget with --full, else "
+                             f"{BASE_STEPS['digits']})")
+    parser.add_argument("--steps-shapes", type=int, default=None,
+                        help=f"SGD steps per shapes run (default: the sweep's budget with --full, else "
+                             f"{BASE_STEPS['shapes']})")
+    parser.add_argument("--converged", type=float, default=0.5,
+                        help="--full: CE is converged when doubling the steps gains less than this (points)")
     parser.add_argument("--lr", type=float, default=0.02, help="initial learning rate (cosine decay to 0)")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--crl-weight", type=float, default=1.0, help="weight of l_crl (paper Eq. 8: 1)")
     parser.add_argument("--backend", default="auto", choices=["auto", "native", "reference"])
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="parallel runs (processes)")
-    parser.add_argument("--out", default=str(EXAMPLES / "results" / "offline"), help="output folder")
+    parser.add_argument("--out", default=None,
+                        help="output folder (default examples/results/offline/ with --full, else its demo/)")
     args = parser.parse_args(argv)
 
     names = [n for n in args.datasets.split(",") if n]
-    methods = [m for m in args.methods.split(",") if m]
+    methods = [m for m in (args.methods.split(",") if args.methods else
+                           list(METHODS) if args.full else DEMO_METHODS) if m]
     for flag, values, allowed in (("--datasets", names, DATASETS), ("--methods", methods, tuple(METHODS))):
         unknown = [v for v in values if v not in allowed]
         if unknown or not values:
             parser.error(f"{flag}: unknown or empty {unknown}; choose from {','.join(allowed)}")
     if BASELINE not in methods:
         methods.insert(0, BASELINE)  # gains are measured against CE
-    steps = {"digits": args.steps_digits, "shapes": args.steps_shapes}
-    if args.quick:
-        steps = {name: 6 for name in steps}
-    config = {"steps": steps, "lr": args.lr, "batch_size": args.batch_size, "crl_weight": args.crl_weight,
-              "backend": args.backend, "quick": args.quick, "momentum": 0.9, "weight_decay": 5e-4,
-              "schedule": "cosine to 0"}
-    seeds = {}
-    for name, default in (("digits", 5), ("shapes", 3)):
-        count = getattr(args, f"seeds_{name}") or (2 if args.quick else default)
-        if count < 1:
-            parser.error(f"--seeds-{name} must be >= 1")
-        seeds[name] = list(range(count))
+    if args.seeds is not None and args.seeds < 1:
+        parser.error("--seeds must be >= 1")
+    mode = "full" if args.full else "quick" if args.quick else "demo"
+    seeds = {name: list(range(args.seeds or (2 if args.quick else 3 if mode == "demo" and name == "shapes" else 5)))
+             for name in names}
+    out = Path(args.out or EXAMPLES / "results" / "offline" / ("" if args.full else "demo"))
+    config = {"mode": mode, "lr": args.lr, "batch_size": args.batch_size, "crl_weight": args.crl_weight,
+              "backend": args.backend, "momentum": 0.9, "weight_decay": 5e-4, "schedule": "cosine to 0",
+              "baseline_settings": vars(BaselineSettings()), "diagnose_every": DIAGNOSE_EVERY}
 
-    start = time.time()
+    start, cpu_start, load_start = time.time(), _cpu_seconds(), os.getloadavg()[0]
     print(f"crl-ops {crl_ops.__version__}, torch {torch.__version__}, native CPU kernels: "
-          f"{crl_ops.native_available('cpu')}", flush=True)
+          f"{crl_ops.native_available('cpu')}, ATen CPU capability {torch.backends.cpu.get_cpu_capability()}",
+          flush=True)
     datasets = {name: build_dataset(name, args.quick) for name in names}
     ratios = {name: imbalance_ratios(d.train_labels, d.num_classes).tolist() for name, d in datasets.items()}
     for name, d in datasets.items():
         print(f"{name}: {d.description}; training imbalance 1:" + ", 1:".join(f"{r:.0f}" for r in ratios[name]))
-    results = run_all(datasets, methods, seeds, config, max(1, args.workers))
-    summary = summarise(datasets, results, methods)
-    text = write_outputs(Path(args.out), datasets, ratios, results, summary, config, seeds, time.time() - start)
+
+    record = {}
+    steps = {name: 6 if args.quick else getattr(args, f"steps_{name}") or BASE_STEPS[name] for name in names}
+    finished = {}
+    if args.full:
+        sweep_tasks = [(n, m, s, BASE_STEPS[n] * f) for n in names for m in SWEEP_METHODS for s in seeds[n]
+                       for f in SWEEP_FACTORS]
+        finished = run_tasks(datasets, sweep_tasks, config, max(1, args.workers), "convergence sweep")
+        convergence = {"threshold": args.converged / 100}
+        for name in names:
+            budget, _ = choose_budget(finished, name, seeds[name], args.converged / 100)
+            steps[name] = getattr(args, f"steps_{name}") or budget
+            budgets = [BASE_STEPS[name] * f for f in SWEEP_FACTORS]
+            convergence[name] = {"budget": steps[name], "budgets": budgets, "accuracy": {
+                m: [reporting.mean_std([mean_accuracy(finished[(name, m, s, b)]) for s in seeds[name]])
+                    for b in budgets] for m in SWEEP_METHODS}}
+        record["convergence"] = convergence
+    config["steps"] = steps
+    tasks = [(n, m, s, steps[n]) for n in names for m in methods for s in seeds[n]]
+    finished.update(run_tasks(datasets, [t for t in tasks if t not in finished], config, max(1, args.workers),
+                              "runs (dataset x method x seed)"))
+    runs = {n: {m: [finished[(n, m, s, steps[n])] for s in seeds[n]] for m in methods} for n in names}
+    summary = summarise(datasets, runs, methods, seeds)
+    record.update({
+        "config": config, "seeds": seeds, "wall_seconds": round(time.time() - start, 1),
+        "cpu_seconds": round(_cpu_seconds() - cpu_start, 1), "load_average": [load_start, os.getloadavg()[0]],
+        "machine": {"python": platform.python_version(), "torch": torch.__version__, "cpus": os.cpu_count(),
+                    "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+                    "native_kernels": crl_ops.native_available("cpu")},
+        "datasets": {name: {"description": d.description, "attributes": d.attributes, "num_classes": d.num_classes,
+                            "train_imbalance_ratios": ratios[name], "train_size": len(d.train_labels),
+                            "test_size": len(d.test_labels)} for name, d in datasets.items()},
+        "runs": runs, "summary": summary,
+    })
+    text = write_outputs(out, datasets, ratios, record)
     print(text)
-    print(f"wrote {args.out}/benchmark.json, summary.md and *_gains.png in {(time.time() - start) / 60:.1f} min")
+    print(f"wrote {out}/benchmark.json, summary.md and the plots in {(time.time() - start) / 60:.1f} min")
+
+
+def _cpu_seconds() -> float:
+    """CPU time of this process and its finished children (the workers)."""
+    usage = os.times()
+    return usage.user + usage.system + usage.children_user + usage.children_system
 
 
 if __name__ == "__main__":

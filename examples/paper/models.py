@@ -39,25 +39,25 @@ class PerAttributeLinear(nn.Module):
     `[B, A, out_features]`. Initialised like `nn.Linear`, attribute by attribute.
     """
 
-    def __init__(self, num_attributes: int, in_features: int, out_features: int):
+    def __init__(self, num_attributes: int, in_features: int, out_features: int, bias: bool = True):
         super().__init__()
         for name, value in (("num_attributes", num_attributes), ("in_features", in_features),
                             ("out_features", out_features)):
             _check_positive_int(name, value)
         self.weight = nn.Parameter(torch.empty(num_attributes, in_features, out_features))
-        self.bias = nn.Parameter(torch.empty(num_attributes, out_features))
         bound = 1.0 / math.sqrt(in_features)
         nn.init.uniform_(self.weight, -bound, bound)
-        nn.init.uniform_(self.bias, -bound, bound)
+        self.bias = nn.Parameter(torch.empty(num_attributes, out_features)) if bias else None
+        if bias:
+            nn.init.uniform_(self.bias, -bound, bound)
 
     def extra_repr(self) -> str:
         a, i, o = self.weight.shape
         return f"num_attributes={a}, in_features={i}, out_features={o}"
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.dim() == 2:
-            return torch.einsum("bi,aio->bao", x, self.weight) + self.bias
-        return torch.einsum("bai,aio->bao", x, self.weight) + self.bias
+        out = torch.einsum("bi,aio->bao" if x.dim() == 2 else "bai,aio->bao", x, self.weight)
+        return out if self.bias is None else out + self.bias
 
 
 class AttributeHeads(nn.Module):
@@ -72,10 +72,14 @@ class AttributeHeads(nn.Module):
     ReLU there, the triplet loss can push all of an attribute's features to zero, where neither
     the CRL (a zero distance has a zero gradient) nor the classifier learns any more; this
     happened on the offline benchmark's shapes data (see docs/reproduction.md).
+
+    `cosine_scale=s` makes the output layer a cosine classifier (LDAM's normalised linear layer):
+    `s * cos(feature, w_c)`, no bias. Its weights are drawn as the linear layer's, so that the
+    other layers start from the same values as without it.
     """
 
     def __init__(self, in_features: int, num_outputs: Sequence[int], feature_dim: int,
-                 hidden_dims: Sequence[int] = ()):
+                 hidden_dims: Sequence[int] = (), cosine_scale: Optional[float] = None):
         super().__init__()
         if isinstance(num_outputs, (str, bytes)) or not isinstance(num_outputs, Sequence) or not num_outputs:
             raise TypeError(f"num_outputs must be a non-empty sequence of ints, got {num_outputs!r}")
@@ -84,14 +88,21 @@ class AttributeHeads(nn.Module):
         attributes = len(num_outputs)
         widths = [in_features, *hidden_dims, feature_dim]
         self.layers = nn.ModuleList(PerAttributeLinear(attributes, a, b) for a, b in zip(widths, widths[1:]))
-        self.output = PerAttributeLinear(attributes, feature_dim, max(num_outputs))
+        if cosine_scale is not None and not (isinstance(cosine_scale, (int, float)) and cosine_scale > 0):
+            raise ValueError(f"cosine_scale must be None or a positive float, got {cosine_scale!r}")
+        self.cosine_scale = cosine_scale
+        self.output = PerAttributeLinear(attributes, feature_dim, max(num_outputs), bias=cosine_scale is None)
 
     def forward(self, shared: Tensor) -> Tuple[Tensor, Tensor]:
         x = shared
         for layer in self.layers[:-1]:
             x = torch.relu(layer(x))
         features = self.layers[-1](x)
-        return features, self.output(features)
+        if self.cosine_scale is None:
+            return features, self.output(features)
+        weight = nn.functional.normalize(self.output.weight, dim=1)  # unit columns w_c per attribute
+        cosine = torch.einsum("bai,aio->bao", nn.functional.normalize(features, dim=-1), weight)
+        return features, self.cosine_scale * cosine
 
 
 def _check_num_classes(num_classes) -> tuple:
@@ -214,12 +225,13 @@ class CompactAttributeNet(nn.Module):
     conv 3x3 (`channels[0]`) - max-pool - conv 3x3 (`channels[1]`) - max-pool, FC1 (`fc1_dim`),
     then per attribute FC2 (`feature_dim`, the CRL feature) and a classifier of C_j logits. The
     convolutions are batch-normalised, so that a few hundred SGD steps train it on a CPU.
-    `input_size` is given at construction (height and width divisible by 4).
+    `input_size` is given at construction (height and width divisible by 4); `cosine_scale` makes
+    the classifiers cosine classifiers (see `AttributeHeads`).
     `forward(images)` returns `features [B, A, feature_dim]` and a list of A logits `[B, C_j]`.
     """
 
     def __init__(self, input_size: Tuple[int, int, int], num_classes: Sequence[int], feature_dim: int = 32,
-                 fc1_dim: int = 128, channels: Tuple[int, int] = (16, 32)):
+                 fc1_dim: int = 128, channels: Tuple[int, int] = (16, 32), cosine_scale: Optional[float] = None):
         super().__init__()
         input_size = tuple(input_size)
         if len(input_size) != 3 or min(input_size) < 1 or input_size[1] % 4 or input_size[2] % 4:
@@ -235,7 +247,7 @@ class CompactAttributeNet(nn.Module):
             nn.Flatten(),
             nn.Linear(channels[1] * (height // 4) * (width // 4), fc1_dim), nn.ReLU(inplace=True),
         )
-        self.heads = AttributeHeads(fc1_dim, self.num_classes, feature_dim)
+        self.heads = AttributeHeads(fc1_dim, self.num_classes, feature_dim, cosine_scale=cosine_scale)
 
     def forward(self, images: Tensor) -> Tuple[Tensor, list]:
         _check_images(images, self.input_size)

@@ -4,6 +4,9 @@
   method and an average column (Tables 2 and 3), in Markdown.
 - `variant_table`: the six CRL variants as a 2 x 3 grid (mining level x loss form) of gains (Table 4).
 - `plot_gains`: gain over the baseline per attribute against imbalance ratio (Figures 5 and 6).
+- `plot_convergence`: mean accuracy against training steps, per dataset and method.
+- `plot_diagnostics`: per attribute (by imbalance), the features' norms and the rarest class's
+  training recall, per method.
 
 Values are fractions in [0, 1] or (mean, std) pairs of them; tables show percentages.
 """
@@ -78,11 +81,7 @@ def plot_gains(path: str, attributes: Sequence[str], ratios: Sequence[float],
                baseline: str = "the baseline") -> None:
     """Figures 5/6: per attribute (sorted by imbalance ratio), each method's gain in class-balanced
     accuracy (percentage points) over `baseline`; `errors` adds error bars (e.g. std over seeds)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     order = imbalance_order(ratios)
     positions = range(len(order))
     count = len(gains)
@@ -100,6 +99,65 @@ def plot_gains(path: str, attributes: Sequence[str], ratios: Sequence[float],
     axes.set_ylabel(f"gain over {baseline} (points)")
     axes.set_title(title + "\nclass-balanced accuracy; attributes by increasing imbalance ratio", fontsize=10)
     axes.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    figure.tight_layout()
+    figure.savefig(path, dpi=130)
+    plt.close(figure)
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_convergence(path: str, convergence: Mapping, labels: Mapping[str, str]) -> None:
+    """One panel per dataset: mean accuracy (± std over seeds) of each method against the steps.
+
+    `convergence[dataset]` has `budgets` (steps), `budget` (the chosen one) and
+    `accuracy[method]` = one (mean, std) per budget; other keys of `convergence` are ignored.
+    """
+    plt = _pyplot()
+    names = [n for n, v in convergence.items() if isinstance(v, Mapping)]
+    figure, axes = plt.subplots(1, len(names), figsize=(5.0 * len(names), 3.8), squeeze=False)
+    for axis, name in zip(axes[0], names):
+        table = convergence[name]
+        for method, cells in table["accuracy"].items():
+            axis.errorbar(table["budgets"], [100 * c[0] for c in cells], yerr=[100 * c[1] for c in cells],
+                          label=labels.get(method, method), marker="o", capsize=2)
+        axis.axvline(table["budget"], color="grey", linestyle=":", label="budget")
+        axis.set_xscale("log", base=2)
+        axis.set_xticks(table["budgets"], [str(b) for b in table["budgets"]])
+        axis.set_xlabel("SGD steps (cosine schedule over the whole run)")
+        axis.set_ylabel("class-balanced accuracy (%)")
+        axis.set_title(name, fontsize=10)
+        axis.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=130)
+    plt.close(figure)
+
+
+def plot_diagnostics(path: str, attributes: Sequence[str], ratios: Sequence[float],
+                     diagnostics: Mapping[str, Mapping], title: str) -> None:
+    """Two panels, attributes by increasing imbalance: each method's mean feature norm on the
+    training set (`final_feature_norm`) and its training recall of the attribute's rarest class
+    (`train_recall_rarest`)."""
+    plt = _pyplot()
+    order = imbalance_order(ratios)
+    ticks = [f"{attributes[j]} (1:{ratios[j]:.0f})" for j in order]
+    figure, axes = plt.subplots(1, 2, figsize=(11.0, 4.0))
+    panels = (("final_feature_norm", "mean feature norm (training set)", 1.0),
+              ("train_recall_rarest", "rarest class: training recall (%)", 100.0))
+    for axis, (key, ylabel, scale) in zip(axes, panels):
+        for label, values in diagnostics.items():
+            axis.plot(range(len(order)), [scale * values[key][j] for j in order], marker="o", label=label)
+        axis.set_xticks(range(len(order)), ticks, rotation=45, ha="right", fontsize=8)
+        axis.set_ylabel(ylabel)
+    axes[0].set_yscale("log")
+    axes[1].legend(fontsize=7)
+    figure.suptitle(title, fontsize=10)
     figure.tight_layout()
     figure.savefig(path, dpi=130)
     plt.close(figure)

@@ -1,10 +1,11 @@
-"""The training methods compared in the paper, and the pieces of a training run they share.
+"""The training methods compared, and the pieces of a training run they share.
 
-A `Method` is a loss (cross-entropy, cost-sensitive cross-entropy, either one plus CRL) and a
-sampler (none, over-sampling, down-sampling). `make_objective` and `make_sampler` build them from
-the training labels; `METHODS` names the ten of the offline benchmark (the paper's baselines and
-six CRL variants). `fit` is the CelebA and X-Domain scripts' training loop (SGD, tqdm, CSV log,
-a checkpoint per epoch, resume), `evaluate` their test.
+A `Method` is a baseline (a sampler, or a loss that replaces cross-entropy), optionally plus CRL.
+`make_objective` and `make_sampler` build them from the training labels; `METHODS` names the
+offline benchmark's methods: the paper's baselines and six CRL variants, the baselines a user
+would pick today (`paper.losses`), CRL on top of two of them, and the CRL options. `fit` is the
+CelebA and X-Domain scripts' training loop (SGD, tqdm, CSV log, a checkpoint per epoch, resume),
+`evaluate` their test.
 """
 from __future__ import annotations
 
@@ -25,78 +26,236 @@ from tqdm import tqdm
 from crl_ops import CRL, BalancedAccuracy, class_balanced_accuracy, cross_entropy, imbalance_ratios
 from crl_ops.balancing import DownSampler, OverSampler, balancing_weights, sample_weights, weighted_cross_entropy
 
-BASELINES = ("oversample", "downsample", "costsensitive")
+from . import losses
+
+SAMPLERS = ("oversample", "downsample")
+LOSSES = ("costsensitive", "classbalanced", "focal", "logitadjust", "ldam-drw")  # replace cross-entropy
+BASELINES = SAMPLERS + LOSSES
+BASELINE_LABELS = {"oversample": "Over-Sampling", "downsample": "Down-Sampling", "costsensitive": "Cost-Sensitive",
+                   "classbalanced": "Class-Balanced", "focal": "Focal", "logitadjust": "Logit-Adjusted",
+                   "ldam-drw": "LDAM-DRW"}
 MODES = ("class", "instance")
 FORMS = ("absolute", "relative", "distribution")  # Table 4's column order: A, R, D
+REDUCTIONS = ("pooled", "attribute")
+DISTANCES = ("feature", "score")
+
+
+@dataclass(frozen=True)
+class BaselineSettings:
+    """The published defaults of the baselines; no method is tuned on the benchmark's data."""
+
+    tau: float = 1.0  # logit adjustment (Menon et al.): tau = 1, the balanced softmax
+    gamma: float = 2.0  # focal loss (Lin et al.)
+    beta: float = 0.9999  # effective number of samples (Cui et al.; LDAM-DRW's re-weighting)
+    max_margin: float = 0.5  # LDAM's largest margin (Cao et al.)
+    scale: float = 30.0  # LDAM's cosine classifier scale s
+    drw_start: float = 0.8  # DRW re-weights from this fraction of training on (epoch 160 of 200)
 
 
 @dataclass(frozen=True)
 class Method:
-    """One training recipe: `crl` adds `weight * l_crl(mode, form)` to the (possibly cost-sensitive) CE."""
+    """One training recipe: a baseline (sampler or loss, or plain CE), optionally plus CRL.
 
-    baseline: Optional[str] = None  # None, "oversample", "downsample" or "costsensitive"
+    With `crl`, the objective adds `weight * l_crl(mode, form)` to the baseline's loss, weight
+    `crl_weight` or the run's default (the paper's 1). `normalize`, `reduction` and `distance`
+    are crl_ops.CRL's options. `eta` replaces the sum by the journal version's
+    `alpha * l_crl + (1 - alpha) * l_cls` with `alpha = eta * Omega_imb` (mean over attributes).
+    """
+
+    baseline: Optional[str] = None  # None or one of BASELINES
     crl: bool = False
     mode: str = "instance"
     form: str = "relative"
+    crl_weight: Optional[float] = None
+    normalize: bool = False
+    reduction: str = "pooled"
+    distance: str = "feature"
+    eta: Optional[float] = None
 
     def __post_init__(self):
         if self.baseline not in (None, *BASELINES):
             raise ValueError(f"baseline must be None or one of {BASELINES}, got {self.baseline!r}")
         if self.mode not in MODES or self.form not in FORMS:
             raise ValueError(f"mode must be one of {MODES} and form one of {FORMS}, got {self.mode!r}, {self.form!r}")
+        if self.reduction not in REDUCTIONS or self.distance not in DISTANCES:
+            raise ValueError(f"reduction must be one of {REDUCTIONS} and distance one of {DISTANCES}, "
+                             f"got {self.reduction!r}, {self.distance!r}")
+        options = self.crl_weight is not None or self.normalize or self.eta is not None or \
+            self.reduction != "pooled" or self.distance != "feature"
+        if options and not self.crl:
+            raise ValueError("crl_weight, normalize, reduction, distance and eta are CRL options: set crl=True")
+        if self.eta is not None and self.crl_weight is not None:
+            raise ValueError("give crl_weight (l_cls + weight * l_crl) or eta (alpha = eta * Omega_imb), not both")
 
     @property
     def name(self) -> str:
-        """Short name: "ce", "oversample", ..., "crl-i-r" (mode and form initials), "oversample+crl-c-a"."""
-        crl = f"crl-{self.mode[0]}-{self.form[0]}" if self.crl else ""
+        """Short name: "ce", "oversample", "crl-i-r" (mode and form initials), "logitadjust+crl-i-r-norm@0.3"."""
+        crl = ""
+        if self.crl:
+            crl = f"crl-{self.mode[0]}-{self.form[0]}" + "-norm" * self.normalize + \
+                  "-attr" * (self.reduction == "attribute") + "-score" * (self.distance == "score") + \
+                  "-tpami" * (self.eta is not None) + (f"@{self.crl_weight:g}" if self.crl_weight is not None else "")
         if self.baseline and crl:
             return f"{self.baseline}+{crl}"
         return self.baseline or crl or "ce"
 
     @property
     def label(self) -> str:
-        """The paper's notation: CE, Over-Sampling, ..., CRL(I+R)."""
-        crl = f"CRL({self.mode[0].upper()}+{self.form[0].upper()})" if self.crl else ""
-        base = {None: "", "oversample": "Over-Sampling", "downsample": "Down-Sampling",
-                "costsensitive": "Cost-Sensitive"}[self.baseline]
+        """The paper's notation: CE, Over-Sampling, ..., CRL(I+R), with the options after it."""
+        crl = ""
+        if self.crl:
+            options = ["norm"] * self.normalize + ["attr-mean"] * (self.reduction == "attribute") + \
+                      ["score"] * (self.distance == "score") + \
+                      ([f"alpha={self.eta:g}·Ω"] if self.eta is not None else []) + \
+                      ([f"×{self.crl_weight:g}"] if self.crl_weight is not None else [])
+            crl = " ".join([f"CRL({self.mode[0].upper()}+{self.form[0].upper()})", *options])
+        base = BASELINE_LABELS.get(self.baseline, "")
         return " + ".join(part for part in (base, crl) if part) or "CE"
+
+    @property
+    def cosine_classifier(self) -> bool:
+        """LDAM's margins are cosine margins: its network ends in a cosine classifier."""
+        return self.baseline == "ldam-drw"
 
 
 METHODS = {m.name: m for m in (
     Method(), *(Method(baseline=b) for b in BASELINES),
     *(Method(crl=True, mode=mode, form=form) for mode in MODES for form in FORMS),
+    Method(baseline="oversample", crl=True), Method(baseline="logitadjust", crl=True),
+    Method(baseline="logitadjust", crl=True, crl_weight=0.3),
+    Method(crl=True, normalize=True), Method(baseline="logitadjust", crl=True, normalize=True),
+    Method(crl=True, eta=1.0),
 )}
 
 
-class Objective(nn.Module):
-    """`forward(features, logits, labels)`: the method's loss; `last` holds the parts of the last batch."""
+class ClassificationLoss(nn.Module):
+    """A baseline's replacement of cross-entropy: `forward(logits, labels)`; `progress` (0 to 1,
+    the fraction of training done) is set by the training loop for schedules such as DRW."""
 
-    def __init__(self, class_weights: Optional[Tensor], crl: Optional[CRL], crl_weight: float):
+    def __init__(self, num_classes: Sequence[int]):
         super().__init__()
-        self.register_buffer("class_weights", class_weights)
+        self.num_classes = tuple(num_classes)
+        self.progress = 0.0
+
+    def forward(self, logits, labels: Tensor) -> Tensor:
+        return cross_entropy(logits, labels)
+
+
+class WeightedCrossEntropy(ClassificationLoss):
+    """crl_ops.balancing.weighted_cross_entropy with fixed class weights [A, Cmax]."""
+
+    def __init__(self, num_classes: Sequence[int], class_weights: Tensor):
+        super().__init__(num_classes)
+        self.register_buffer("class_weights", class_weights.float())
+
+    def forward(self, logits, labels: Tensor) -> Tensor:
+        return weighted_cross_entropy(logits, labels, self.class_weights)
+
+
+class LogitAdjustedCrossEntropy(ClassificationLoss):
+    def __init__(self, num_classes: Sequence[int], log_prior: Tensor, tau: float):
+        super().__init__(num_classes)
+        self.register_buffer("log_prior", log_prior.float())
+        self.tau = tau
+
+    def forward(self, logits, labels: Tensor) -> Tensor:
+        return losses.logit_adjusted_cross_entropy(logits, labels, self.num_classes, self.log_prior, self.tau)
+
+
+class FocalLoss(ClassificationLoss):
+    def __init__(self, num_classes: Sequence[int], gamma: float):
+        super().__init__(num_classes)
+        self.gamma = gamma
+
+    def forward(self, logits, labels: Tensor) -> Tensor:
+        return losses.focal_loss(logits, labels, self.num_classes, self.gamma)
+
+
+class LDAMDeferredReweighting(ClassificationLoss):
+    """LDAM on margin-lowered logits: plain until `drw_start`, then with effective-number weights."""
+
+    def __init__(self, num_classes: Sequence[int], margins: Tensor, class_weights: Tensor, drw_start: float):
+        super().__init__(num_classes)
+        self.register_buffer("margins", margins.float())
+        self.register_buffer("class_weights", class_weights.float())
+        self.drw_start = drw_start
+
+    def forward(self, logits, labels: Tensor) -> Tensor:
+        adjusted = losses.margin_adjusted_logits(logits, labels, self.num_classes, self.margins)
+        if self.progress < self.drw_start:
+            return cross_entropy(adjusted, labels)
+        return weighted_cross_entropy(adjusted, labels, self.class_weights)
+
+
+def make_classification_loss(baseline: Optional[str], train_labels: Tensor, num_classes: Sequence[int],
+                             settings: BaselineSettings = BaselineSettings()) -> ClassificationLoss:
+    """The loss that `baseline` trains with in place of (or as) cross-entropy; class statistics from `train_labels`."""
+    counts = losses.training_counts(train_labels, num_classes)
+    if baseline == "costsensitive":
+        return WeightedCrossEntropy(num_classes, balancing_weights(train_labels, num_classes))
+    if baseline == "classbalanced":
+        return WeightedCrossEntropy(num_classes, losses.effective_number_weights(counts, settings.beta))
+    if baseline == "focal":
+        return FocalLoss(num_classes, settings.gamma)
+    if baseline == "logitadjust":
+        return LogitAdjustedCrossEntropy(num_classes, losses.log_priors(counts), settings.tau)
+    if baseline == "ldam-drw":
+        margins = settings.scale * losses.ldam_margins(counts, settings.max_margin)  # in logits: s * Delta
+        return LDAMDeferredReweighting(num_classes, margins, losses.effective_number_weights(counts, settings.beta),
+                                       settings.drw_start)
+    return ClassificationLoss(num_classes)  # cross-entropy, also under the samplers
+
+
+class Objective(nn.Module):
+    """`forward(features, logits, labels)`: the method's loss.
+
+    `l_cls + weight * l_crl`, or `alpha * l_crl + (1 - alpha) * l_cls` when `alpha` is given.
+    `last` holds the detached parts of the last batch (`cls`, `crl`: the terms as added),
+    `parts` the same terms with their graphs (for gradient diagnostics).
+    """
+
+    def __init__(self, classification: ClassificationLoss, crl: Optional[CRL], crl_weight: float,
+                 alpha: Optional[float] = None, normalize: bool = False):
+        super().__init__()
+        self.classification = classification
         self.crl = crl
         self.crl_weight = float(crl_weight)
-        self.last = {}
+        self.alpha = alpha
+        self.normalize = normalize
+        self.last, self.parts = {}, {}
+
+    def set_progress(self, fraction: float) -> None:
+        self.classification.progress = float(fraction)
 
     def forward(self, features: Tensor, logits, labels: Tensor) -> Tensor:
-        if self.class_weights is None:
-            ce = cross_entropy(logits, labels)
-        else:
-            ce = weighted_cross_entropy(logits, labels, self.class_weights)
+        cls = self.classification(logits, labels)
         if self.crl is None:
-            self.last = {"ce": ce.detach()}
-            return ce
-        crl = self.crl(features, logits, labels)
-        self.last = {"ce": ce.detach(), "crl": crl.detach()}
-        return ce + self.crl_weight * crl
+            self.parts = {"cls": cls}
+        else:
+            crl = self.crl(nn.functional.normalize(features, dim=-1) if self.normalize else features, logits, labels)
+            if self.alpha is None:
+                self.parts = {"cls": cls, "crl": self.crl_weight * crl}
+            else:
+                self.parts = {"cls": (1 - self.alpha) * cls, "crl": self.alpha * crl}
+        self.last = {key: value.detach() for key, value in self.parts.items()}
+        return sum(self.parts.values())
 
 
 def make_objective(method: Method, train_labels: Tensor, num_classes: Sequence[int], crl_weight: float = 1.0,
-                   backend: str = "auto", **crl_kwargs) -> Objective:
-    """The loss of `method`; cost-sensitive weights come from the class frequencies of `train_labels`."""
-    weights = balancing_weights(train_labels, num_classes).float() if method.baseline == "costsensitive" else None
-    crl = CRL(mode=method.mode, form=method.form, backend=backend, **crl_kwargs) if method.crl else None
-    return Objective(weights, crl, crl_weight)
+                   backend: str = "auto", settings: BaselineSettings = BaselineSettings(), **crl_kwargs) -> Objective:
+    """The loss of `method`; class statistics (weights, priors, margins, Omega_imb) come from `train_labels`."""
+    classification = make_classification_loss(method.baseline if method.baseline in LOSSES else None,
+                                              train_labels, num_classes, settings)
+    if not method.crl:
+        return Objective(classification, None, crl_weight)
+    options = {key: value for key, value in (("reduction", method.reduction), ("distance", method.distance))
+               if value != getattr(Method, key)}  # only what differs from the paper
+    crl = CRL(mode=method.mode, form=method.form, backend=backend, **options, **crl_kwargs)
+    alpha = None
+    if method.eta is not None:
+        alpha = method.eta * float(losses.imbalance_measure(losses.training_counts(train_labels, num_classes), num_classes).mean())
+    return Objective(classification, crl, crl_weight if method.crl_weight is None else method.crl_weight, alpha,
+                     normalize=method.normalize)
 
 
 def make_sampler(method: Method, train_labels: Tensor, num_classes: Sequence[int],
@@ -177,8 +336,9 @@ def add_method_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--loss", choices=("ce", "crl"), default="crl", help="ce alone, or ce + weight * crl")
     parser.add_argument("--mode", choices=MODES, default="instance", help="CRL hard mining level")
     parser.add_argument("--form", choices=FORMS, default="relative", help="CRL loss form")
-    parser.add_argument("--baseline", choices=BASELINES, default=None,
-                        help="re-sampling or cost-sensitive CE (alone with --loss ce, or combined with CRL)")
+    parser.add_argument("--baseline", choices=[b for b in BASELINES if not Method(baseline=b).cosine_classifier],
+                        default=None, help="a sampler or a loss in place of CE (alone with --loss ce, or with CRL); "
+                                           "LDAM-DRW needs a cosine classifier, which these networks do not have")
     parser.add_argument("--crl-weight", type=float, default=1.0, help="weight of l_crl (paper Eq. 8: 1)")
     parser.add_argument("--backend", choices=("auto", "native", "reference"), default="auto")
 
@@ -225,10 +385,11 @@ def fit(model: nn.Module, train_set: Dataset, train_labels: Tensor, num_classes:
     sampler = make_sampler(method, train_labels, num_classes, generator) or RandomSampler(train_set, generator=generator)
     loader = DataLoader(train_set, batch_size=config.batch_size, sampler=sampler, num_workers=config.workers,
                         pin_memory=torch.device(device).type == "cuda", persistent_workers=config.workers > 0)
-    log = CsvLog(out_dir / "log.csv", ("epoch", "step", "loss", "ce", "crl", "seconds"))
+    log = CsvLog(out_dir / "log.csv", ("epoch", "step", "loss", "cls", "crl", "seconds"))
     start = time.time()
     model.train()
     for epoch in range(first_epoch, config.epochs):
+        objective.set_progress(epoch / config.epochs)
         totals, count = {}, 0
         steps = len(loader)  # read before iterating: a DownSampler draws its next epoch on iter()
         bar = tqdm(loader, desc=f"{method.name} epoch {epoch + 1}/{config.epochs}", unit="batch", leave=False)

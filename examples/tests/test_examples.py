@@ -84,17 +84,24 @@ def test_report_rejects_results_of_another_dataset(tmp_path, capsys):
     assert "is a result of 'xdomain', not 'celeba'" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("workers", [1, 2])
-def test_offline_benchmark_quick(tmp_path, capsys, workers):
-    out = run("offline_benchmark.py", "--quick", "--seeds-shapes", 1, "--workers", workers,
-              "--methods", "crl-i-r,oversample,costsensitive", "--out", tmp_path / "offline", capsys=capsys)
-    assert "Table 4 layout" in out and "| Instance level |" in out
-    record = json.loads((tmp_path / "offline" / "benchmark.json").read_text())
+def test_offline_benchmark_quick_is_deterministic(tmp_path, capsys):
+    records = {}
+    for workers in (1, 2):
+        out = run("offline_benchmark.py", "--quick", "--seeds", 1, "--workers", workers,
+                  "--methods", "crl-i-r,oversample,logitadjust,ldam-drw", "--out", tmp_path / str(workers),
+                  capsys=capsys)
+        assert "Table 4 layout" in out and "| Instance level |" in out
+        records[workers] = json.loads((tmp_path / str(workers) / "benchmark.json").read_text())
+    record = records[1]
     assert set(record["runs"]) == {"digits", "shapes"}
-    assert set(record["runs"]["shapes"]) == {"ce", "crl-i-r", "oversample", "costsensitive"}  # CE added
-    assert all(len(seeds) == 2 for seeds in record["runs"]["digits"].values())  # --quick's default
-    assert all(len(seeds) == 1 for seeds in record["runs"]["shapes"].values())
+    assert set(record["runs"]["shapes"]) == {"ce", "crl-i-r", "oversample", "logitadjust", "ldam-drw"}  # CE added
+    assert all(len(seeds) == 1 for runs in record["runs"].values() for seeds in runs.values())
+    assert records[1]["runs"] == records[2]["runs"]  # the same numbers whichever worker ran what
+    diagnostics = record["runs"]["shapes"]["crl-i-r"][0]["diagnostics"]
+    assert len(diagnostics["anchors"]) == 6 and diagnostics["grad_ratio"] > 0
+    assert "grad_ratio" not in record["runs"]["shapes"]["ce"][0]["diagnostics"]
     for name in ("digits", "shapes"):
-        assert (tmp_path / "offline" / f"{name}_gains.png").stat().st_size > 1000
-    summary = (tmp_path / "offline" / "summary.md").read_text()
-    assert "CRL(I+R)" in summary and "Over-Sampling" in summary
+        for plot in ("gains", "diagnostics"):
+            assert (tmp_path / "1" / f"{name}_{plot}.png").stat().st_size > 1000
+    summary = (tmp_path / "1" / "summary.md").read_text()
+    assert "CRL(I+R)" in summary and "Logit-Adjusted" in summary and "Strongest baseline" in summary
