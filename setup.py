@@ -1,18 +1,31 @@
-"""Builds the optional native extension `crl_ops._C` (csrc/) next to the pure-Python package.
+"""Builds crl-ops. The C++/CUDA sources (crl_ops/csrc) always ship in the package: without a
+prebuilt extension, the first native use compiles them into torch's extension cache
+(crl_ops/_build.py, docs/installing.md). The prebuilt extension `crl_ops._C` is built here too:
 
-- CPU kernels whenever torch is importable at build time (`pip install --no-build-isolation .`);
+- CPU kernels whenever torch is importable at build time (`pip install --no-build-isolation .`,
+  `make build`, `make wheel`);
 - CUDA kernels too when a GPU and CUDA_HOME are present, or FORCE_CUDA=1 (TORCH_CUDA_ARCH_LIST
   picks the architectures);
-- no extension (pure PyTorch, still fully working) when torch is not importable, as under
-  pip's default build isolation, or with CRL_OPS_NATIVE=0.
+- no extension when torch is not importable, as under pip's default build isolation, or with
+  CRL_OPS_NATIVE=0.
 """
-import glob
+import importlib.util
 import os
 import sys
 
 from setuptools import setup
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+SOURCE_DIR = "crl_ops/csrc"  # relative: setuptools wants source paths relative to this directory
+
+
+def load_build_module():
+    """crl_ops/_build.py by path, for its source lists and flags, without importing crl_ops."""
+    spec = importlib.util.spec_from_file_location("crl_ops_build", os.path.join(HERE, "crl_ops", "_build.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
 
 
 def native_extensions():
@@ -22,34 +35,30 @@ def native_extensions():
         import torch
         from torch.utils import cpp_extension
     except ImportError:
-        print("crl-ops: torch is not importable at build time; installing without native kernels "
-              "(use `pip install --no-build-isolation .` to build them)", file=sys.stderr)
+        print("crl-ops: torch is not importable at build time; the native kernels will compile on first use "
+              "(or use `pip install --no-build-isolation .` to build them now)", file=sys.stderr)
         return [], {}
 
-    sources = ["crl_ops/csrc/ops.cpp", "crl_ops/csrc/python_module.cpp", "crl_ops/csrc/cpu/crl_cpu.cpp"]
-    include_dirs = [os.path.join(HERE, "crl_ops", "csrc")]
-    cxx_flags = ["-O3", "-fopenmp", "-ffp-contract=off"]
+    build = load_build_module()
+    sources = build.core_sources(SOURCE_DIR) + [os.path.join(SOURCE_DIR, build.PYTHON_MODULE_SOURCE)]
+    include_dirs = [os.path.join(HERE, SOURCE_DIR)]
     cuda_home = cpp_extension.CUDA_HOME
     with_cuda = os.environ.get("FORCE_CUDA") == "1" or (torch.cuda.is_available() and cuda_home is not None)
     extension = cpp_extension.CppExtension
-    extra = {"cxx": cxx_flags}
+    extra = {"cxx": build.CXX_FLAGS + [build.cxx_standard_flag()]}
     if with_cuda:
         if cuda_home is None:
             raise RuntimeError("FORCE_CUDA=1 but CUDA_HOME is not set and nvcc was not found")
         extension = cpp_extension.CUDAExtension
-        sources += ["crl_ops/csrc/cuda/crl_cuda.cpp", "crl_ops/csrc/cuda/crl_kernels.cu"]
-        # The CUDA wheel of torch ships the CUDA library headers (cuBLAS, ...) that torch's own
-        # headers include; a plain toolkit install has them under CUDA_HOME already.
-        for site in sys.path:
-            include_dirs += glob.glob(os.path.join(site, "nvidia", "cu*", "include"))
-        # --fmad=false: distances round exactly as in the CPU kernels (no fused multiply-add).
-        extra["nvcc"] = ["-O3", "--fmad=false", "-std=c++17", "-lineinfo"]
+        sources += build.cuda_sources(SOURCE_DIR)
+        include_dirs += build.cuda_wheel_include_dirs()
+        extra["nvcc"] = build.NVCC_FLAGS
     ext = extension(
         name="crl_ops._C",
         sources=sources,
         include_dirs=include_dirs,
         extra_compile_args=extra,
-        extra_link_args=["-fopenmp"],
+        extra_link_args=build.LINK_FLAGS,
     )
     return [ext], {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
 

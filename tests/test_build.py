@@ -1,0 +1,284 @@
+"""crl_ops._build: compiling the shipped sources into torch's extension cache on first use.
+
+The unit tests run no compiler (a fake one where one is needed); one test compiles the CPU
+library for real, in a fresh process, since this one already has the schemas from crl_ops._C."""
+import dataclasses
+import fcntl
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import pytest
+import torch
+
+from crl_ops import _build
+from crl_ops._build import BuildError
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    """An empty extension cache, no CRL_OPS_* settings, and no failure remembered from elsewhere."""
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "torch_extensions"))
+    for name in ("CRL_OPS_NATIVE", "CRL_OPS_LIBRARY", "CRL_OPS_LOCK_TIMEOUT"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(_build, "_FAILURES", {})
+    return tmp_path / "torch_extensions"
+
+
+@pytest.fixture
+def fake_compiler(tmp_path, monkeypatch):
+    """CXX is a script that logs each call to calls.txt and fails like a compiler."""
+    calls = tmp_path / "calls.txt"
+    script = tmp_path / "fake-c++"
+    script.write_text(f"#!/bin/sh\necho \"$@\" >> {calls}\necho 'fake.cpp:1:1: error: no OpenMP here'\nexit 1\n")
+    script.chmod(0o755)
+    monkeypatch.setenv("CXX", str(script))
+    return calls
+
+
+@pytest.fixture
+def unbuilt(monkeypatch):
+    """This process as if it had no kernels at all: no schemas registered, no crl_ops._C."""
+    import_module = _build.importlib.import_module
+
+    def no_prebuilt(name, *args):
+        if name == "crl_ops._C":
+            raise ImportError("no module named crl_ops._C")
+        return import_module(name, *args)
+
+    monkeypatch.setattr(_build, "registered", lambda device_type: None)
+    monkeypatch.setattr(_build.importlib, "import_module", no_prebuilt)
+
+
+# ---- sources and the cache key -----------------------------------------------------------------
+
+
+def test_sources_are_globbed(tmp_path):
+    for name in ("ops.cpp", "autograd.cpp", "python_module.cpp", "cpu/a.cpp", "cpu/b.cpp", "cuda/k.cu", "cuda/r.cpp", "cuda/k.h"):
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_text("")
+    names = lambda paths: [os.path.relpath(p, tmp_path) for p in paths]  # noqa: E731
+    assert names(_build.core_sources(tmp_path)) == ["autograd.cpp", "ops.cpp", "cpu/a.cpp", "cpu/b.cpp"]
+    assert names(_build.cuda_sources(tmp_path)) == ["cuda/k.cu", "cuda/r.cpp"]
+
+
+def test_cxx_standard_is_the_one_torch_headers_require():
+    # torch 2.14's c10 headers use C++20 (std::strong_ordering); compiling them as C++17 fails.
+    version = tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:2])
+    assert _build.cxx_standard_flag() == ("-std=c++20" if version >= (2, 14) else "-std=c++17")
+
+
+def _key_with(monkeypatch, tmp_path, change):
+    """The CPU library's key after `change(monkeypatch, tmp_path, lib)` -> lib, on a copy of the sources."""
+    source_dir = tmp_path / "csrc"
+    if not source_dir.exists():
+        subprocess.run(["cp", "-r", str(_build.SOURCE_DIR), str(source_dir)], check=True)
+    monkeypatch.setattr(_build, "SOURCE_DIR", source_dir)
+    lib = _build.Library("cpu", tuple(_build.core_sources(source_dir)), "/usr/bin/g++", None, ("-O3",), (), ("-fopenmp",))
+    with monkeypatch.context() as patch:
+        lib = change(patch, source_dir, lib) or lib
+        return lib.key()
+
+
+def _append(path):
+    with open(path, "a") as handle:
+        handle.write("\n// changed\n")
+
+
+KEY_INPUTS = {
+    "crl_ops version": lambda mp, src, lib: mp.setattr(_build, "package_version", lambda: "9.9.9"),
+    "torch version": lambda mp, src, lib: mp.setattr(torch, "__version__", "0.0.1"),
+    "torch CUDA version": lambda mp, src, lib: mp.setattr(torch.version, "cuda", "99.0"),
+    "a source file": lambda mp, src, lib: _append(lib.sources[-1]),
+    "a header": lambda mp, src, lib: _append(src / "common" / "crl_math.h"),
+    "the compiler": lambda mp, src, lib: dataclasses.replace(lib, cxx="/usr/bin/clang++"),
+    "the C++ flags": lambda mp, src, lib: dataclasses.replace(lib, cxx_flags=("-O2",)),
+    "the link flags": lambda mp, src, lib: dataclasses.replace(lib, link_flags=()),
+    "the CUDA architectures": lambda mp, src, lib: dataclasses.replace(lib, nvcc_flags=("-gencode=arch=compute_80,code=sm_80",)),
+}
+
+
+@pytest.mark.parametrize("change", KEY_INPUTS.values(), ids=KEY_INPUTS.keys())
+def test_cache_key_changes_with_each_input(monkeypatch, tmp_path, change):
+    unchanged = _key_with(monkeypatch, tmp_path, lambda mp, src, lib: None)
+    assert _key_with(monkeypatch, tmp_path, lambda mp, src, lib: None) == unchanged
+    assert _key_with(monkeypatch, tmp_path, change) != unchanged
+
+
+def test_arch_list_comes_from_torch_cuda_arch_list(monkeypatch):
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+    assert _build._cuda_arch_flags() == ["-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90"]
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "4.2")
+    with pytest.raises(BuildError, match="TORCH_CUDA_ARCH_LIST='4.2'"):
+        _build._cuda_arch_flags()
+
+
+def test_cache_folder_is_under_torch_extensions_dir(cache):
+    assert _build.cache_root() == cache
+
+
+# ---- the lock ----------------------------------------------------------------------------------
+
+
+def test_lock_timeout_gives_a_reason_and_does_not_hang(tmp_path):
+    path = tmp_path / "lock"
+    with _build.locked(path, timeout=5):
+        start = time.monotonic()
+        with pytest.raises(BuildError, match="gave up after 0 s waiting for another process .* CRL_OPS_LOCK_TIMEOUT"):
+            with _build.locked(path, timeout=0.3, poll_s=0.05):
+                pass
+        assert time.monotonic() - start < 3
+    with _build.locked(path, timeout=0.3):  # free again once its holder is done
+        pass
+
+
+def test_waiter_gets_the_lock_when_the_holder_releases_it(tmp_path):
+    path = tmp_path / "lock"
+    order = []
+
+    def wait_for_lock():
+        with _build.locked(path, timeout=10, poll_s=0.05):
+            order.append("waiter")
+
+    with _build.locked(path, timeout=5):
+        waiter = threading.Thread(target=wait_for_lock)
+        waiter.start()
+        time.sleep(0.3)
+        order.append("holder done")
+    waiter.join(10)
+    assert order == ["holder done", "waiter"]
+
+
+def test_a_killed_holder_leaves_no_stale_lock(tmp_path):
+    path = tmp_path / "lock"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", f"import fcntl, sys, time; f = open({str(path)!r}, 'a'); fcntl.flock(f, fcntl.LOCK_EX); "
+         "print('locked', flush=True); time.sleep(60)"],
+        stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(BuildError, match="gave up"):
+            with _build.locked(path, timeout=0.2, poll_s=0.05):
+                pass
+    finally:
+        holder.kill()
+        holder.wait()
+    with _build.locked(path, timeout=5):
+        with open(path) as handle:  # held by this process now: a second description cannot take it
+            with pytest.raises(BlockingIOError):
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
+def test_compile_waits_for_the_lock_then_gives_a_reason(cache, fake_compiler, monkeypatch):
+    monkeypatch.setenv("CRL_OPS_LOCK_TIMEOUT", "0.2")
+    lib = _build.library("cpu")
+    directory = cache / "crl_ops" / f"cpu-{lib.key()}"
+    directory.mkdir(parents=True)
+    with _build.locked(directory / "lock", timeout=5):
+        with pytest.raises(BuildError, match=f"lock {directory / 'lock'}"):
+            _build.cached(lib)
+    assert not fake_compiler.exists()  # it never ran: another process held the lock
+
+
+# ---- failures are reasons ----------------------------------------------------------------------
+
+
+def test_failing_compiler_gives_a_reason_naming_the_log(cache, fake_compiler, unbuilt):
+    reason = _build.ensure("cpu")
+    log = next(cache.glob("crl_ops/cpu-*/build.log"))
+    assert reason.startswith("compiling the native CPU kernels failed")
+    assert "fake.cpp:1:1: error: no OpenMP here" in reason and f"full log: {log}" in reason
+    assert "error: no OpenMP here" in log.read_text() and "-ffp-contract=off" in log.read_text()
+    assert not list(cache.glob("crl_ops/cpu-*/*.so")) and not list(cache.glob("crl_ops/cpu-*/tmp-build-*"))
+    calls = len(fake_compiler.read_text().splitlines())
+    assert calls == len(_build.core_sources())  # every translation unit, no link after a failure
+
+
+def test_failed_compile_is_not_retried_on_every_use(cache, fake_compiler, unbuilt, monkeypatch):
+    first = _build.ensure("cpu")
+    assert _build.ensure("cpu") == first  # this process remembers
+    monkeypatch.setattr(_build, "_FAILURES", {})
+    again = _build.ensure("cpu")  # a new process reads the mark in the cache folder
+    assert "to try again, delete" in again and "python -m crl_ops.build" in again
+    calls = len(fake_compiler.read_text().splitlines())
+    assert calls == len(_build.core_sources())
+    _build.ensure("cpu", retry=True)
+    assert len(fake_compiler.read_text().splitlines()) == 2 * calls
+
+
+def test_missing_compiler_gives_a_reason(cache, unbuilt, monkeypatch):
+    monkeypatch.setenv("CXX", "no-such-compiler-crl")
+    assert _build.ensure("cpu") == "no C++ compiler: `no-such-compiler-crl` is not on PATH (install g++ or set CXX)"
+
+
+def test_crl_ops_native_0_disables(cache, monkeypatch):
+    monkeypatch.setenv("CRL_OPS_NATIVE", "0")
+    assert _build.ensure("cpu") == "the native kernels are disabled by CRL_OPS_NATIVE=0"
+
+
+def test_unknown_device_type_gives_a_reason():
+    assert "'cpu', 'cuda'" in _build.ensure("mps")
+
+
+def test_unloadable_crl_ops_library_gives_a_reason(cache, tmp_path, monkeypatch):
+    monkeypatch.setenv("CRL_OPS_LIBRARY", str(tmp_path / "libmissing.so"))
+    monkeypatch.setattr(_build, "registered", lambda device_type: False)
+    assert _build.ensure("cpu").startswith(f"could not load {tmp_path / 'libmissing.so'}")
+
+
+def test_cuda_needs_a_cuda_build_of_torch(cache, unbuilt, monkeypatch):
+    monkeypatch.setattr(torch.version, "cuda", None)
+    assert _build.ensure("cuda") == f"torch {torch.__version__} is built without CUDA"
+
+
+def test_cuda_needs_nvcc(cache, unbuilt, tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    monkeypatch.setenv("CUDA_HOME", str(tmp_path))  # no bin/nvcc there
+    monkeypatch.setenv("PATH", "/nonexistent")
+    monkeypatch.setattr(_build, "_cxx", lambda: "/usr/bin/g++")  # found before PATH changed
+    assert _build.ensure("cuda").startswith("the CUDA kernels need nvcc (CUDA 13.0, as torch)")
+
+
+# ---- a real compile ----------------------------------------------------------------------------
+
+FRESH_PROCESS = textwrap.dedent(
+    """
+    import sys
+    sys.modules["crl_ops._C"] = None  # as installed without a prebuilt extension
+    import torch
+    from crl_ops import _build, reference
+    assert _build.ensure("cpu") is None, _build.ensure("cpu")
+    print(_build.ORIGINS["cpu"])
+    torch.manual_seed(0)
+    labels = torch.multinomial(torch.tensor([0.7, 0.2, 0.1]), 64 * 2, replacement=True).view(64, 2)
+    features = torch.randn(64, 2, 8)
+    counts, minority, active = torch.ops.crl_ops.profile(labels, 3)
+    for got, want in zip((counts, minority, active), reference.profile(labels, 3)):
+        assert torch.equal(got, want)
+    assert active.any()
+    predictions = torch.randint(0, 3, (64, 2))
+    got = torch.ops.crl_ops.mine_instance(features, predictions, labels, active, 3)
+    want = reference.mine_instance(features, predictions, labels, active, 3)
+    assert all(torch.equal(g, w) for g, w in zip(got, want))
+    """
+)
+
+
+def test_first_use_compiles_the_cpu_library_once(cache):
+    env = {key: value for key, value in os.environ.items() if not key.startswith("CRL_OPS_")}
+    env.update(TORCH_EXTENSIONS_DIR=str(cache), PYTHONPATH=REPO)
+    run = lambda: subprocess.run([sys.executable, "-c", FRESH_PROCESS], env=env, capture_output=True, text=True, timeout=300)  # noqa: E731
+    first = run()
+    assert first.returncode == 0, first.stderr
+    library = next(cache.glob("crl_ops/cpu-*/libcrl_ops_cpu.so"))
+    assert first.stdout.strip().startswith(f"{library} (compiled in ")
+    assert "crl_ops: compiling the native CPU kernels for torch" in first.stderr
+    second = run()
+    assert second.returncode == 0, second.stderr
+    assert second.stdout.strip() == f"{library} (cached)" and "compiling" not in second.stderr
