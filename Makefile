@@ -2,6 +2,7 @@
 # make test   - set up .venv, build the kernels (CPU, and CUDA where nvcc is present), run the tests
 # make bench  - speed and memory: native kernels vs reference vs loops vs pytorch-metric-learning
 # make cmake  - build the libtorch shared library with CMake (CPU torch in .venv-cpu) and test it
+# make wheel  - a binary wheel in dist/, built against the torch in .venv (and tied to it)
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -13,13 +14,14 @@ TORCH_CUDA_ARCH_LIST ?= 9.0
 MAX_JOBS ?= 2
 export CUDA_HOME FORCE_CUDA TORCH_CUDA_ARCH_LIST MAX_JOBS
 
-.PHONY: setup build test demo bench cmake clean
+.PHONY: setup build test demo bench wheel cmake clean
 
+# The checkout, editable, with every extra (pyproject.toml): its kernels are built in place by
+# `make build` (pip's isolated build of the editable install has no torch, so it builds none).
 $(BIN)/.ready: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip setuptools wheel ninja
-	$(BIN)/pip install -q "$(TORCH_SPEC)" numpy "pytest>=7" "hypothesis>=6" tqdm matplotlib pillow scikit-learn \
-	  pytorch-metric-learning
+	$(BIN)/pip install -q "$(TORCH_SPEC)" -e ".[all]"
 	touch $@
 
 setup: $(BIN)/.ready
@@ -36,11 +38,21 @@ demo: build
 bench: build
 	$(BIN)/python -m benchmarks
 
+# The prebuilt extension compiled against the installed torch: the wheel runs with that exact
+# torch build only (a torch extension's ABI is that of one torch build), as the last line says.
+# Stale build/lib* folders would put modules deleted since into the wheel.
+wheel: setup
+	rm -rf build/lib* build/bdist*
+	$(BIN)/pip wheel -q --no-build-isolation --no-deps -w dist .
+	@echo "$$(ls -t dist/crl_ops-*.whl | head -n 1): tied to $$($(BIN)/python -c 'import sys, torch; \
+	  print(f"torch {torch.__version__} (CUDA {torch.version.cuda}), Python {sys.version_info.major}.{sys.version_info.minor}")' 2>/dev/null), \
+	  $$(uname -sm), CUDA architectures: $(if $(filter 1,$(FORCE_CUDA)),$(TORCH_CUDA_ARCH_LIST),none)"
+
 # libtorch users: CMake against the CPU wheel of torch (see CMakeLists.txt).
 .venv-cpu/.ready:
 	$(PYTHON) -m venv .venv-cpu
 	.venv-cpu/bin/pip install -q --upgrade pip
-	.venv-cpu/bin/pip install -q torch==2.13.0 numpy "pytest>=7" "hypothesis>=6"
+	.venv-cpu/bin/pip install -q torch==2.13.0 -e ".[test]"
 	touch $@
 
 cmake: .venv-cpu/.ready
@@ -50,4 +62,4 @@ cmake: .venv-cpu/.ready
 	CRL_OPS_LIBRARY=$$PWD/cmake-build/libcrl_ops.so .venv-cpu/bin/python -m pytest -q tests/test_native.py -k "cpu"
 
 clean:
-	rm -rf build cmake-build crl_ops/*.so
+	rm -rf build cmake-build dist crl_ops/*.so crl_ops.egg-info
