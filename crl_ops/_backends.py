@@ -1,39 +1,45 @@
-"""Backend selection: the native kernels (csrc/, when built for the device) or the reference.
+"""Backend selection: the native kernels (when they can run on the tensors' device) or the reference.
 
 A backend is a module with the functions of `crl_ops.reference` (profile, mine_class,
-mine_instance, relative_loss, absolute_loss, distribution_loss) and the same
-signatures; `crl_ops._native` wraps the compiled ops behind that interface.
+mine_instance, crl_loss) and the same signatures; `crl_ops._native` wraps the compiled ops
+behind that interface.
 """
 from __future__ import annotations
 
+import warnings
 from types import ModuleType
 
 import torch
 
 from . import _native, reference
+from ._inputs import BACKENDS, check_choice
 
-BACKENDS = ("auto", "native", "reference")
+_WARNED: set = set()
 
 
 def check_backend(name: str) -> str:
-    if name not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
-    return name
+    return check_choice("backend", name, BACKENDS)
 
 
 @torch.compiler.assume_constant_result
-def _native_built_for(device_type: str) -> bool:
+def _native_for(device_type: str) -> bool:
     # Fixed for the life of the process: torch.compile evaluates it once while tracing instead of
-    # breaking the graph on the dispatcher query inside.
-    return _native.available(torch.device(device_type))
+    # breaking the graph on what is inside.
+    return _native.available(device_type)
 
 
 def resolve(name: str, device: torch.device) -> ModuleType:
-    check_backend(name)
+    """The backend module for `name` on `device`; `name` was checked. backend="auto" falls back to the
+    reference where the kernels cannot run, with one warning per device type saying why."""
     if name == "reference":
         return reference
-    if _native_built_for(device.type):
+    if _native_for(device.type):
         return _native
     if name == "native":
         _native.require(device)  # raises, saying why the kernels are missing
+    if device.type not in _WARNED and device.type != "meta":
+        _WARNED.add(device.type)
+        warnings.warn(f"crl_ops: using the pure-PyTorch reference on {device.type}, which is much slower and "
+                      f"keeps [A, B, B] distance matrices, because {_native.unavailable_reason(device)}",
+                      RuntimeWarning, stacklevel=3)
     return reference

@@ -24,7 +24,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import Sampler
 
-from ._inputs import LogitsLike, accumulation_dtype, normalise
+from . import reference
+from ._inputs import LogitsLike, normalise
 from .metrics import class_counts
 
 NumClasses = Union[int, Sequence[int]]
@@ -60,12 +61,14 @@ def weighted_cross_entropy(logits: LogitsLike, labels: Tensor, class_weights: Te
             or class_weights.shape[0] != num_attributes or class_weights.shape[1] < width:
         shape = list(class_weights.shape) if isinstance(class_weights, Tensor) else type(class_weights).__name__
         raise ValueError(f"class_weights must be a tensor [A={num_attributes}, >= {width}], got {shape}")
-    dtype = accumulation_dtype(batch.logits.dtype)
-    log_p = torch.log_softmax(batch.logits.to(dtype), dim=-1)
-    index = batch.labels.clamp_min(0)
+    num_classes = batch.classes_tensor()
+    log_p = torch.log_softmax(reference.class_logits(batch.logits, num_classes), dim=-1)
+    annotated = reference.is_annotated(reference.check_labels(batch.labels, num_classes, True), num_classes)
+    index = torch.where(annotated, batch.labels, 0)
     picked = log_p.gather(-1, index[..., None]).squeeze(-1)
+    dtype = log_p.dtype
     weight = class_weights.to(device=log_p.device, dtype=dtype).gather(1, index.t()).t()  # [B, A]
-    weight = torch.where(batch.labels >= 0, weight, 0.0)
+    weight = torch.where(annotated, weight, 0.0)
     per_attribute = -(weight * picked).sum(0) / weight.sum(0).clamp_min(torch.finfo(dtype).tiny)
     return per_attribute.sum()
 

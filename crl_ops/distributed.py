@@ -18,6 +18,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+import dataclasses
+
 from ._inputs import Batch
 
 
@@ -106,3 +108,17 @@ def gather_batch(batch: Batch) -> Batch:
         features = features.expand(-1, batch.labels.shape[1], -1)
     labels = _all_gather_rows(batch.labels, sizes)
     return Batch(features=features, logits=logits, labels=labels, num_classes=batch.num_classes)
+
+
+def class_rectification_loss(options, margin, batch: Batch):
+    """l_crl of the global batch on every rank, and its statistics (the entry of crl_ops.functional)."""
+    from .functional import _crl
+
+    return _crl(dataclasses.replace(options, distributed=False), margin, gather_batch(batch))
+
+
+def cross_entropy(batch: Batch):
+    """The cross-entropy of the global batch (section 4, divided by the global batch size)."""
+    from .functional import _cross_entropy
+
+    return _cross_entropy(gather_batch(batch))

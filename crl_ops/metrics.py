@@ -9,7 +9,8 @@ from typing import NamedTuple, Sequence, Union
 import torch
 from torch import Tensor
 
-from ._inputs import _check_tensor, normalise_labels
+from . import reference
+from ._inputs import check_tensor, normalise_labels, num_classes_tensor
 
 
 class BalancedAccuracy(NamedTuple):
@@ -23,11 +24,12 @@ def class_balanced_accuracy(preds: Tensor, labels: Tensor,
 
     preds and labels: integer [B, A] (or [B] for one attribute); labels -1 = not annotated.
     """
-    labels, num_classes = normalise_labels(labels, num_classes)
-    preds = _check_tensor("preds", preds, floating=False)
-    preds = preds.long().reshape(labels.shape) if preds.numel() == labels.numel() else None
-    if preds is None:
-        raise ValueError(f"preds must have the shape of labels {list(labels.shape)}")
+    labels_shape = tuple(labels.shape) if isinstance(labels, Tensor) else None
+    labels, num_classes = _checked_labels(labels, num_classes)
+    preds = check_tensor("preds", preds, floating=False)
+    if tuple(preds.shape) != labels_shape:
+        raise ValueError(f"preds must have the shape of labels {list(labels_shape)}, got {list(preds.shape)}")
+    preds = preds.long().reshape(labels.shape)
     valid = labels >= 0
     width = max(num_classes)
     index = labels.clamp_min(0).t()
@@ -42,9 +44,15 @@ def class_balanced_accuracy(preds: Tensor, labels: Tensor,
     return BalancedAccuracy(per_attribute, mean)
 
 
+def _checked_labels(labels, num_classes) -> tuple[Tensor, tuple]:
+    labels, num_classes = normalise_labels(labels, num_classes)
+    reference.check_labels(labels, num_classes_tensor(num_classes, labels.device), validate=True)
+    return labels, num_classes
+
+
 def class_counts(labels: Tensor, num_classes: Union[int, Sequence[int]]) -> Tensor:
     """Annotated samples per class: int64 [A, max C_j] (labels [N, A] or [N]; -1 not counted)."""
-    labels, num_classes = normalise_labels(labels, num_classes)
+    labels, num_classes = _checked_labels(labels, num_classes)
     counts = torch.zeros(labels.shape[1], max(num_classes), dtype=torch.int64, device=labels.device)
     return counts.scatter_add_(1, labels.clamp_min(0).t(), (labels >= 0).t().long())
 

@@ -1,39 +1,139 @@
 """The pure-PyTorch reference of every CRL op: the oracle for the native kernels and the fallback
 when they are not built.
 
-Each function has the signature of the native op of the same name (csrc/ops.cpp), on the
-normalised inputs of `crl_ops._inputs.Batch`. Vectorised over samples, classes and attributes;
-no host synchronisation. Section numbers refer to docs/semantics.md.
+Each public function has the signature of the native op of the same name (csrc/ops.cpp), on the
+inputs `crl_ops._inputs` prepares: labels [B, A] int64, num_classes [A] int64, logits [B, A]
+(one binary logit z, meaning the class logits [0, z]) or [B, A, Cmax] (entries past C_j unused),
+features [B, A, D]. Vectorised over samples, classes and attributes; no host synchronisation
+except the detailed value-error messages on the CPU. Section numbers refer to docs/semantics.md.
 
 Index conventions shared with the kernels:
 - `partners[B, A, 2K]`: per sample and attribute, the K mined positives then the K mined
   negatives, sample indices, -1 where empty, order within each half free.
 - `d[B, A, 2K]`: the L2 distance of each (sample, partner) pair, 0 where the partner is -1.
-  The three loss forms take features[B, A, D] and partners and measure d themselves, as the
-  native loss ops do (one op, one backward, per loss).
+
+The loss is assembled from per-attribute sums and counts (`pair_sums`), so that a caller who
+holds only some anchors (crl_ops.distributed) can add sums over processes before `reduce_sums`.
 """
 from __future__ import annotations
+
+import math
+from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor
 
 from ._inputs import accumulation_dtype
 
+# ---- values: the checks of validate=True, the flags of validate=False (section 6) -------------------------
 
-def profile(labels: Tensor, max_classes: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Section 1. labels [B, A] -> counts [A, Cmax] int64, minority [A, Cmax] bool, active [A, Cmax] bool."""
+
+def is_annotated(labels: Tensor, num_classes: Tensor) -> Tensor:
+    return (labels >= 0) & (labels < num_classes)
+
+
+def _class_mask(num_classes: Tensor, max_classes: int) -> Tensor:
+    """[A, Cmax]: the classes each attribute has."""
+    return torch.arange(max_classes, device=num_classes.device) < num_classes[:, None]
+
+
+def class_logits(logits: Tensor, num_classes: Tensor) -> Tensor:
+    """[B, A, Cmax] in the accumulation dtype, -inf past each attribute's C_j (probability 0)."""
+    z = logits.to(accumulation_dtype(logits.dtype))
+    if z.dim() == 2:
+        return torch.stack([torch.zeros_like(z), z], dim=-1)
+    return z.masked_fill(~_class_mask(num_classes, z.shape[-1]), -math.inf)
+
+
+def _logits_finite(logits: Tensor, num_classes: Tensor) -> Tensor:
+    finite = torch.isfinite(logits)
+    if logits.dim() == 3:
+        finite = finite | ~_class_mask(num_classes, logits.shape[-1])
+    return finite.all()
+
+
+def _host_checks_possible(t: Tensor) -> bool:
+    return t.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
+def _fail(ok: Tensor, message: str) -> None:
+    """Raises ValueError(message) where `ok` is False: at once on the CPU; elsewhere (and while
+    torch.compile traces) as an asynchronous device-side assertion, without a host synchronisation."""
+    if _host_checks_possible(ok):
+        if not bool(ok):
+            raise ValueError(message)
+    elif ok.device.type != "meta":
+        torch._assert_async(ok, message)
+
+
+def label_error(labels: Tensor, num_classes: Tensor) -> str:
+    """The message for the first label (in row-major order) outside -1..C_j-1."""
+    bad = (labels < -1) | (labels >= num_classes)
+    i, j = bad.nonzero()[0].tolist()
+    return (f"labels[{i}, {j}] = {int(labels[i, j])} is out of range for attribute {j}: expected -1 "
+            f"(not annotated) or a class in 0..{int(num_classes[j]) - 1}")
+
+
+def values_error(name: str) -> str:
+    return f"{name} contain NaN or inf; CRL needs finite {name}"
+
+
+OVERFLOW_ERROR = ("features are too large: the squared distance of a mined pair overflows {dtype}; scale them "
+                  "down (normalize=True does) or use a wider dtype")
+
+
+def check_labels(labels: Tensor, num_classes: Tensor, validate: bool) -> Tensor:
+    """validate: raises for a label outside -1..C_j-1. Otherwise such a label counts as not
+    annotated: returns the labels with -1 there."""
+    if validate:
+        bad = ((labels < -1) | (labels >= num_classes)).any()
+        if _host_checks_possible(bad):
+            if bool(bad):
+                raise ValueError(label_error(labels, num_classes))
+        elif bad.device.type != "meta":
+            torch._assert_async(~bad, "crl_ops: a label is outside -1..C_j-1")
+        return labels
+    return torch.where(is_annotated(labels, num_classes), labels, -1)
+
+
+def check_finite(features: Optional[Tensor], logits: Tensor, num_classes: Tensor, validate: bool) -> Tensor:
+    """validate: raises unless the features and the logits (of each attribute's C_j classes) are
+    finite. Returns that condition as a 0-dim bool tensor either way."""
+    finite_logits = _logits_finite(logits, num_classes)
+    finite_features = torch.isfinite(features).all() if features is not None else finite_logits
+    if validate:
+        if features is not None:
+            _fail(finite_features, values_error("features"))
+        _fail(finite_logits, values_error("logits"))
+    return finite_features & finite_logits
+
+
+# ---- 1. profiling -------------------------------------------------------------------------------------------
+
+
+def profile(labels: Tensor, num_classes: Tensor, max_classes: int, threshold: float,
+            validate: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """labels [B, A] -> counts [A, Cmax] int64, minority [A, Cmax] bool, active [A, Cmax] bool.
+
+    Minority classes: the longest prefix of the (count, class) order whose counts sum to strictly
+    less than threshold * n (n annotated samples, the product in float64); active: those with >= 2.
+    """
+    labels = check_labels(labels, num_classes, validate)
     labels_t = labels.t()
     valid = labels_t >= 0
     counts = torch.zeros(labels_t.shape[0], max_classes, dtype=torch.long, device=labels.device)
     counts.scatter_add_(1, labels_t.clamp_min(0), valid.long())
-    num_valid = valid.sum(1, keepdim=True)
-    # Stable ascending sort orders classes by (count, class index).
+    limit = threshold * valid.sum(1, keepdim=True).double()
+    # Stable ascending sort orders classes by (count, class index); absent classes sort like count 0.
     order = torch.sort(counts, dim=1, stable=True).indices
     prefix = counts.gather(1, order).cumsum(1)
-    in_prefix = 2 * prefix < num_valid  # strictly less than half of the valid samples
-    minority = torch.zeros_like(in_prefix).scatter(1, order, in_prefix)
+    in_prefix = prefix.double() < limit
+    minority = torch.zeros_like(in_prefix).scatter(1, order, in_prefix) & _class_mask(num_classes, max_classes)
     active = minority & (counts >= 2)
     return counts, minority, active
+
+
+# ---- 2. mining ---------------------------------------------------------------------------------------------
 
 
 def _select(keys: Tensor, candidates: Tensor, k: int, largest: bool) -> Tensor:
@@ -56,9 +156,28 @@ def _anchors(labels: Tensor, active: Tensor) -> Tensor:
     return (labels >= 0) & active[attribute, labels.clamp_min(0)]
 
 
-def mine_class(scores: Tensor, labels: Tensor, active: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """Section 2, class level. scores [B, A, Cmax] = class probabilities -> (anchors [B, A], partners [B, A, 2K])."""
-    batch_size, num_attributes, max_classes = scores.shape
+def class_scores(logits: Tensor, num_classes: Tensor) -> Tensor:
+    """p_i(c) [B, A, Cmax] in the accumulation dtype; 0 past C_j."""
+    return torch.softmax(class_logits(logits, num_classes), dim=-1)
+
+
+def predictions(logits: Tensor, num_classes: Tensor) -> Tensor:
+    """pred [B, A]: the argmax over each attribute's classes, the lowest class on a tie."""
+    return class_logits(logits, num_classes).argmax(-1)
+
+
+def mine_class(logits: Tensor, labels: Tensor, num_classes: Tensor, active: Tensor, k: int, first_anchor: int,
+               num_anchors: int, validate: bool) -> tuple[Tensor, Tensor]:
+    """Class level: (anchors [R, A], partners [R, A, 2K]) of the rows first_anchor..+num_anchors, mined
+    from the class probabilities of all B samples."""
+    check_finite(None, logits, num_classes, validate)
+    labels = check_labels(labels, num_classes, validate=False)
+    return _mine_class(logits, labels, num_classes, active, k, slice(first_anchor, first_anchor + num_anchors))
+
+
+def _mine_class(logits: Tensor, labels: Tensor, num_classes: Tensor, active: Tensor, k: int, rows: slice):
+    scores = class_scores(logits.detach(), num_classes)
+    num_attributes, max_classes = scores.shape[1:]
     device = scores.device
     keys = scores.permute(1, 2, 0)  # [A, C, B]
     labels_t = labels.t()[:, None, :]  # [A, 1, B]
@@ -66,46 +185,84 @@ def mine_class(scores: Tensor, labels: Tensor, active: Tensor, k: int) -> tuple[
     hard_pos = _select(keys, of_class, k, largest=False)  # [A, C, K]: lowest p(c) in class c
     hard_neg = _select(keys, (labels_t >= 0) & ~of_class, k, largest=True)  # highest p(c) elsewhere
     attribute = torch.arange(num_attributes, device=device)[None, :]
-    own = labels.clamp_min(0)
-    positives = hard_pos[attribute, own]  # [B, A, K]
+    own = labels[rows].clamp_min(0)
+    positives = hard_pos[attribute, own]  # [R, A, K]
     negatives = hard_neg[attribute, own]
-    sample = torch.arange(batch_size, device=device)[:, None, None]
+    sample = torch.arange(labels.shape[0], device=device)[rows, None, None]
     positives = torch.where(positives == sample, -1, positives)  # an anchor is not its own positive
-    anchors = _anchors(labels, active)
+    anchors = _anchors(labels[rows], active)
     partners = torch.cat([positives, negatives], dim=-1)
     partners = torch.where(anchors[..., None], partners, -1)
     return anchors, partners
 
 
-def mine_instance(features: Tensor, predictions: Tensor, labels: Tensor, active: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """Section 2, instance level. features [B, A, D], predictions [B, A] -> (anchors, partners [B, A, 2K])."""
-    batch_size = features.shape[0]
+def mine_instance(features: Tensor, logits: Tensor, labels: Tensor, num_classes: Tensor, active: Tensor, k: int,
+                  first_anchor: int, num_anchors: int, validate: bool) -> tuple[Tensor, Tensor]:
+    """Instance level: (anchors [R, A], partners [R, A, 2K]) of the rows first_anchor..+num_anchors, by
+    feature distance to all B samples."""
+    check_finite(features, logits, num_classes, validate)
+    labels = check_labels(labels, num_classes, validate=False)
+    anchors, partners, overflow = _mine_instance(features, logits, labels, num_classes, active, k,
+                                                 slice(first_anchor, first_anchor + num_anchors))
+    if validate:
+        _fail(~overflow, OVERFLOW_ERROR.format(dtype=accumulation_dtype(features.dtype)))
+    return anchors, partners
+
+
+def _mine_instance(features: Tensor, logits: Tensor, labels: Tensor, num_classes: Tensor, active: Tensor, k: int,
+                   rows: slice):
+    """(anchors, partners, whether a chosen pair's squared distance overflowed)."""
     x = features.detach().to(accumulation_dtype(features.dtype)).transpose(0, 1)  # [A, B, D]
-    dist = torch.cdist(x, x, compute_mode="donot_use_mm_for_euclid_dist")  # [A, B, B]
-    anchors = _anchors(labels, active)
+    dist = torch.cdist(x[:, rows], x, compute_mode="donot_use_mm_for_euclid_dist")  # [A, R, B]
+    anchors = _anchors(labels[rows], active)
     labels_t = labels.t()
-    same = labels_t[:, :, None] == labels_t[:, None, :]  # [A, anchor, candidate]
-    not_self = ~torch.eye(batch_size, dtype=torch.bool, device=features.device)
-    misclassified = (predictions.t() != labels_t)[:, None, :]
+    same = labels_t[:, rows, None] == labels_t[:, None, :]  # [A, anchor, candidate]
+    sample = torch.arange(labels.shape[0], device=labels.device)
+    not_self = sample[rows, None] != sample[None, :]
+    misclassified = (predictions(logits.detach(), num_classes).t() != labels_t)[:, None, :]
     is_anchor = anchors.t()[:, :, None]
     pos_candidates = is_anchor & same & misclassified & not_self
     neg_candidates = is_anchor & ~same & (labels_t >= 0)[:, None, :]
     positives = _select(dist, pos_candidates, k, largest=True)  # farthest misclassified positives
     negatives = _select(dist, neg_candidates, k, largest=False)  # nearest negatives
-    partners = torch.cat([positives, negatives], dim=-1).transpose(0, 1)
-    return anchors, partners.contiguous()
+    chosen = torch.cat([positives, negatives], dim=-1)  # [A, R, 2K]
+    overflow = (torch.isinf(dist.gather(-1, chosen.clamp_min(0))) & (chosen >= 0)).any()
+    return anchors, chosen.transpose(0, 1).contiguous(), overflow
 
 
-def pair_distances(features: Tensor, partners: Tensor) -> Tensor:
-    """d [B, A, 2K]: L2 distance from x[i, j] to x[partners[i, j, m], j]; 0 (and zero gradient) where empty or equal."""
+# ---- 3. the loss forms -----------------------------------------------------------------------------------
+
+
+def pair_distances(features: Tensor, partners: Tensor, first_anchor: int = 0) -> tuple[Tensor, Tensor]:
+    """(d [R, A, 2K], overflow): the L2 distance from anchor row first_anchor + r to its partners, 0
+    (and a zero gradient) where empty or equal; and whether a pair's squared distance overflowed."""
     x = features.to(accumulation_dtype(features.dtype))
+    rows = partners.shape[0]
     attribute = torch.arange(x.shape[1], device=x.device)[None, :, None]
-    others = x[partners.clamp_min(0), attribute]  # [B, A, 2K, D]
-    squared = (x[:, :, None, :] - others).square().sum(-1)
+    others = x[partners.clamp_min(0), attribute]  # [R, A, 2K, D]
+    squared = (x[first_anchor:first_anchor + rows, :, None, :] - others).square().sum(-1)
+    is_pair = partners >= 0
+    overflow = (torch.isinf(squared) & is_pair).any()
     tiny = torch.finfo(squared.dtype).tiny
     # sqrt of a clamped value: a zero distance gets a zero (not NaN) gradient.
     d = torch.where(squared > 0, squared.clamp_min(tiny).sqrt(), 0.0)
-    return torch.where(partners >= 0, d, 0.0)
+    return torch.where(is_pair, d, 0.0), overflow
+
+
+class PairSums(NamedTuple):
+    """Per attribute [A]: the sums and counts a loss form reduces (semantics section 3).
+
+    relative: first = sum of hinges, first_count = triplets (second, second_count unused: 0).
+    absolute: first = sum of positive d^2, first_count = positive pairs; second = sum of negative
+    hinge^2, second_count = negative pairs.
+    distribution: first = the attribute's histogram loss, first_count = 1 where the attribute has
+    both pair kinds (else 0).
+    """
+
+    first: Tensor
+    second: Tensor
+    first_count: Tensor
+    second_count: Tensor
 
 
 def _halves(d: Tensor, partners: Tensor):
@@ -113,57 +270,142 @@ def _halves(d: Tensor, partners: Tensor):
     return d[..., :k], d[..., k:], partners[..., :k] >= 0, partners[..., k:] >= 0
 
 
-def relative_loss(features: Tensor, partners: Tensor, margins: Tensor) -> Tensor:
-    """Section 3, Eq. 9: mean over all triplets of all attributes of relu(m_j + d(a,p) - d(a,n))."""
-    d = pair_distances(features, partners)
+def relative_sums(d: Tensor, partners: Tensor, margins: Tensor) -> PairSums:
+    """Eq. 9 per attribute: the sum of max(0, m_j + d(a,p) - d(a,n)) over triplets, and their number."""
     d_pos, d_neg, has_pos, has_neg = _halves(d, partners)
     margin = margins.to(d.dtype)[None, :, None, None]
-    hinge = torch.relu(margin + d_pos[..., :, None] - d_neg[..., None, :])  # [B, A, K, K]
+    hinge = torch.relu(margin + d_pos[..., :, None] - d_neg[..., None, :])  # [R, A, K, K]
     is_triplet = has_pos[..., :, None] & has_neg[..., None, :]
-    total = torch.where(is_triplet, hinge, 0.0).sum()
-    return total / is_triplet.sum().clamp_min(1)
+    total = torch.where(is_triplet, hinge, 0.0).sum((0, 2, 3))
+    count = is_triplet.sum((0, 2, 3))
+    return PairSums(total, torch.zeros_like(total), count, torch.zeros_like(count))
 
 
-def absolute_loss(features: Tensor, partners: Tensor, margin: float) -> Tensor:
-    """Section 3, Eq. 11: 0.5 * (mean d^2 over positive pairs + mean relu(m - d)^2 over negative pairs)."""
-    d = pair_distances(features, partners)
+def absolute_sums(d: Tensor, partners: Tensor, margin: float) -> PairSums:
+    """Eq. 11 per attribute: sums of d^2 over positive pairs and of max(0, m - d)^2 over negative pairs."""
     d_pos, d_neg, has_pos, has_neg = _halves(d, partners)
-    pos_term = torch.where(has_pos, d_pos.square(), 0.0).sum() / has_pos.sum().clamp_min(1)
-    neg_term = torch.where(has_neg, torch.relu(margin - d_neg).square(), 0.0).sum() / has_neg.sum().clamp_min(1)
-    return 0.5 * (pos_term + neg_term)
+    pos = torch.where(has_pos, d_pos.square(), 0.0).sum((0, 2))
+    neg = torch.where(has_neg, torch.relu(margin - d_neg).square(), 0.0).sum((0, 2))
+    return PairSums(pos, neg, has_pos.sum((0, 2)), has_neg.sum((0, 2)))
 
 
 def histogram_nodes(d: Tensor, scale: Tensor, bins: int) -> tuple[Tensor, Tensor]:
     """Linear interpolation onto `bins` nodes: node index t (no gradient) and weight w of node t + 1.
 
-    u = d * scale with scale = (bins - 1) / R; t = min(floor(u), bins - 2); w = u - t.
+    u = d * scale with scale = (bins - 1) / R; t = min(floor(u), bins - 2), NaN taken as 0; w = u - t.
     """
     u = d * scale
-    t = torch.floor(u.detach()).clamp(0, bins - 2)
+    t = torch.nan_to_num(torch.floor(u.detach()), nan=0.0).clamp(0, bins - 2)
     return t.long(), u - t
 
 
-def distribution_loss(features: Tensor, partners: Tensor, bins: int) -> Tensor:
-    """Section 3, Eq. 12-14: per attribute sum_t h+_t * sum_{k<=t} h-_k, averaged over attributes with both pair kinds."""
-    d = pair_distances(features, partners)
+def histogram_scale(longest: Tensor, bins: int) -> Tensor:
+    """(bins - 1) / R by a true division (as the kernels: a reciprocal times bins - 1 rounds
+    differently and moves distances that fall on a node); 0 where R = 0 (every pair on node 0)."""
+    return torch.where(longest > 0, torch.full_like(longest, bins - 1) / longest, 0.0)
+
+
+def histograms(d: Tensor, partners: Tensor, longest: Tensor, bins: int) -> tuple[Tensor, Tensor]:
+    """Unnormalised histograms [A, 2, bins] (positives, negatives) of the pair distances on
+    `bins` nodes over [0, R_j], and the pair counts [A, 2]."""
     num_attributes = d.shape[1]
     k = partners.shape[-1] // 2
     is_pair = partners >= 0
     is_neg = torch.zeros_like(is_pair)
     is_neg[..., k:] = True
-    n_pos = is_pair[..., :k].sum((0, 2))  # [A]
-    n_neg = is_pair[..., k:].sum((0, 2))
-    longest = torch.where(is_pair, d.detach(), 0.0).amax(dim=(0, 2))  # R per attribute, no gradient
-    scale = torch.where(longest > 0, (bins - 1) / longest, 0.0)  # all-zero distances sit on node 0
-    node, weight = histogram_nodes(d, scale[None, :, None], bins)
+    node, weight = histogram_nodes(d, histogram_scale(longest, bins)[None, :, None], bins)
     attribute = torch.arange(num_attributes, device=d.device)[None, :, None]
     flat = ((attribute * 2 + is_neg.long()) * bins + node).flatten()
     weight = torch.where(is_pair, weight, 0.0).flatten()
     lower = torch.where(is_pair.flatten(), 1.0 - weight, 0.0)
     hist = torch.zeros(num_attributes * 2 * bins, dtype=d.dtype, device=d.device)
     hist = hist.index_add(0, flat, lower).index_add(0, flat + 1, weight).view(num_attributes, 2, bins)
-    h_pos = hist[:, 0] / n_pos.clamp_min(1)[:, None]
-    h_neg = hist[:, 1] / n_neg.clamp_min(1)[:, None]
-    per_attribute = (h_pos * h_neg.cumsum(-1)).sum(-1)
-    counted = (n_pos > 0) & (n_neg > 0)
-    return torch.where(counted, per_attribute, 0.0).sum() / counted.sum().clamp_min(1)
+    counts = torch.stack([is_pair[..., :k].sum((0, 2)), is_pair[..., k:].sum((0, 2))], dim=1)
+    return hist, counts
+
+
+def longest_distance(d: Tensor, partners: Tensor) -> Tensor:
+    """R_j [A]: the largest pair distance of each attribute (no gradient)."""
+    return torch.where(partners >= 0, d.detach(), 0.0).amax(dim=(0, 2))
+
+
+def histogram_overlap(hist: Tensor, counts: Tensor) -> PairSums:
+    """Eq. 12-14 per attribute from the histograms [A, 2, bins] and pair counts [A, 2]."""
+    h_pos = hist[:, 0] / counts[:, 0].clamp_min(1)[:, None]
+    h_neg = hist[:, 1] / counts[:, 1].clamp_min(1)[:, None]
+    counted = (counts[:, 0] > 0) & (counts[:, 1] > 0)
+    per_attribute = torch.where(counted, (h_pos * h_neg.cumsum(-1)).sum(-1), 0.0)
+    return PairSums(per_attribute, torch.zeros_like(per_attribute), counted.long(), torch.zeros_like(counts[:, 0]))
+
+
+def distribution_sums(d: Tensor, partners: Tensor, bins: int) -> PairSums:
+    hist, counts = histograms(d, partners, longest_distance(d, partners), bins)
+    return histogram_overlap(hist, counts)
+
+
+def _mean(total: Tensor, count: Tensor) -> Tensor:
+    return total / count.clamp_min(1)
+
+
+def reduce_sums(form: str, sums: PairSums, reduction: str) -> Tensor:
+    """The loss from per-attribute sums (semantics section 3): a pooled mean over all triplets or
+    pairs of all attributes ("pooled"), or the mean over attributes with terms of each attribute's
+    own mean ("attribute"). The distribution form is always a mean over attributes."""
+    if form == "distribution" or reduction == "attribute":
+        if form == "relative":
+            per_attribute, has_terms = _mean(sums.first, sums.first_count), sums.first_count > 0
+        elif form == "absolute":
+            per_attribute = 0.5 * (_mean(sums.first, sums.first_count) + _mean(sums.second, sums.second_count))
+            has_terms = (sums.first_count > 0) | (sums.second_count > 0)
+        else:
+            per_attribute, has_terms = sums.first, sums.first_count > 0
+        return _mean(torch.where(has_terms, per_attribute, 0.0).sum(), has_terms.sum())
+    if form == "relative":
+        return _mean(sums.first.sum(), sums.first_count.sum())
+    return 0.5 * (_mean(sums.first.sum(), sums.first_count.sum()) + _mean(sums.second.sum(), sums.second_count.sum()))
+
+
+def form_sums(form: str, d: Tensor, partners: Tensor, margins: Tensor, apc_margin: float, bins: int) -> PairSums:
+    if form == "relative":
+        return relative_sums(d, partners, margins)
+    if form == "absolute":
+        return absolute_sums(d, partners, apc_margin)
+    return distribution_sums(d, partners, bins)
+
+
+def pair_counts(anchors: Tensor, partners: Tensor) -> Tensor:
+    """[A, 4] int64 per attribute: anchors, positive pairs, negative pairs, triplets."""
+    k = partners.shape[-1] // 2
+    has_pos = (partners[..., :k] >= 0).sum(-1)  # [B, A]
+    has_neg = (partners[..., k:] >= 0).sum(-1)
+    return torch.stack([anchors.sum(0), has_pos.sum(0), has_neg.sum(0), (has_pos * has_neg).sum(0)], dim=1)
+
+
+def poison(loss: Tensor, features: Tensor, ok: Tensor) -> Tensor:
+    """The loss where `ok`; else NaN, with a NaN gradient for every feature entry (section 6)."""
+    nan_unless_ok = torch.where(ok, 0.0, math.nan).to(loss.dtype)
+    return torch.where(ok, loss, math.nan) + nan_unless_ok * features.sum().to(loss.dtype)
+
+
+# ---- the whole loss, as the native crl_loss op ---------------------------------------------------------------
+
+
+def crl_loss(features: Tensor, logits: Tensor, labels: Tensor, num_classes: Tensor, margins: Tensor, mode: str,
+             form: str, k: int, apc_margin: float, bins: int, threshold: float, reduction: str, validate: bool):
+    """l_crl and what was mined: (loss, counts, minority, active, anchors, partners, pair_counts)."""
+    labels = check_labels(labels, num_classes, validate)
+    finite = check_finite(features, logits, num_classes, validate)
+    counts, minority, active = profile(labels, num_classes, logits.shape[-1] if logits.dim() == 3 else 2,
+                                       threshold, validate=False)
+    rows = slice(0, labels.shape[0])
+    if mode == "class":
+        anchors, partners = _mine_class(logits, labels, num_classes, active, k, rows)
+    else:
+        anchors, partners, _ = _mine_instance(features, logits, labels, num_classes, active, k, rows)
+    d, overflow = pair_distances(features, partners)
+    if validate:
+        _fail(~overflow, OVERFLOW_ERROR.format(dtype=d.dtype))
+    loss = reduce_sums(form, form_sums(form, d, partners, margins, apc_margin, bins), reduction)
+    if not validate:
+        loss = poison(loss, features, finite & ~overflow)
+    return loss, counts, minority, active, anchors, partners, pair_counts(anchors, partners)

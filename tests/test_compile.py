@@ -77,7 +77,7 @@ def _compare_with_eager(compiler, mode, form, backend, batches, rtol=1e-6, atol=
 @pytest.fixture(autouse=True)
 def fresh_dynamo():
     torch._dynamo.reset()  # every test counts its own compilations
-    crl_ops.loss._MARGIN_CACHE.clear()  # compiled code must not rely on what eager calls cached
+    crl_ops._inputs._CONSTANTS.clear()  # compiled code must not rely on what eager calls cached
     yield
     torch._dynamo.reset()
 

@@ -7,7 +7,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import crl_ops
-from crl_ops.loss import Mined
+from crl_ops import Mined
 
 from . import oracle
 from .problems import FORMS, MODES, make_problem, mined_sets, problems
@@ -150,10 +150,9 @@ def gradcheck_crl(crl, features, logits, labels):
     """gradcheck of crl w.r.t. features. The distribution form takes no gradient through its range R
     (semantics section 3), so the two feature vectors that span R in each attribute stay fixed."""
     free = torch.ones_like(features, dtype=torch.bool)
-    if crl.form == "distribution":
-        crl(features, logits, labels)
-        partners = crl._last.partners
-        d = crl_ops.reference.pair_distances(features.detach(), partners)
+    if crl.options.form == "distribution":
+        partners = torch.cat(crl_ops.mine(features, logits, labels, mode=crl.options.mode, k=crl.options.k)[1:], -1)
+        d, _ = crl_ops.reference.pair_distances(features.detach(), partners)
         for j in range(features.shape[1]):
             flat = d[:, j].argmax()
             i, m = divmod(int(flat), d.shape[2])
@@ -207,8 +206,9 @@ def test_low_precision_inputs(dtype):
         assert features.grad.dtype == dtype and torch.isfinite(features.grad).all()
         features.grad = None
         # Mining on rounded features may differ, so compare on the same mined pairs.
-        d_low = crl_ops.reference.pair_distances(features.detach(), crl._last.partners)
-        d_full = crl_ops.reference.pair_distances(features.detach().float(), crl._last.partners)
+        partners = torch.cat(crl_ops.mine(features, logits, labels, backend="reference")[1:], -1)
+        d_low, _ = crl_ops.reference.pair_distances(features.detach(), partners)
+        d_full, _ = crl_ops.reference.pair_distances(features.detach().float(), partners)
         torch.testing.assert_close(d_low, d_full)
 
 

@@ -1,37 +1,38 @@
-// The crl_ops operator schemas. Kernels: csrc/cpu (CPU), csrc/cuda (CUDA); fake kernels and
-// autograd are registered from Python (crl_ops/_native.py). Shapes: B samples, A attributes,
-// D feature size, Cmax classes, K mined per side; partners[B, A, 2K] hold positives then
-// negatives, -1 where empty (docs/semantics.md).
+// The crl_ops operator schemas. Kernels: csrc/cpu (CPU), csrc/cuda (CUDA), both through the glue
+// of common/entry_points.h; autograd: csrc/autograd.cpp; fake kernels: crl_ops/_native.py.
+//
+// Shapes: B samples, A attributes, D feature size, Cmax classes, K mined per side.
+// - labels[B, A] int64, -1 = not annotated; num_classes[A] int64 (C_j).
+// - logits[B, A] (one binary logit z: class logits [0, z]) or [B, A, Cmax] (entries past C_j unread).
+// - partners[R, A, 2K]: the K positives then the K negatives of each anchor row, -1 where empty.
+// - validate: check label ranges and finite values (a ValueError on the CPU, a device-side
+//   assertion on CUDA); else labels outside -1..C_j-1 count as not annotated and non-finite
+//   values make the loss NaN (docs/semantics.md, section 6).
 #include <torch/library.h>
 
 TORCH_LIBRARY(crl_ops, m) {
-  // labels[B, A] int64 -> counts[A, Cmax] int64, minority[A, Cmax] bool, active[A, Cmax] bool
-  m.def("profile(Tensor labels, int max_classes) -> (Tensor counts, Tensor minority, Tensor active)");
-  // scores[B, A, Cmax] class probabilities -> anchors[B, A] bool, partners[B, A, 2K] int64
-  m.def("mine_class(Tensor scores, Tensor labels, Tensor active, int k) -> (Tensor anchors, Tensor partners)");
-  // features[B, A, D], predictions[B, A] int64 -> anchors, partners (fused distances + top-K)
-  m.def(
-      "mine_instance(Tensor features, Tensor predictions, Tensor labels, Tensor active, int k) -> "
-      "(Tensor anchors, Tensor partners)");
-  // The loss forms over the mined pairs. Each forward also returns the pair distances
-  // d[B, A, 2K] (0 where empty) and the counts its backward needs; each backward returns the
-  // gradient w.r.t. features, through the loss and the distances in one op.
-  m.def(
-      "relative_loss(Tensor features, Tensor partners, Tensor margins) -> "
-      "(Tensor loss, Tensor distances, Tensor num_triplets)");
-  m.def(
-      "relative_loss_backward(Tensor grad, Tensor features, Tensor partners, Tensor distances, Tensor margins, "
-      "Tensor num_triplets) -> Tensor");
-  m.def(
-      "absolute_loss(Tensor features, Tensor partners, float margin) -> "
-      "(Tensor loss, Tensor distances, Tensor num_pairs)");
-  m.def(
-      "absolute_loss_backward(Tensor grad, Tensor features, Tensor partners, Tensor distances, float margin, "
-      "Tensor num_pairs) -> Tensor");
-  m.def(
-      "distribution_loss(Tensor features, Tensor partners, int bins) -> "
-      "(Tensor loss, Tensor distances, Tensor histograms, Tensor scale, Tensor pair_counts)");
-  m.def(
-      "distribution_loss_backward(Tensor grad, Tensor features, Tensor partners, Tensor distances, int bins, "
-      "Tensor histograms, Tensor scale, Tensor pair_counts) -> Tensor");
+  // Section 1: counts[A, Cmax] int64, minority[A, Cmax] bool, active[A, Cmax] bool.
+  m.def("profile(Tensor labels, Tensor num_classes, int max_classes, float threshold, bool validate) -> "
+        "(Tensor counts, Tensor minority, Tensor active)");
+  // Section 2, for the anchor rows first_anchor..first_anchor + num_anchors against all B
+  // candidates: anchors[R, A] bool, partners[R, A, 2K] int64.
+  m.def("mine_class(Tensor logits, Tensor labels, Tensor num_classes, Tensor active, int k, SymInt first_anchor, "
+        "SymInt num_anchors, bool validate) -> (Tensor anchors, Tensor partners)");
+  m.def("mine_instance(Tensor features, Tensor logits, Tensor labels, Tensor num_classes, Tensor active, int k, "
+        "SymInt first_anchor, SymInt num_anchors, bool validate) -> (Tensor anchors, Tensor partners)");
+  // The whole loss of sections 1-3 in one op (one dispatch and one autograd node per step):
+  // loss; counts, minority, active; anchors[B, A], partners[B, A, 2K]; pair_counts[A, 4] (anchors,
+  // positive pairs, negative pairs, triplets); and for the backward: distances[B, A, 2K], sums[A, 2]
+  // (relative: hinge sum, 0; absolute: positive and negative sums; distribution: the attribute's
+  // loss and its histogram scale (bins - 1) / R) and the normalised histograms[A, 2, bins]
+  // (distribution form; [A, 2, 0] otherwise). Differentiable w.r.t. features and margins.
+  m.def("crl_loss(Tensor features, Tensor logits, Tensor labels, Tensor num_classes, Tensor margins, str mode, "
+        "str form, int k, float apc_margin, int bins, float threshold, str reduction, bool validate) -> "
+        "(Tensor loss, Tensor counts, Tensor minority, Tensor active, Tensor anchors, Tensor partners, "
+        "Tensor pair_counts, Tensor distances, Tensor sums, Tensor histograms)");
+  // d loss / d features [B, A, D] (contiguous, the features' dtype) and, with margins_grad,
+  // d loss / d margins [A] (else an empty tensor). A NaN loss gives NaN gradients.
+  m.def("crl_loss_backward(Tensor grad, Tensor loss, Tensor features, Tensor partners, Tensor distances, "
+        "Tensor margins, Tensor pair_counts, Tensor sums, Tensor histograms, str form, float apc_margin, int bins, "
+        "str reduction, bool margins_grad) -> (Tensor grad_features, Tensor grad_margins)");
 }

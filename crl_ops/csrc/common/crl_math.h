@@ -22,6 +22,13 @@ namespace crl {
 // positives then the K negatives of a row, -1 where empty.
 constexpr int64_t kEmpty = -1;
 
+enum class Mode { Class, Instance };
+enum class Form { Relative, Absolute, Distribution };
+enum class Reduction { Pooled, Attribute };
+
+// pair_counts[A, 4] columns: per attribute the anchors, positive pairs, negative pairs, triplets.
+constexpr int kAnchorsColumn = 0, kPositivesColumn = 1, kNegativesColumn = 2, kTripletsColumn = 3;
+
 template <typename T>
 struct Accumulate {
   using type = float;
@@ -65,14 +72,71 @@ CRL_HD Acc distance_gradient_scale(Acc grad_d, Acc d) {
   return d > Acc(0) ? grad_d / d : Acc(0);
 }
 
-// ---- anchors --------------------------------------------------------------------------------------
+// ---- labels, logits, anchors -----------------------------------------------------------------------
+
+// Whether label is a class of an attribute with `classes` classes (not -1 and not out of range:
+// with validate=False an out-of-range label counts as not annotated).
+CRL_HD bool is_annotated(int64_t label, int64_t classes) {
+  return label >= 0 && label < classes;
+}
+
+// One sample's logits for one attribute: the class logits [0, z] of a binary logit z, or C values
+// `stride` elements apart.
+template <typename T>
+struct LogitsRow {
+  const T* values;
+  int64_t stride;
+  bool binary;
+  int64_t classes;
+
+  template <typename Acc>
+  CRL_HD Acc logit(int64_t c) const {
+    if (binary) return c == 0 ? Acc(0) : static_cast<Acc>(values[0]);
+    return static_cast<Acc>(values[c * stride]);
+  }
+};
+
+// The predicted class: the argmax of the logits, the lowest class on a tie.
+template <typename Acc, typename T>
+CRL_HD int64_t predicted_class(const LogitsRow<T>& row) {
+  int64_t best = 0;
+  Acc top = row.template logit<Acc>(0);
+  for (int64_t c = 1; c < row.classes; ++c) {
+    const Acc z = row.template logit<Acc>(c);
+    if (z > top) {
+      top = z;
+      best = c;
+    }
+  }
+  return best;
+}
+
+// Softmax of a row: p(c) = exp(z_c - max) / sum_c' exp(z_c' - max), the sum in class order.
+template <typename Acc>
+struct Softmax {
+  Acc max, sum;
+
+  template <typename T>
+  CRL_HD static Softmax of(const LogitsRow<T>& row) {
+    Acc top = row.template logit<Acc>(0);
+    for (int64_t c = 1; c < row.classes; ++c) {
+      const Acc z = row.template logit<Acc>(c);
+      top = z > top ? z : top;
+    }
+    Acc total = Acc(0);
+    for (int64_t c = 0; c < row.classes; ++c) total += std::exp(row.template logit<Acc>(c) - top);
+    return {top, total};
+  }
+
+  CRL_HD Acc probability(Acc z) const { return std::exp(z - max) / sum; }
+};
 
 // Whether sample i is an anchor of attribute j (its class is an active minority class), and
-// that class. labels [B, A], active [A, Cmax].
+// that class. labels [B, A] contiguous, active [A, Cmax].
 CRL_HD bool is_anchor(const int64_t* labels, const bool* active, int64_t attributes, int64_t max_classes,
-                      int64_t i, int64_t j, int64_t& label) {
+                      int64_t classes, int64_t i, int64_t j, int64_t& label) {
   label = labels[i * attributes + j];
-  return label >= 0 && label < max_classes && active[j * max_classes + label];
+  return is_annotated(label, classes < max_classes ? classes : max_classes) && active[j * max_classes + label];
 }
 
 // Class-level row of anchor i: its class's K hardest positives (without i itself) and negatives.
@@ -192,18 +256,22 @@ CRL_HD void relative_row(const Acc* d, const int64_t* p, int64_t k, Acc margin, 
   }
 }
 
-// d loss / d distances of one row, where loss = scale * (the row's hinge sum).
+// d loss / d distances of one row, where loss = scale * (the row's hinge sum). Returns the
+// number of hinges past their kink: d loss / d margin is scale times that.
 template <typename Acc>
-CRL_HD void relative_row_backward(const Acc* d, const int64_t* p, int64_t k, Acc margin, Acc scale, Acc* grad) {
+CRL_HD int64_t relative_row_backward(const Acc* d, const int64_t* p, int64_t k, Acc margin, Acc scale, Acc* grad) {
   for (int64_t m = 0; m < 2 * k; ++m) grad[m] = Acc(0);
+  int64_t open = 0;
   for (int64_t a = 0; a < k; ++a) {
     if (p[a] < 0) continue;
     for (int64_t b = k; b < 2 * k; ++b) {
       if (p[b] < 0 || !(margin + d[a] - d[b] > Acc(0))) continue;
       grad[a] += scale;
       grad[b] -= scale;
+      ++open;
     }
   }
+  return open;
 }
 
 // Absolute form (Eq. 11): the row's sums of d^2 over positives and hinge(margin - d)^2 over
@@ -232,15 +300,63 @@ CRL_HD void absolute_row_backward(const Acc* d, const int64_t* p, int64_t k, Acc
   for (int64_t m = k; m < 2 * k; ++m) grad[m] = p[m] < 0 ? Acc(0) : -neg_scale * hinge(margin - d[m]);
 }
 
+// The loss's weights of each attribute's terms (section 3), from pair_counts [A, 4]:
+// weights[2 j] = d loss / d (a term of attribute j's first kind), weights[2 j + 1] of its second
+// kind. Terms: relative: hinges, -; absolute: positive d^2, negative hinge^2; distribution: the
+// attribute's histogram loss, -. Pooled means divide by the count over all attributes; the
+// attribute reduction (always, for the distribution form) averages over attributes with terms.
+template <typename Acc>
+CRL_HD void term_weights(Form form, Reduction reduction, const int64_t* pair_counts, int64_t attributes,
+                         Acc* weights) {
+  int64_t total_first = 0, total_second = 0, attributes_with_terms = 0;
+  for (int64_t j = 0; j < attributes; ++j) {
+    const int64_t* c = pair_counts + 4 * j;
+    if (form == Form::Relative) {
+      total_first += c[kTripletsColumn];
+      attributes_with_terms += c[kTripletsColumn] > 0;
+    } else if (form == Form::Absolute) {
+      total_first += c[kPositivesColumn];
+      total_second += c[kNegativesColumn];
+      attributes_with_terms += c[kPositivesColumn] > 0 || c[kNegativesColumn] > 0;
+    } else {
+      attributes_with_terms += c[kPositivesColumn] > 0 && c[kNegativesColumn] > 0;
+    }
+  }
+  const Acc per_attribute = Acc(1) / static_cast<Acc>(attributes_with_terms > 0 ? attributes_with_terms : 1);
+  const auto inverse = [](int64_t n) { return Acc(1) / static_cast<Acc>(n > 0 ? n : 1); };
+  for (int64_t j = 0; j < attributes; ++j) {
+    const int64_t* c = pair_counts + 4 * j;
+    Acc first = Acc(0), second = Acc(0);
+    if (form == Form::Distribution) {
+      first = c[kPositivesColumn] > 0 && c[kNegativesColumn] > 0 ? per_attribute : Acc(0);
+    } else if (reduction == Reduction::Attribute) {
+      if (form == Form::Relative) {
+        first = per_attribute * inverse(c[kTripletsColumn]);
+      } else {
+        first = Acc(0.5) * per_attribute * inverse(c[kPositivesColumn]);
+        second = Acc(0.5) * per_attribute * inverse(c[kNegativesColumn]);
+      }
+    } else if (form == Form::Relative) {
+      first = inverse(total_first);
+    } else {
+      first = Acc(0.5) * inverse(total_first);
+      second = Acc(0.5) * inverse(total_second);
+    }
+    weights[2 * j] = first;
+    weights[2 * j + 1] = second;
+  }
+}
+
 // Histogram node of a distance (semantics section 3): with u = d * scale, the node is
 // t = min(floor(u), bins - 2) and w = u - t is the weight of node t + 1. scale = (bins-1)/R,
-// or 0 when R = 0 (every pair on node 0).
+// or 0 when R = 0 (every pair on node 0). A NaN u (non-finite inputs with validate=False) takes
+// node 0: converting NaN to an integer would be undefined.
 template <typename Acc>
 CRL_HD void histogram_node(Acc d, Acc scale, int64_t bins, int64_t& node, Acc& weight) {
   const Acc u = d * scale;
   Acc t = std::floor(u);
   if (t > Acc(bins - 2)) t = Acc(bins - 2);
-  if (t < Acc(0)) t = Acc(0);
+  if (!(t >= Acc(0))) t = Acc(0);
   node = static_cast<int64_t>(t);
   weight = u - t;
 }

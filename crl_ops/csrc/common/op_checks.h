@@ -1,144 +1,215 @@
-// Argument checks shared by the CPU and CUDA entry points, so a bad call
-// of torch.ops.crl_ops.* fails with the same clear message on either backend.
+// Argument checks and option names shared by the CPU and CUDA entry points, so that a bad call of
+// torch.ops.crl_ops.* fails with the same clear message on either backend. These check shapes,
+// dtypes, devices and ranges of plain arguments; the values inside tensors (label ranges,
+// finiteness) are checked by the kernels themselves (docs/semantics.md, section 6).
 #pragma once
 
 #include <ATen/ATen.h>
 
+#include <cmath>
+#include <string>
+
+#include "common/crl_math.h"
+
 namespace crl {
 
-inline void check_int64(const at::Tensor& t, const char* name, int64_t dim, const char* shape) {
-  TORCH_CHECK(t.dim() == dim, "crl_ops: ", name, " must have shape ", shape, ", got ", t.sizes());
-  TORCH_CHECK(t.scalar_type() == at::kLong, "crl_ops: ", name, " must be int64, got ", t.scalar_type());
+constexpr int64_t kMaxK = 1024;
+constexpr int64_t kMaxBins = 100000;
+
+
+inline Mode parse_mode(c10::string_view name) {
+  if (name == "class") return Mode::Class;
+  TORCH_CHECK_VALUE(name == "instance", "crl_ops: mode must be 'class' or 'instance', got '", std::string(name), "'");
+  return Mode::Instance;
 }
 
-inline void check_same_device(const at::Tensor& a, const char* name_a, const at::Tensor& b, const char* name_b) {
-  TORCH_CHECK(a.device() == b.device(), "crl_ops: ", name_a, " is on ", a.device(), " but ", name_b, " is on ",
-              b.device());
+inline Form parse_form(c10::string_view name) {
+  if (name == "relative") return Form::Relative;
+  if (name == "absolute") return Form::Absolute;
+  TORCH_CHECK_VALUE(name == "distribution", "crl_ops: form must be 'relative', 'absolute' or 'distribution', got '",
+                    std::string(name), "'");
+  return Form::Distribution;
 }
 
-inline void check_labels(const at::Tensor& labels) {
-  check_int64(labels, "labels", 2, "[B, A]");
-}
-
-inline void check_active(const at::Tensor& active, const at::Tensor& labels) {
-  TORCH_CHECK(active.dim() == 2 && active.size(0) == labels.size(1) && active.scalar_type() == at::kBool,
-              "crl_ops: active must be a bool tensor [A, Cmax] with A = ", labels.size(1), ", got ",
-              active.scalar_type(), " ", active.sizes());
-  check_same_device(labels, "labels", active, "active");
-}
-
-inline void check_k(int64_t k) {
-  TORCH_CHECK(k >= 1, "crl_ops: k must be >= 1, got ", k);
-}
-
-inline void check_features(const at::Tensor& features) {
-  TORCH_CHECK(features.dim() == 3, "crl_ops: features must have shape [B, A, D], got ", features.sizes());
-  TORCH_CHECK(at::isFloatingType(features.scalar_type()), "crl_ops: features must be floating point, got ",
-              features.scalar_type());
-  TORCH_CHECK(features.size(0) < (int64_t(1) << 31), "crl_ops: at most 2^31 - 1 samples");
-}
-
-// partners[B, A, 2K] matching features[B, A, D].
-inline void check_partners(const at::Tensor& partners, const at::Tensor& features) {
-  check_int64(partners, "partners", 3, "[B, A, 2K]");
-  TORCH_CHECK(partners.size(0) == features.size(0) && partners.size(1) == features.size(1) &&
-                  partners.size(2) % 2 == 0 && partners.size(2) > 0,
-              "crl_ops: partners must have shape [B, A, 2K] = [", features.size(0), ", ", features.size(1),
-              ", 2K], got ", partners.sizes());
-  check_same_device(features, "features", partners, "partners");
-}
-
-// distances[B, A, 2K] in the accumulation dtype (float32 or float64), like partners.
-inline void check_distances(const at::Tensor& distances, const at::Tensor& partners) {
-  TORCH_CHECK(distances.sizes() == partners.sizes(), "crl_ops: distances ", distances.sizes(),
-              " and partners ", partners.sizes(), " must have one shape [B, A, 2K]");
-  TORCH_CHECK(distances.scalar_type() == at::kFloat || distances.scalar_type() == at::kDouble,
-              "crl_ops: distances must be float32 or float64, got ", distances.scalar_type());
-  check_int64(partners, "partners", 3, "[B, A, 2K]");
-  TORCH_CHECK(partners.size(2) % 2 == 0, "crl_ops: partners must have an even last dimension 2K");
-  check_same_device(distances, "distances", partners, "partners");
+inline Reduction parse_reduction(c10::string_view name) {
+  if (name == "pooled") return Reduction::Pooled;
+  TORCH_CHECK_VALUE(name == "attribute", "crl_ops: reduction must be 'pooled' or 'attribute', got '",
+                    std::string(name), "'");
+  return Reduction::Attribute;
 }
 
 inline at::ScalarType accumulation_type(at::ScalarType t) {
   return t == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-// ---- one check per op, covering all its arguments -------------------------------------------------
-
-inline void check_profile_args(const at::Tensor& labels, int64_t max_classes) {
-  check_labels(labels);
-  TORCH_CHECK(max_classes >= 1, "crl_ops: max_classes must be >= 1, got ", max_classes);
+// "float32" or "float64", as Python names the accumulation dtype in its messages.
+inline const char* accumulation_name(at::ScalarType t) {
+  return accumulation_type(t) == at::kDouble ? "float64" : "float32";
 }
 
-inline void check_mine_class_args(const at::Tensor& scores, const at::Tensor& labels, const at::Tensor& active,
-                                  int64_t k) {
-  check_labels(labels);
-  check_active(active, labels);
-  check_k(k);
-  TORCH_CHECK(scores.dim() == 3 && scores.size(0) == labels.size(0) && scores.size(1) == labels.size(1) &&
-                  scores.size(2) == active.size(1),
-              "crl_ops: scores must have shape [B, A, Cmax] = [", labels.size(0), ", ", labels.size(1), ", ",
-              active.size(1), "], got ", scores.sizes());
-  TORCH_CHECK(scores.scalar_type() == at::kFloat || scores.scalar_type() == at::kDouble,
-              "crl_ops: scores must be float32 or float64 probabilities, got ", scores.scalar_type());
-  check_same_device(scores, "scores", labels, "labels");
+// The ValueError message of a mined pair whose squared distance overflows (section 6).
+inline std::string overflow_message(at::ScalarType t) {
+  return std::string("features are too large: the squared distance of a mined pair overflows ") +
+         accumulation_name(t) + "; scale them down (normalize=True does) or use a wider dtype";
 }
 
-inline void check_mine_instance_args(const at::Tensor& features, const at::Tensor& predictions,
-                                     const at::Tensor& labels, const at::Tensor& active, int64_t k) {
-  check_features(features);
-  check_labels(labels);
-  check_active(active, labels);
-  check_k(k);
-  check_int64(predictions, "predictions", 2, "[B, A]");
-  TORCH_CHECK(features.size(0) == labels.size(0) && features.size(1) == labels.size(1) &&
-                  predictions.sizes() == labels.sizes(),
-              "crl_ops: features [B, A, D] ", features.sizes(), ", predictions ", predictions.sizes(), " and labels ",
-              labels.sizes(), " must agree on B and A");
-  check_same_device(features, "features", labels, "labels");
-  check_same_device(features, "features", predictions, "predictions");
+inline bool is_feature_type(at::ScalarType t) {
+  return t == at::kHalf || t == at::kBFloat16 || t == at::kFloat || t == at::kDouble;
 }
 
-// A loss op's features[B, A, D] and partners[B, A, 2K].
-inline void check_loss_args(const at::Tensor& features, const at::Tensor& partners) {
-  check_features(features);
-  check_partners(partners, features);
+inline void check_int64(const at::Tensor& t, const char* name, int64_t dim, const char* shape) {
+  TORCH_CHECK_VALUE(t.dim() == dim, "crl_ops: ", name, " must have shape ", shape, ", got ", t.sizes());
+  TORCH_CHECK_TYPE(t.scalar_type() == at::kLong, "crl_ops: ", name, " must be int64, got ", t.scalar_type());
 }
 
-inline void check_relative_args(const at::Tensor& features, const at::Tensor& partners, const at::Tensor& margins) {
-  check_loss_args(features, partners);
-  TORCH_CHECK(margins.dim() == 1 && margins.size(0) == features.size(1), "crl_ops: margins must have shape [A] = [",
-              features.size(1), "], got ", margins.sizes());
-  check_same_device(margins, "margins", features, "features");
+inline void check_same_device(const at::Tensor& a, const char* name_a, const at::Tensor& b, const char* name_b) {
+  TORCH_CHECK_VALUE(a.device() == b.device(), "crl_ops: ", name_a, " is on ", a.device(), " but ", name_b, " is on ",
+                    b.device());
+}
+
+inline void check_range(const char* name, int64_t value, int64_t low, int64_t high) {
+  TORCH_CHECK_VALUE(value >= low && value <= high, "crl_ops: ", name, " must be between ", low, " and ", high,
+                    ", got ", value);
+}
+
+inline void check_k(int64_t k) {
+  check_range("k", k, 1, kMaxK);
 }
 
 inline void check_bins(int64_t bins) {
-  TORCH_CHECK(bins >= 2, "crl_ops: bins must be >= 2, got ", bins);
+  check_range("bins", bins, 2, kMaxBins);
 }
 
-// A loss backward op's scalar grad, and the features, partners and distances of its forward.
-inline void check_loss_backward_args(const at::Tensor& grad, const at::Tensor& features, const at::Tensor& partners,
-                                     const at::Tensor& distances) {
-  check_loss_args(features, partners);
-  check_distances(distances, partners);
-  TORCH_CHECK(distances.scalar_type() == accumulation_type(features.scalar_type()), "crl_ops: distances must be ",
-              accumulation_type(features.scalar_type()), " for ", features.scalar_type(), " features, got ",
-              distances.scalar_type());
-  TORCH_CHECK(grad.numel() == 1, "crl_ops: the loss gradient must be a scalar, got ", grad.sizes());
-  check_same_device(grad, "grad", features, "features");
+inline void check_threshold(double threshold) {
+  TORCH_CHECK_VALUE(std::isfinite(threshold) && threshold > 0.0 && threshold <= 1.0,
+                    "crl_ops: threshold must be in (0, 1], got ", threshold);
 }
 
-inline void check_distribution_backward_args(const at::Tensor& grad, const at::Tensor& features,
-                                             const at::Tensor& partners, const at::Tensor& distances, int64_t bins,
-                                             const at::Tensor& histograms, const at::Tensor& scale,
-                                             const at::Tensor& pair_counts) {
-  check_loss_backward_args(grad, features, partners, distances);
+// labels [B, A] int64 (B < 2^31, A >= 1) and num_classes [A] int64 on the same device.
+inline void check_labels(const at::Tensor& labels, const at::Tensor& num_classes) {
+  check_int64(labels, "labels", 2, "[B, A]");
+  TORCH_CHECK_VALUE(labels.size(0) < (int64_t(1) << 31), "crl_ops: at most 2^31 - 1 samples, got ", labels.size(0));
+  TORCH_CHECK_VALUE(labels.size(1) >= 1, "crl_ops: labels must have at least one attribute, got ", labels.sizes());
+  check_int64(num_classes, "num_classes", 1, "[A]");
+  TORCH_CHECK_VALUE(num_classes.size(0) == labels.size(1), "crl_ops: num_classes must have shape [A] = [",
+                    labels.size(1), "], got ", num_classes.sizes());
+  check_same_device(labels, "labels", num_classes, "num_classes");
+}
+
+// The number of class columns of logits: [B, A] binary (2) or [B, A, Cmax].
+inline int64_t max_classes_of(const at::Tensor& logits) {
+  return logits.dim() == 3 ? logits.size(2) : 2;
+}
+
+// logits [B, A] (one binary logit per attribute) or [B, A, Cmax >= 2], floating point, like labels.
+inline void check_logits(const at::Tensor& logits, const at::Tensor& labels) {
+  TORCH_CHECK_VALUE((logits.dim() == 2 || (logits.dim() == 3 && logits.size(2) >= 2)) &&
+                        logits.size(0) == labels.size(0) && logits.size(1) == labels.size(1),
+                    "crl_ops: logits must have shape [B, A] = [", labels.size(0), ", ", labels.size(1),
+                    "] (binary) or [B, A, Cmax >= 2], got ", logits.sizes());
+  TORCH_CHECK_TYPE(is_feature_type(logits.scalar_type()), "crl_ops: logits must be float16, bfloat16, float32 or "
+                   "float64, got ", logits.scalar_type());
+  check_same_device(logits, "logits", labels, "labels");
+}
+
+// features [B, A, D >= 1], floating point, like labels.
+inline void check_features(const at::Tensor& features, const at::Tensor& labels) {
+  TORCH_CHECK_VALUE(features.dim() == 3 && features.size(0) == labels.size(0) && features.size(1) == labels.size(1) &&
+                        features.size(2) >= 1,
+                    "crl_ops: features must have shape [B, A, D >= 1] = [", labels.size(0), ", ", labels.size(1),
+                    ", D], got ", features.sizes());
+  TORCH_CHECK_TYPE(is_feature_type(features.scalar_type()), "crl_ops: features must be float16, bfloat16, float32 or "
+                   "float64, got ", features.scalar_type());
+  check_same_device(features, "features", labels, "labels");
+}
+
+inline void check_active(const at::Tensor& active, const at::Tensor& labels, int64_t max_classes) {
+  TORCH_CHECK_VALUE(active.dim() == 2 && active.size(0) == labels.size(1) && active.size(1) == max_classes &&
+                        active.scalar_type() == at::kBool,
+                    "crl_ops: active must be a bool tensor [A, Cmax] = [", labels.size(1), ", ", max_classes,
+                    "], got ", active.scalar_type(), " ", active.sizes());
+  check_same_device(labels, "labels", active, "active");
+}
+
+inline void check_anchor_rows(int64_t first_anchor, int64_t num_anchors, int64_t batch) {
+  TORCH_CHECK_VALUE(first_anchor >= 0 && num_anchors >= 0 && first_anchor + num_anchors <= batch,
+                    "crl_ops: the anchor rows first_anchor..first_anchor + num_anchors = ", first_anchor, "..",
+                    first_anchor + num_anchors, " must lie within the batch of ", batch);
+}
+
+// margins [A], floating point, like features.
+inline void check_margins(const at::Tensor& margins, const at::Tensor& features) {
+  TORCH_CHECK_VALUE(margins.dim() == 1 && margins.size(0) == features.size(1),
+                    "crl_ops: margins must have shape [A] = [", features.size(1), "], got ", margins.sizes());
+  TORCH_CHECK_TYPE(margins.is_floating_point(), "crl_ops: margins must be floating point, got ", margins.scalar_type());
+  check_same_device(margins, "margins", features, "features");
+}
+
+// ---- one check per op, covering all its arguments -------------------------------------------------
+
+inline void check_profile_args(const at::Tensor& labels, const at::Tensor& num_classes, int64_t max_classes,
+                               double threshold) {
+  check_labels(labels, num_classes);
+  TORCH_CHECK_VALUE(max_classes >= 2, "crl_ops: max_classes must be >= 2, got ", max_classes);
+  check_threshold(threshold);
+}
+
+inline void check_mine_args(const at::Tensor* features, const at::Tensor& logits, const at::Tensor& labels,
+                            const at::Tensor& num_classes, const at::Tensor& active, int64_t k, int64_t first_anchor,
+                            int64_t num_anchors) {
+  check_labels(labels, num_classes);
+  check_logits(logits, labels);
+  if (features != nullptr) check_features(*features, labels);
+  check_active(active, labels, max_classes_of(logits));
+  check_k(k);
+  check_anchor_rows(first_anchor, num_anchors, labels.size(0));
+}
+
+inline void check_crl_loss_args(const at::Tensor& features, const at::Tensor& logits, const at::Tensor& labels,
+                                const at::Tensor& num_classes, const at::Tensor& margins, int64_t k, double apc_margin,
+                                int64_t bins, double threshold) {
+  check_labels(labels, num_classes);
+  check_logits(logits, labels);
+  check_features(features, labels);
+  check_margins(margins, features);
+  check_k(k);
   check_bins(bins);
-  const int64_t attributes = distances.size(1);
-  TORCH_CHECK(histograms.sizes() == at::IntArrayRef({attributes, 2, bins}) &&
-                  scale.sizes() == at::IntArrayRef({attributes}) &&
-                  pair_counts.sizes() == at::IntArrayRef({attributes, 2}),
-              "crl_ops: distribution_loss_backward needs the histograms, scale and pair_counts of its forward");
+  check_threshold(threshold);
+  TORCH_CHECK_VALUE(std::isfinite(apc_margin) && apc_margin >= 0.0, "crl_ops: apc_margin must be finite and >= 0, got ",
+                    apc_margin);
+}
+
+// The forward's outputs handed back to crl_loss_backward.
+inline void check_crl_loss_backward_args(const at::Tensor& grad, const at::Tensor& loss, const at::Tensor& features,
+                                         const at::Tensor& partners, const at::Tensor& distances,
+                                         const at::Tensor& margins, const at::Tensor& pair_counts,
+                                         const at::Tensor& sums, const at::Tensor& histograms, Form form,
+                                         int64_t bins) {
+  TORCH_CHECK_VALUE(features.dim() == 3 && features.size(2) >= 1 && is_feature_type(features.scalar_type()),
+                    "crl_ops: features must be a floating tensor [B, A, D >= 1], got ", features.sizes());
+  const int64_t batch = features.size(0), attributes = features.size(1);
+  check_int64(partners, "partners", 3, "[B, A, 2K]");
+  TORCH_CHECK_VALUE(partners.size(0) == batch && partners.size(1) == attributes && partners.size(2) % 2 == 0 &&
+                        partners.size(2) >= 2,
+                    "crl_ops: partners must have shape [B, A, 2K] = [", batch, ", ", attributes, ", 2K], got ",
+                    partners.sizes());
+  const auto acc = accumulation_type(features.scalar_type());
+  TORCH_CHECK_VALUE(distances.sizes() == partners.sizes() && distances.scalar_type() == acc,
+                    "crl_ops: distances must be ", acc, " ", partners.sizes(), ", got ", distances.scalar_type(), " ",
+                    distances.sizes());
+  TORCH_CHECK_VALUE(grad.numel() == 1 && loss.numel() == 1, "crl_ops: grad and loss must be scalars");
+  check_margins(margins, features);
+  check_int64(pair_counts, "pair_counts", 2, "[A, 4]");
+  TORCH_CHECK_VALUE(pair_counts.size(0) == attributes && pair_counts.size(1) == 4, "crl_ops: pair_counts must be [A, 4]");
+  TORCH_CHECK_VALUE(sums.dim() == 2 && sums.size(0) == attributes && sums.size(1) == 2 && sums.scalar_type() == acc,
+                    "crl_ops: sums must be ", acc, " [A, 2]");
+  const int64_t nodes = form == Form::Distribution ? bins : 0;
+  TORCH_CHECK_VALUE(histograms.dim() == 3 && histograms.size(0) == attributes && histograms.size(1) == 2 &&
+                        histograms.size(2) == nodes && histograms.scalar_type() == acc,
+                    "crl_ops: histograms must be ", acc, " [A, 2, ", nodes, "], got ", histograms.sizes());
+  for (const at::Tensor* t : {&grad, &loss, &partners, &distances, &margins, &pair_counts, &sums, &histograms}) {
+    check_same_device(*t, "every argument", features, "features");
+  }
 }
 
 }  // namespace crl

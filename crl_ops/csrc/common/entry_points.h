@@ -1,0 +1,118 @@
+// The op entry points, written once for every device: argument checks, the device guard, and the
+// order of the stages (docs/semantics.md). A device supplies the kernels as static members of a
+// `Device` struct (cpu/cpu_ops.cpp, cuda/cuda_ops.cpp):
+//
+//   Guard(const Tensor&)                       makes the tensor's device current
+//   Flag                                       bool on the CPU; a 0-dim bool tensor on a GPU (no sync)
+//   profile(labels, num_classes, max_classes, threshold, validate) -> (counts, minority, active)
+//   check_finite(features or undefined, logits, num_classes, validate) -> Flag
+//   mine_class(logits, labels, num_classes, active, k, first, rows) -> (anchors, partners)
+//   mine_instance(features, logits, labels, num_classes, active, k, first, rows) -> (anchors, partners, Flag overflow)
+//   check_overflow(Flag overflow, dtype)       the error (or assertion) of an overflowing distance
+//   pair_counts(anchors, partners) -> [A, 4]
+//   loss(features, partners, margins, pair_counts, form, apc_margin, bins, reduction, validate, Flag finite)
+//       -> {loss, distances, sums, histograms}
+//   loss_backward(grad, loss, features, partners, distances, margins, pair_counts, sums, histograms, form,
+//                 apc_margin, bins, reduction, margins_grad) -> (grad_features, grad_margins)
+//
+// with labels, num_classes and active contiguous; features and logits in any layout.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <tuple>
+
+#include "common/op_checks.h"
+
+namespace crl {
+
+template <typename Device>
+struct EntryPoints {
+  using Tensor = at::Tensor;
+
+  static std::tuple<Tensor, Tensor, Tensor> profile(const Tensor& labels, const Tensor& num_classes,
+                                                    int64_t max_classes, double threshold, bool validate) {
+    check_profile_args(labels, num_classes, max_classes, threshold);
+    typename Device::Guard guard(labels);
+    return Device::profile(labels.contiguous(), num_classes.contiguous(), max_classes, threshold, validate);
+  }
+
+  static std::tuple<Tensor, Tensor> mine_class(const Tensor& logits, const Tensor& labels, const Tensor& num_classes,
+                                               const Tensor& active, int64_t k, int64_t first_anchor,
+                                               int64_t num_anchors, bool validate) {
+    check_mine_args(nullptr, logits, labels, num_classes, active, k, first_anchor, num_anchors);
+    typename Device::Guard guard(labels);
+    const Tensor classes = num_classes.contiguous();
+    Device::check_finite(Tensor(), logits, classes, validate);
+    return Device::mine_class(logits, labels.contiguous(), classes, active.contiguous(), k, first_anchor,
+                              num_anchors);
+  }
+
+  static std::tuple<Tensor, Tensor> mine_instance(const Tensor& features, const Tensor& logits,
+                                                  const Tensor& labels, const Tensor& num_classes,
+                                                  const Tensor& active, int64_t k, int64_t first_anchor,
+                                                  int64_t num_anchors, bool validate) {
+    check_mine_args(&features, logits, labels, num_classes, active, k, first_anchor, num_anchors);
+    typename Device::Guard guard(labels);
+    const Tensor classes = num_classes.contiguous();
+    Device::check_finite(features, logits, classes, validate);
+    auto [anchors, partners, overflow] = Device::mine_instance(features, logits, labels.contiguous(), classes,
+                                                               active.contiguous(), k, first_anchor, num_anchors);
+    if (validate) Device::check_overflow(overflow, accumulation_type(features.scalar_type()));
+    return {anchors, partners};
+  }
+
+  static std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> crl_loss(
+      const Tensor& features, const Tensor& logits, const Tensor& labels_in, const Tensor& num_classes_in,
+      const Tensor& margins, c10::string_view mode, c10::string_view form, int64_t k, double apc_margin, int64_t bins,
+      double threshold, c10::string_view reduction, bool validate) {
+    check_crl_loss_args(features, logits, labels_in, num_classes_in, margins, k, apc_margin, bins, threshold);
+    const Mode mining = parse_mode(mode);
+    const Form loss_form = parse_form(form);
+    const Reduction mean = parse_reduction(reduction);
+    typename Device::Guard guard(labels_in);
+    const Tensor labels = labels_in.contiguous(), num_classes = num_classes_in.contiguous();
+    const int64_t batch = labels.size(0);
+    // Labels first, then features, then logits: the order in which the reference reports errors.
+    auto [counts, minority, active] = Device::profile(labels, num_classes, max_classes_of(logits), threshold, validate);
+    const auto finite = Device::check_finite(features, logits, num_classes, validate);
+    Tensor anchors, partners;
+    if (mining == Mode::Class) {
+      std::tie(anchors, partners) = Device::mine_class(logits, labels, num_classes, active, k, 0, batch);
+    } else {
+      std::tie(anchors, partners, std::ignore) =
+          Device::mine_instance(features, logits, labels, num_classes, active, k, 0, batch);
+    }
+    const Tensor counted = Device::pair_counts(anchors, partners);
+    auto out = Device::loss(features, partners, margins, counted, loss_form, apc_margin, bins, mean, validate, finite);
+    return {out.loss, counts, minority, active, anchors, partners, counted, out.distances, out.sums, out.histograms};
+  }
+
+  static std::tuple<Tensor, Tensor> crl_loss_backward(const Tensor& grad, const Tensor& loss, const Tensor& features,
+                                                      const Tensor& partners, const Tensor& distances,
+                                                      const Tensor& margins, const Tensor& pair_counts,
+                                                      const Tensor& sums, const Tensor& histograms,
+                                                      c10::string_view form, double apc_margin, int64_t bins,
+                                                      c10::string_view reduction, bool margins_grad) {
+    const Form loss_form = parse_form(form);
+    check_crl_loss_backward_args(grad, loss, features, partners, distances, margins, pair_counts, sums, histograms,
+                                 loss_form, bins);
+    typename Device::Guard guard(features);
+    return Device::loss_backward(grad, loss, features, partners.contiguous(), distances.contiguous(), margins,
+                                 pair_counts.contiguous(), sums.contiguous(), histograms.contiguous(), loss_form,
+                                 apc_margin, bins, parse_reduction(reduction), margins_grad);
+  }
+};
+
+// The impl lines of TORCH_LIBRARY_IMPL(crl_ops, <key>, m) for a device.
+template <typename Device>
+void register_entry_points(torch::Library& m) {
+  m.impl("profile", &EntryPoints<Device>::profile);
+  m.impl("mine_class", &EntryPoints<Device>::mine_class);
+  m.impl("mine_instance", &EntryPoints<Device>::mine_instance);
+  m.impl("crl_loss", &EntryPoints<Device>::crl_loss);
+  m.impl("crl_loss_backward", &EntryPoints<Device>::crl_loss_backward);
+}
+
+}  // namespace crl

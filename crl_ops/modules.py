@@ -1,0 +1,108 @@
+"""`CRL` and `BalancedLoss`: thin nn.Modules over `crl_ops.functional.class_rectification_loss`."""
+from __future__ import annotations
+
+from typing import Optional
+
+from torch import Tensor, nn
+
+from ._inputs import LogitsLike, MarginLike, check_float, check_margin, normalise
+from .functional import INPUTS_DOC, OPTIONS_DOC, RAISES_DOC, BatchStats, Options, _crl, _cross_entropy
+
+
+class CRL(nn.Module):
+    def __init__(self, mode: str = "instance", form: str = "relative", *, k: int = 5, margin: MarginLike = None,
+                 apc_margin: float = 1.0, bins: int = 100, threshold: float = 0.5, normalize: bool = False,
+                 reduction: str = "pooled", distance: str = "feature", backend: str = "auto", validate: bool = True,
+                 distributed: bool = False):
+        super().__init__()
+        self.options = Options.checked(mode, form, k, apc_margin, bins, threshold, normalize, reduction, distance,
+                                       backend, validate, distributed)
+        self.margin = check_margin(margin)  # an nn.Parameter margin becomes this module's parameter
+        self.last_stats: Optional[BatchStats] = None
+
+    def extra_repr(self) -> str:
+        defaults = Options()
+        changed = [f"{name}={value!r}" for name, value in vars(self.options).items()
+                   if name in ("mode", "form") or value != getattr(defaults, name)]
+        return ", ".join(changed)
+
+    def __prepare_scriptable__(self):
+        raise TypeError(f"{type(self).__name__} cannot be compiled with torch.jit.script (it accepts several input "
+                        "formats); use torch.compile or torch.jit.trace")
+
+    def forward(self, features: Tensor, logits: LogitsLike, labels: Tensor) -> Tensor:
+        loss, self.last_stats = _crl(self.options, self.margin, normalise(features, logits, labels))
+        return loss
+
+
+CRL.__doc__ = f"""Class Rectification Loss l_crl (Dong, Gong, Zhu, ICCV 2017): a module over
+`crl_ops.functional.class_rectification_loss` (docs/semantics.md).
+
+`forward(features, logits, labels)` returns the scalar l_crl; add it to your cross-entropy
+(or use `BalancedLoss`). After each forward, `last_stats` describes what was mined (`BatchStats`).
+
+Args:
+{OPTIONS_DOC}
+
+forward's arguments:
+{INPUTS_DOC}
+
+Raises:
+{RAISES_DOC}
+"""
+
+
+class BalancedLoss(nn.Module):
+    def __init__(self, mode: str = "instance", form: str = "relative", *, weight: float = 1.0,
+                 alpha: Optional[float] = None, k: int = 5, margin: MarginLike = None, apc_margin: float = 1.0,
+                 bins: int = 100, threshold: float = 0.5, normalize: bool = False, reduction: str = "pooled",
+                 distance: str = "feature", backend: str = "auto", validate: bool = True, distributed: bool = False):
+        super().__init__()
+        self.weight = check_float("weight", weight, minimum=0.0)
+        self.alpha = None if alpha is None else check_float("alpha", alpha, minimum=0.0, maximum=1.0)
+        self.crl = CRL(mode, form, k=k, margin=margin, apc_margin=apc_margin, bins=bins, threshold=threshold,
+                       normalize=normalize, reduction=reduction, distance=distance, backend=backend,
+                       validate=validate, distributed=distributed)
+        self.last_ce: Optional[Tensor] = None
+        self.last_crl: Optional[Tensor] = None
+
+    def extra_repr(self) -> str:
+        return f"alpha={self.alpha}" if self.alpha is not None else f"weight={self.weight}"
+
+    def forward(self, features: Tensor, logits: LogitsLike, labels: Tensor) -> Tensor:
+        crl = self.crl
+        batch = normalise(features, logits, labels)
+        loss, crl.last_stats = _crl(crl.options, crl.margin, batch)  # first: its ops check the values
+        if crl.options.distributed:
+            from . import distributed
+
+            ce = distributed.cross_entropy(batch)
+        else:
+            ce = _cross_entropy(batch)
+        self.last_ce, self.last_crl = ce.detach(), loss.detach()
+        if self.alpha is None:
+            return ce + self.weight * loss
+        return (1.0 - self.alpha) * ce + self.alpha * loss
+
+    @property
+    def last_stats(self) -> Optional[BatchStats]:
+        return self.crl.last_stats
+
+
+BalancedLoss.__doc__ = f"""l_ce + weight * l_crl (paper Eq. 8, semantics section 4), or with `alpha`
+the journal version's (1 - alpha) * l_ce + alpha * l_crl.
+
+`forward(features, logits, labels)` returns the scalar loss; `last_ce`, `last_crl` and
+`last_stats` describe the last batch. With `distributed=True` both terms are those of the
+global batch (all ranks' samples).
+
+Args:
+    mode, form: as for `CRL`.
+    weight: the weight of l_crl (>= 0; the paper: 1). Ignored when alpha is given.
+    alpha: None, or the journal version's alpha in [0, 1] (see `crl_ops.imbalance_alpha`).
+    k, margin, apc_margin, bins, threshold, normalize, reduction, distance, backend, validate,
+        distributed: as for `CRL`.
+
+Raises:
+{RAISES_DOC}
+"""
