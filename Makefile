@@ -16,12 +16,18 @@ export CUDA_HOME FORCE_CUDA TORCH_CUDA_ARCH_LIST MAX_JOBS
 
 .PHONY: setup build test demo bench wheel cmake clean
 
-# The checkout, editable, with every extra (pyproject.toml): its kernels are built in place by
-# `make build` (pip's isolated build of the editable install has no torch, so it builds none).
+# The requirements of the extras named in $(2), read from pyproject.toml with the Python of the
+# environment $(1) (3.11 or later, for tomllib).
+extra_requirements = $$($(1)/python -c 'import sys, tomllib; \
+  extras = tomllib.load(open("pyproject.toml", "rb"))["project"]["optional-dependencies"]; \
+  print(*sorted({r for name in sys.argv[1:] for r in extras[name]}))' $(2))
+
+# torch and the extras' requirements, not crl-ops itself: the checkout is used in place, and
+# `make build` compiles its kernels there.
 $(BIN)/.ready: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip setuptools wheel ninja
-	$(BIN)/pip install -q "$(TORCH_SPEC)" -e ".[all]"
+	$(BIN)/pip install -q "$(TORCH_SPEC)" $(call extra_requirements,$(BIN),test paper bench)
 	touch $@
 
 setup: $(BIN)/.ready
@@ -44,15 +50,16 @@ bench: build
 wheel: setup
 	rm -rf build/lib* build/bdist*
 	$(BIN)/pip wheel -q --no-build-isolation --no-deps -w dist .
-	@echo "$$(ls -t dist/crl_ops-*.whl | head -n 1): tied to $$($(BIN)/python -c 'import sys, torch; \
-	  print(f"torch {torch.__version__} (CUDA {torch.version.cuda}), Python {sys.version_info.major}.{sys.version_info.minor}")' 2>/dev/null), \
-	  $$(uname -sm), CUDA architectures: $(if $(filter 1,$(FORCE_CUDA)),$(TORCH_CUDA_ARCH_LIST),none)"
+	@$(BIN)/python -c 'import glob, os, platform, sys, torch; \
+	  wheel = max(glob.glob("dist/crl_ops-*.whl"), key=os.path.getmtime); \
+	  print(f"{wheel}: tied to torch {torch.__version__} (CUDA {torch.version.cuda}), Python {sys.version_info.major}.{sys.version_info.minor}, " \
+	        f"{platform.system()} {platform.machine()}, CUDA architectures: $(if $(filter 1,$(FORCE_CUDA)),$(TORCH_CUDA_ARCH_LIST),none)")' 2>/dev/null
 
 # libtorch users: CMake against the CPU wheel of torch (see CMakeLists.txt).
 .venv-cpu/.ready:
 	$(PYTHON) -m venv .venv-cpu
 	.venv-cpu/bin/pip install -q --upgrade pip
-	.venv-cpu/bin/pip install -q torch==2.13.0 -e ".[test]"
+	.venv-cpu/bin/pip install -q torch==2.13.0 $(call extra_requirements,.venv-cpu/bin,test)
 	touch $@
 
 cmake: .venv-cpu/.ready

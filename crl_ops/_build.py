@@ -53,7 +53,7 @@ NVCC_FLAGS = ["-O3", "--fmad=false", "-std=c++17", "-lineinfo"]
 DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
 PROBE_OP = "crl_ops::profile"
 LOCK_TIMEOUT_S = 20 * 60  # CRL_OPS_LOCK_TIMEOUT overrides
-EXPECTED_DURATION = {"cpu": "under a minute", "cuda": "about half a minute per CUDA architecture"}
+EXPECTED_DURATION = {"cpu": "about a minute", "cuda": "about half a minute per CUDA architecture"}
 BUILD_LOG = "build.log"
 FAILED_MARK = "failed"  # a failed compile is not retried on every use; `python -m crl_ops.build` retries
 
