@@ -40,6 +40,7 @@ import os
 import platform
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -210,24 +211,63 @@ def _run(task):
     return task[:4], train_and_test(_DATASETS[dataset_name], method_name, seed, steps, config)
 
 
-def run_tasks(datasets: dict, tasks, config: dict, workers: int, desc: str) -> dict:
+class RunCache:
+    """Finished runs kept as JSON files, one per (dataset, method, seed, steps), so that an
+    interrupted or extended run does not train them again. A file is used only if it was written
+    with the same settings, method definition and library versions (its `key`)."""
+
+    def __init__(self, folder, config: dict, quick: bool):
+        self.folder = Path(folder) if folder else None
+        self.context = {"config": {k: v for k, v in config.items() if k != "mode"}, "quick": quick,
+                        "crl_ops": crl_ops.__version__, "torch": torch.__version__,
+                        "cpu_capability": torch.backends.cpu.get_cpu_capability()}
+
+    def _path_and_key(self, task):
+        dataset, method, seed, steps = task
+        key = {**self.context, "method": asdict(METHODS[method]), "task": list(task)}
+        return self.folder / dataset / method / f"seed{seed}-steps{steps}.json", key
+
+    def get(self, task):
+        if self.folder is None:
+            return None
+        path, key = self._path_and_key(task)
+        if not path.is_file():
+            return None
+        stored = json.loads(path.read_text())
+        return stored["result"] if stored["key"] == json.loads(json.dumps(key)) else None
+
+    def put(self, task, result) -> None:
+        if self.folder is not None:
+            path, key = self._path_and_key(task)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps({"key": key, "result": result}))
+
+
+def run_tasks(datasets: dict, tasks, config: dict, workers: int, desc: str, cache: RunCache) -> dict:
     """{(dataset, method, seed, steps): result} for every task, longest first (results do not depend
-    on which worker runs what)."""
-    order = sorted(set(tasks), key=lambda t: (-t[3] * STEP_MILLISECONDS[t[0]], t))
+    on which worker runs what); cached runs are read, not trained."""
     results = {}
-    bar = tqdm(total=len(order), desc=desc, unit="run")
+    for task in set(tasks):
+        cached = cache.get(task)
+        if cached is not None:
+            results[task] = cached
+    order = sorted(set(tasks) - set(results), key=lambda t: (-t[3] * STEP_MILLISECONDS[t[0]], t))
+    bar = tqdm(total=len(order), desc=f"{desc} ({len(results)} cached)", unit="run")
     jobs = [(*t, config) for t in order]
-    if workers > 1:
+
+    def finish(key, result):
+        results[key] = result
+        cache.put(key, result)
+        bar.update()
+
+    if workers > 1 and jobs:
         with multiprocessing.get_context("fork").Pool(workers, _worker_init, (datasets,)) as pool:
             for key, result in pool.imap_unordered(_run, jobs):
-                results[key] = result
-                bar.update()
+                finish(key, result)
     else:
         _worker_init(datasets)
         for job in jobs:
-            key, result = _run(job)
-            results[key] = result
-            bar.update()
+            finish(*_run(job))
     bar.close()
     return results
 
@@ -458,6 +498,9 @@ def main(argv=None):
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="parallel runs (processes)")
     parser.add_argument("--out", default=None,
                         help="output folder (default examples/results/offline/ with --full, else its demo/)")
+    parser.add_argument("--cache", default=None,
+                        help="folder that keeps every finished run, so that an interrupted or extended run "
+                             "trains only what is missing (default: none)")
     args = parser.parse_args(argv)
 
     names = [n for n in args.datasets.split(",") if n]
@@ -488,13 +531,14 @@ def main(argv=None):
     for name, d in datasets.items():
         print(f"{name}: {d.description}; training imbalance 1:" + ", 1:".join(f"{r:.0f}" for r in ratios[name]))
 
+    cache = RunCache(args.cache, config, args.quick)
     record = {}
     steps = {name: 6 if args.quick else getattr(args, f"steps_{name}") or BASE_STEPS[name] for name in names}
     finished = {}
     if args.full:
         sweep_tasks = [(n, m, s, BASE_STEPS[n] * f) for n in names for m in SWEEP_METHODS for s in seeds[n]
                        for f in SWEEP_FACTORS]
-        finished = run_tasks(datasets, sweep_tasks, config, max(1, args.workers), "convergence sweep")
+        finished = run_tasks(datasets, sweep_tasks, config, max(1, args.workers), "convergence sweep", cache)
         convergence = {"threshold": args.converged / 100}
         for name in names:
             budget, _ = choose_budget(finished, name, seeds[name], args.converged / 100)
@@ -507,7 +551,7 @@ def main(argv=None):
     config["steps"] = steps
     tasks = [(n, m, s, steps[n]) for n in names for m in methods for s in seeds[n]]
     finished.update(run_tasks(datasets, [t for t in tasks if t not in finished], config, max(1, args.workers),
-                              "runs (dataset x method x seed)"))
+                              "runs (dataset x method x seed)", cache))
     runs = {n: {m: [finished[(n, m, s, steps[n])] for s in seeds[n]] for m in methods} for n in names}
     summary = summarise(datasets, runs, methods, seeds)
     record.update({

@@ -2,10 +2,12 @@
 formats, their report scripts, and the offline benchmark's --quick run."""
 import importlib.util
 import json
+import math
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from .test_data import XDOMAIN_FIXTURE_CLASSES, write_celeba, write_xdomain
 
@@ -86,22 +88,42 @@ def test_report_rejects_results_of_another_dataset(tmp_path, capsys):
 
 def test_offline_benchmark_quick_is_deterministic(tmp_path, capsys):
     records = {}
-    for workers in (1, 2):
-        out = run("offline_benchmark.py", "--quick", "--seeds", 1, "--workers", workers,
-                  "--methods", "crl-i-r,oversample,logitadjust,ldam-drw", "--out", tmp_path / str(workers),
-                  capsys=capsys)
+    for workers, name in ((1, "serial"), (2, "parallel"), (2, "cached")):  # the last one reads every run
+        out = run("offline_benchmark.py", "--quick", "--seeds", 1, "--workers", workers, "--cache",
+                  tmp_path / ("cache" if workers == 2 else "serial-cache"),
+                  "--methods", "crl-i-r,oversample,logitadjust,ldam-drw", "--out", tmp_path / name, capsys=capsys)
         assert "Table 4 layout" in out and "| Instance level |" in out
-        records[workers] = json.loads((tmp_path / str(workers) / "benchmark.json").read_text())
-    record = records[1]
+        records[name] = json.loads((tmp_path / name / "benchmark.json").read_text())
+    assert len(list((tmp_path / "cache").rglob("*.json"))) == 10  # 2 datasets x 5 methods x 1 seed
+    record = records["serial"]
     assert set(record["runs"]) == {"digits", "shapes"}
     assert set(record["runs"]["shapes"]) == {"ce", "crl-i-r", "oversample", "logitadjust", "ldam-drw"}  # CE added
     assert all(len(seeds) == 1 for runs in record["runs"].values() for seeds in runs.values())
-    assert records[1]["runs"] == records[2]["runs"]  # the same numbers whichever worker ran what
+    assert records["serial"]["runs"] == records["parallel"]["runs"] == records["cached"]["runs"]  # whoever ran what
     diagnostics = record["runs"]["shapes"]["crl-i-r"][0]["diagnostics"]
     assert len(diagnostics["anchors"]) == 6 and diagnostics["grad_ratio"] > 0
     assert "grad_ratio" not in record["runs"]["shapes"]["ce"][0]["diagnostics"]
     for name in ("digits", "shapes"):
         for plot in ("gains", "diagnostics"):
-            assert (tmp_path / "1" / f"{name}_{plot}.png").stat().st_size > 1000
-    summary = (tmp_path / "1" / "summary.md").read_text()
+            assert (tmp_path / "serial" / f"{name}_{plot}.png").stat().st_size > 1000
+    summary = (tmp_path / "serial" / "summary.md").read_text()
     assert "CRL(I+R)" in summary and "Logit-Adjusted" in summary and "Strongest baseline" in summary
+
+
+def test_offline_benchmark_budget_rule_and_recalls():
+    benchmark = load_script("offline_benchmark.py")
+    base = benchmark.BASE_STEPS["digits"]
+
+    def sweep(means):  # CE's mean accuracy per swept budget, the same for both seeds
+        return {("digits", "ce", seed, base * factor): {"per_attribute": [mean, mean]}
+                for seed in (0, 1) for factor, mean in zip(benchmark.SWEEP_FACTORS, means)}
+
+    # Doubling from 2x to 4x gains 0.4 points, under the 0.5-point threshold: the budget is 2x.
+    steps, means = benchmark.choose_budget(sweep([0.60, 0.63, 0.634, 0.64]), "digits", [0, 1], 0.005)
+    assert steps == 2 * base and means == [0.60, 0.63, 0.634, 0.64]
+    assert benchmark.choose_budget(sweep([0.60, 0.62, 0.64, 0.66]), "digits", [0, 1], 0.005)[0] == 8 * base
+    preds = torch.tensor([[0, 1], [1, 1], [1, 0], [2, 0]])
+    labels = torch.tensor([[0, 1], [1, 0], [1, -1], [1, 0]])
+    recall = benchmark.per_class_recall(preds, labels, (3, 2))
+    assert recall[0, :2].tolist() == [1.0, 2 / 3] and math.isnan(recall[0, 2])
+    assert recall[1].tolist()[:2] == [0.5, 1.0]
