@@ -28,10 +28,13 @@ def _native_for(device_type: str) -> bool:
     return _native.available(device_type)
 
 
-def resolve(name: str, device: torch.device) -> ModuleType:
+def resolve(name: str, device: torch.device, like=None) -> ModuleType:
     """The backend module for `name` on `device`; `name` was checked. backend="auto" falls back to the
-    reference where the kernels cannot run, with one warning per device type saying why."""
-    if name == "reference":
+    reference where the kernels cannot run, with one warning per device type saying why. Under a
+    torch.func transform (`like` is a functorch-wrapped tensor) the reference computes the same
+    function: C++ autograd functions take no functorch transforms."""
+    if name == "reference" or (like is not None and not torch.compiler.is_compiling()
+                               and torch._C._functorch.is_functorch_wrapped_tensor(like)):
         return reference
     if _native_for(device.type):
         return _native

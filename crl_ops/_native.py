@@ -20,6 +20,8 @@ _UNAVAILABLE: dict = {}  # device type -> None (kernels registered) or why not; 
 def unavailable_reason(device) -> Optional[str]:
     """None when the kernels for `device`'s type are registered (building them if need be), else why not."""
     device_type = torch.device(device).type
+    if device_type == "meta":  # shapes only: the fake kernels, registered with the CPU kernels
+        return unavailable_reason("cpu")
     if device_type not in _UNAVAILABLE:
         if device_type not in ("cpu", "cuda"):
             _UNAVAILABLE[device_type] = f"crl_ops has no kernels for device type '{device_type}'"

@@ -202,7 +202,7 @@ def _crl(options: Options, margin: MarginLike, batch: Batch) -> tuple[Tensor, Ba
 
         return distributed.class_rectification_loss(options, margin, batch)
     features = crl_features(options, batch)
-    backend = _backends.resolve(options.backend, features.device)
+    backend = _backends.resolve(options.backend, features.device, features)
     margins = margins_tensor(margin, batch.num_classes, accumulation_dtype(features.dtype), features.device)
     loss, counts, minority, active, _, _, pair_counts = backend.crl_loss(
         features, batch.logits, batch.labels, batch.classes_tensor(), margins, options.mode, options.form, options.k,
@@ -297,12 +297,14 @@ def profile_minority(labels: Tensor, num_classes: Union[int, Sequence[int]], thr
 
 
 def mine(features: Tensor, logits: LogitsLike, labels: Tensor, mode: str = "instance", k: int = 5,
-         threshold: float = 0.5, backend: str = "auto", validate: bool = True) -> Mined:
-    """The hard positives and negatives of every minority-class anchor (semantics sections 1-2).
+         threshold: float = 0.5, normalize: bool = False, distance: str = "feature", backend: str = "auto",
+         validate: bool = True) -> Mined:
+    """The hard positives and negatives of every minority-class anchor (semantics sections 1-2):
+    what `class_rectification_loss` with the same arguments mines.
 
     Args:
-        features, logits, labels, mode, k, threshold, backend, validate: as for
-            `class_rectification_loss`.
+        features, logits, labels, mode, k, threshold, normalize, distance, backend, validate: as
+            for `class_rectification_loss`.
 
     Returns:
         `Mined(anchors [B, A] bool, positives [B, A, K], negatives [B, A, K])`: sample indices,
@@ -311,16 +313,17 @@ def mine(features: Tensor, logits: LogitsLike, labels: Tensor, mode: str = "inst
     Raises:
         TypeError, ValueError: a bad argument or, with validate, a bad value.
     """
-    check_choice("mode", mode, MODES)
-    k, threshold, validate = check_k(k), check_threshold(threshold), check_bool("validate", validate)
+    options = Options.checked(mode, k=k, threshold=threshold, normalize=normalize, distance=distance,
+                              backend=backend, validate=validate)
     batch = normalise(features, logits, labels)
-    backend = _backends.resolve(_backends.check_backend(backend), batch.features.device)
+    vectors = crl_features(options, batch).detach()
+    backend = _backends.resolve(options.backend, vectors.device)
     num_classes = batch.classes_tensor()
-    _, _, active = backend.profile(batch.labels, num_classes, batch.max_classes, threshold, validate)
+    _, _, active = backend.profile(batch.labels, num_classes, batch.max_classes, options.threshold, validate)
     rows = batch.labels.shape[0]
-    if mode == "class":
+    if options.mode == "class":
         anchors, partners = backend.mine_class(batch.logits, batch.labels, num_classes, active, k, 0, rows, validate)
     else:
-        anchors, partners = backend.mine_instance(batch.features, batch.logits, batch.labels, num_classes, active, k,
-                                                  0, rows, validate)
+        anchors, partners = backend.mine_instance(vectors, batch.logits, batch.labels, num_classes, active, k, 0,
+                                                  rows, validate)
     return Mined(anchors, partners[..., :k], partners[..., k:])

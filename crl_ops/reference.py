@@ -78,8 +78,9 @@ def values_error(name: str) -> str:
     return f"{name} contain NaN or inf; CRL needs finite {name}"
 
 
-OVERFLOW_ERROR = ("features are too large: the squared distance of a mined pair overflows {dtype}; scale them "
-                  "down (normalize=True does) or use a wider dtype")
+def overflow_error(dtype: torch.dtype) -> str:
+    return (f"features are too large: the squared distance of a mined pair overflows {str(dtype).split('.')[-1]}; "
+            "scale them down (normalize=True does) or use a wider dtype")
 
 
 def check_labels(labels: Tensor, num_classes: Tensor, validate: bool) -> Tensor:
@@ -97,14 +98,14 @@ def check_labels(labels: Tensor, num_classes: Tensor, validate: bool) -> Tensor:
 
 
 def check_finite(features: Optional[Tensor], logits: Tensor, num_classes: Tensor, validate: bool) -> Tensor:
-    """validate: raises unless the features and the logits (of each attribute's C_j classes) are
+    """validate: raises unless the logits (of each attribute's C_j classes) and the features are
     finite. Returns that condition as a 0-dim bool tensor either way."""
     finite_logits = _logits_finite(logits, num_classes)
     finite_features = torch.isfinite(features).all() if features is not None else finite_logits
-    if validate:
+    if validate:  # logits first: with distance="score" the features are computed from them
+        _fail(finite_logits, values_error("logits"))
         if features is not None:
             _fail(finite_features, values_error("features"))
-        _fail(finite_logits, values_error("logits"))
     return finite_features & finite_logits
 
 
@@ -205,7 +206,7 @@ def mine_instance(features: Tensor, logits: Tensor, labels: Tensor, num_classes:
     anchors, partners, overflow = _mine_instance(features, logits, labels, num_classes, active, k,
                                                  slice(first_anchor, first_anchor + num_anchors))
     if validate:
-        _fail(~overflow, OVERFLOW_ERROR.format(dtype=accumulation_dtype(features.dtype)))
+        _fail(~overflow, overflow_error(accumulation_dtype(features.dtype)))
     return anchors, partners
 
 
@@ -404,7 +405,7 @@ def crl_loss(features: Tensor, logits: Tensor, labels: Tensor, num_classes: Tens
         anchors, partners, _ = _mine_instance(features, logits, labels, num_classes, active, k, rows)
     d, overflow = pair_distances(features, partners)
     if validate:
-        _fail(~overflow, OVERFLOW_ERROR.format(dtype=d.dtype))
+        _fail(~overflow, overflow_error(d.dtype))
     loss = reduce_sums(form, form_sums(form, d, partners, margins, apc_margin, bins), reduction)
     if not validate:
         loss = poison(loss, features, finite & ~overflow)

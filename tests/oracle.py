@@ -11,7 +11,7 @@ import math
 import torch
 
 
-def profile(labels, num_classes):
+def profile(labels, num_classes, threshold=0.5):
     """Per attribute: (counts list, minority set, active set)."""
     result = []
     for j, classes in enumerate(num_classes):
@@ -20,7 +20,7 @@ def profile(labels, num_classes):
         order = sorted(range(classes), key=lambda c: (counts[c], c))
         minority, total = set(), 0
         for c in order:
-            if 2 * (total + counts[c]) >= len(column):  # the prefix must stay strictly below n / 2
+            if not float(total + counts[c]) < threshold * float(len(column)):  # strictly below threshold * n
                 break
             total += counts[c]
             minority.add(c)
@@ -47,11 +47,11 @@ def _argmax(row) -> int:
     return best
 
 
-def mine(features, logits, labels, mode, k):
+def mine(features, logits, labels, mode, k, threshold=0.5):
     """{(i, j): (positives set, negatives set)} for every anchor."""
     batch_size = len(labels)
     num_classes = [lj.shape[1] for lj in logits]
-    profiles = profile(labels, num_classes)
+    profiles = profile(labels, num_classes, threshold)
     mined = {}
     for j in range(len(num_classes)):
         active = profiles[j][2]
@@ -76,28 +76,57 @@ def mine(features, logits, labels, mode, k):
     return mined
 
 
+def vectors(features, logits, normalize=False, distance="feature"):
+    """The vectors CRL measures distances between (section 3): [B, A, D] features or, for the
+    "score" distance, each attribute's class probabilities padded with zeros; L2-normalised with
+    `normalize` (a norm below 1e-12 counts as 1e-12)."""
+    if distance == "score":
+        width = max(lj.shape[1] for lj in logits)
+        rows = []
+        for i in range(features.shape[0]):
+            rows.append(torch.stack([torch.cat([torch.softmax(lj[i], 0), lj.new_zeros(width - lj.shape[1])])
+                                     for lj in logits]))
+        features = torch.stack(rows)
+    if not normalize:
+        return features
+    out = []
+    for i in range(features.shape[0]):
+        out.append(torch.stack([v / torch.clamp(torch.linalg.vector_norm(v), min=1e-12) for v in features[i]]))
+    return torch.stack(out)
+
+
 def _d(features, a, b, j):
     return torch.linalg.vector_norm(features[a, j] - features[b, j])  # zero gradient at zero distance
 
 
-def crl_loss(features, mined, form, margins, apc_margin=1.0, bins=100):
-    """l_crl over the mined sets (section 3), differentiable w.r.t. features."""
+def _mean(terms, zero):
+    return sum(terms) / len(terms) if terms else zero
+
+
+def crl_loss(features, mined, form, margins, apc_margin=1.0, bins=100, reduction="pooled"):
+    """l_crl over the mined sets (section 3), differentiable w.r.t. features and margins."""
     zero = features.sum() * 0.0
+    attributes = range(features.shape[1])
     if form == "relative":
-        terms = []
+        terms = {j: [] for j in attributes}
         for (a, j), (pos, neg) in sorted(mined.items()):
             for p in sorted(pos):
                 for n in sorted(neg):
-                    terms.append(torch.relu(margins[j] + _d(features, a, p, j) - _d(features, a, n, j)))
-        return sum(terms) / len(terms) if terms else zero
+                    terms[j].append(torch.relu(margins[j] + _d(features, a, p, j) - _d(features, a, n, j)))
+        if reduction == "pooled":
+            return _mean([t for j in attributes for t in terms[j]], zero)
+        return _mean([_mean(terms[j], zero) for j in attributes if terms[j]], zero)
     if form == "absolute":
-        pos_terms, neg_terms = [], []
+        pos_terms, neg_terms = {j: [] for j in attributes}, {j: [] for j in attributes}
         for (a, j), (pos, neg) in sorted(mined.items()):
-            pos_terms += [_d(features, a, p, j) ** 2 for p in sorted(pos)]
-            neg_terms += [torch.relu(apc_margin - _d(features, a, n, j)) ** 2 for n in sorted(neg)]
-        pos_mean = sum(pos_terms) / len(pos_terms) if pos_terms else zero
-        neg_mean = sum(neg_terms) / len(neg_terms) if neg_terms else zero
-        return 0.5 * (pos_mean + neg_mean)
+            pos_terms[j] += [_d(features, a, p, j) ** 2 for p in sorted(pos)]
+            neg_terms[j] += [torch.relu(apc_margin - _d(features, a, n, j)) ** 2 for n in sorted(neg)]
+        if reduction == "pooled":
+            everything = [t for j in attributes for t in pos_terms[j]], [t for j in attributes for t in neg_terms[j]]
+            return 0.5 * (_mean(everything[0], zero) + _mean(everything[1], zero))
+        per_attribute = [0.5 * (_mean(pos_terms[j], zero) + _mean(neg_terms[j], zero))
+                         for j in attributes if pos_terms[j] or neg_terms[j]]
+        return _mean(per_attribute, zero)
     # distribution
     per_attribute = []
     for j in range(features.shape[1]):
@@ -113,11 +142,10 @@ def crl_loss(features, mined, form, margins, apc_margin=1.0, bins=100):
                 if longest == 0.0:
                     h[0] = h[0] + 1.0
                     continue
-                step = longest / (bins - 1)
-                t = min(int(v.item() // step), bins - 2)
-                while t > 0 and t * step > v.item():  # guard the floor against rounding
-                    t -= 1
-                w = (v - t * step) / step
+                scale = (bins - 1) / longest  # the node rule of section 3, as written there
+                u = v * scale
+                t = min(math.floor(u.item()), bins - 2)
+                w = u - t
                 h[t] = h[t] + (1.0 - w)
                 h[t + 1] = h[t + 1] + w
             return [x / len(distances) for x in h]

@@ -94,7 +94,11 @@ class Problem:
 
 
 def make_problem(seed, batch_size, num_classes, dim, shared_features, logit_format, unannotated=0.2,
-                 skew=3.0, duplicates=0, tied_logits=0) -> Problem:
+                 skew=3.0, duplicates=0, tied_logits=0, integer_features=False, constant_attribute=None,
+                 unannotated_attribute=None) -> Problem:
+    """A seeded problem. integer_features: small integers (exact distances and ties, histogram
+    nodes hit exactly); constant_attribute: one attribute whose annotated labels are all class 0;
+    unannotated_attribute: one attribute with no annotated entry."""
     g = torch.Generator().manual_seed(seed)
     num_attributes = len(num_classes)
     labels = torch.empty(batch_size, num_attributes, dtype=torch.long)
@@ -103,7 +107,13 @@ def make_problem(seed, batch_size, num_classes, dim, shared_features, logit_form
         weights = 0.6 * weights + 0.4 / classes  # imbalanced, yet minorities usually have 2+ samples
         labels[:, j] = torch.multinomial(weights, batch_size, replacement=True, generator=g)
     labels[torch.rand(batch_size, num_attributes, generator=g) < unannotated] = -1
+    if constant_attribute is not None:
+        labels[:, constant_attribute] = torch.where(labels[:, constant_attribute] >= 0, 0, -1)
+    if unannotated_attribute is not None:
+        labels[:, unannotated_attribute] = -1
     features = torch.randn(batch_size, num_attributes, dim, generator=g, dtype=torch.float64)
+    if integer_features:
+        features = torch.round(2 * features)
     if shared_features:
         features = features[:, :1].expand(-1, num_attributes, -1).clone()
     logits = [torch.randn(batch_size, c, generator=g, dtype=torch.float64) for c in num_classes]
@@ -134,6 +144,7 @@ def problems(draw, max_batch=28, max_attributes=4, max_classes=5, max_dim=5):
                                           max_size=num_attributes)))
     tiny = draw(st.integers(0, 4)) == 0  # a fifth of the batches are tiny edge cases
     batch_size = draw(st.integers(1, 4) if tiny else st.integers(10, max_batch))
+    attribute = st.one_of(st.none(), st.integers(0, num_attributes - 1))
     return make_problem(
         seed=draw(st.integers(0, 2**31 - 1)),
         batch_size=batch_size,
@@ -145,6 +156,9 @@ def problems(draw, max_batch=28, max_attributes=4, max_classes=5, max_dim=5):
         skew=draw(st.sampled_from([0.0, 1.0, 2.0, 3.0])),
         duplicates=draw(st.integers(0, 3)),
         tied_logits=draw(st.integers(0, 2)),
+        integer_features=draw(st.booleans()),
+        constant_attribute=draw(attribute),
+        unannotated_attribute=draw(attribute),
     )
 
 

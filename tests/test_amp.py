@@ -44,11 +44,9 @@ def _balanced_loss(mode, form, backend):
 
 def _crl_on_pairs(features, partners, form):
     """l_crl of float features on given mined pairs (the reference's loss forms, default margins)."""
-    if form == "relative":
-        return reference.relative_loss(features, partners, torch.tensor([2 * math.pi / c for c in NUM_CLASSES]))
-    if form == "absolute":
-        return reference.absolute_loss(features, partners, 1.0)
-    return reference.distribution_loss(features, partners, BINS)
+    d, _ = reference.pair_distances(features, partners)
+    margins = torch.tensor([2 * math.pi / c for c in NUM_CLASSES])
+    return reference.reduce_sums(form, reference.form_sums(form, d, partners, margins, 1.0, BINS), "pooled")
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -96,7 +94,9 @@ def test_autocast_training_matches_float32(mode, form, backend, dtype):
     loss.backward()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters())
     # Rounding may change which pairs are mined; compare on the pairs mined under autocast.
-    partners = loss_fn.crl._last.partners
+    with torch.autocast("cpu", dtype), torch.no_grad():
+        mined = crl_ops.mine(*model(x), labels, mode, k=3, backend=backend)
+    partners = torch.cat([mined.positives, mined.negatives], -1)
     assert (partners >= 0).any()
     with torch.no_grad():
         features32, logits32 = model(x)

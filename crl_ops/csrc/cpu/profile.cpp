@@ -133,10 +133,11 @@ std::tuple<Tensor, Tensor, Tensor> profile(const Tensor& labels, const Tensor& n
 
 bool check_finite(const Tensor& features, const Tensor& logits, const Tensor& num_classes, bool validate) {
   check_class_counts(num_classes.data_ptr<int64_t>(), logits.size(1), max_classes_of(logits));
-  const bool features_ok = !features.defined() || features_finite(features);
-  TORCH_CHECK_VALUE(features_ok || !validate, "features contain NaN or inf; CRL needs finite features");
+  // Logits first: with distance="score" the features are computed from them.
   const bool logits_ok = logits_finite(logits, num_classes.data_ptr<int64_t>());
   TORCH_CHECK_VALUE(logits_ok || !validate, "logits contain NaN or inf; CRL needs finite logits");
+  const bool features_ok = !features.defined() || features_finite(features);
+  TORCH_CHECK_VALUE(features_ok || !validate, "features contain NaN or inf; CRL needs finite features");
   return features_ok && logits_ok;
 }
 
