@@ -17,9 +17,10 @@ CRL on top of over-sampling and of logit adjustment; and CRL's options. A seed f
 weights and the data order, so gains over CE are paired by seed. The metric is the class-balanced
 accuracy (mean per-class recall) on a test set.
 
---full first trains CE (and logit adjustment and CRL(I+R)) at 1, 2, 4 and 8 times a base number of
-steps and takes as the budget of every method the smallest one after which doubling the steps
-improves CE by less than --converged points; then it trains every method at that budget. Each run
+--full first trains CE at 1, 2, 4, ..., 32 times a base number of steps (logit adjustment and
+CRL(I+R) up to 16 times) and takes as the budget of every method the smallest one after which
+doubling the steps improves CE by less than --converged points; then it trains every method at
+that budget. Each run
 also records diagnostics: CRL's anchors and triplets per attribute and batch (last_stats), how
 often the rarest class of each attribute is an active minority class, the ratio of the gradient
 norms of the CRL and classification terms at the features, the features' norms, and the recall of
@@ -74,8 +75,8 @@ DEMO_METHODS = ["ce", "oversample", "downsample", "logitadjust", "classbalanced"
 # Figures 5/6: the strongest baselines and the CRL variants the question is about.
 PLOTTED = ["oversample", "downsample", "logitadjust", "ldam-drw", "crl-i-r", "crl-i-r-norm", "logitadjust+crl-i-r@0.3"]
 DIAGNOSED = ["ce", "logitadjust", "crl-i-r", "crl-i-r-norm", "logitadjust+crl-i-r"]
-SWEEP_METHODS = ["ce", "logitadjust", "crl-i-r"]
-SWEEP_FACTORS = (1, 2, 4, 8)
+SWEEP_METHODS = ["ce", "logitadjust", "crl-i-r"]  # CE at every factor; the others without the last one
+SWEEP_FACTORS = (1, 2, 4, 8, 16, 32)  # times BASE_STEPS
 BASE_STEPS = {"digits": 500, "shapes": 1000}
 DIAGNOSE_EVERY = 10  # steps between diagnostic records
 STEP_MILLISECONDS = {"digits": 4.5, "shapes": 12.0}  # one idle core; orders the runs longest first
@@ -276,10 +277,9 @@ def mean_accuracy(result: dict) -> float:
     return sum(result["per_attribute"]) / len(result["per_attribute"])
 
 
-def choose_budget(sweep: dict, name: str, seeds, threshold: float) -> tuple:
-    """(steps, table): the smallest swept budget after which doubling it improves CE's mean
-    accuracy by less than `threshold` (a fraction); the largest one if none does."""
-    budgets = [BASE_STEPS[name] * f for f in SWEEP_FACTORS]
+def choose_budget(sweep: dict, name: str, seeds, budgets, threshold: float) -> tuple:
+    """(steps, means): of the swept `budgets` (doubling), the smallest after which doubling the
+    steps improves CE's mean accuracy by less than `threshold` (a fraction); the largest if none does."""
     means = [sum(mean_accuracy(sweep[(name, BASELINE, s, b)]) for s in seeds) / len(seeds) for b in budgets]
     for (steps, mean), following in zip(zip(budgets, means), means[1:]):
         if following - mean < threshold:
@@ -425,8 +425,8 @@ def _convergence_lines(convergence: dict, datasets) -> list:
                   "| Method | " + " | ".join(f"{b} steps" for b in table["budgets"]) + " |",
                   "|---|" + "---|" * len(table["budgets"])]
         for method, cells in table["accuracy"].items():
-            lines.append(f"| {METHODS[method].label} | " + " | ".join(reporting.format_cell(tuple(c), 2)
-                                                                      for c in cells) + " |")
+            lines.append(f"| {METHODS[method].label} | " + " | ".join(
+                reporting.format_cell(tuple(c), 2) if c else "" for c in cells) + " |")
         lines.append("")
     return lines
 
@@ -473,10 +473,10 @@ def _diagnostic_lines(name: str, dataset, ratios, entries: dict) -> list:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    modes = parser.add_mutually_exclusive_group()
-    modes.add_argument("--full", action="store_true",
-                       help="every method, 5 seeds, budget from a convergence sweep (hours; the committed results)")
-    modes.add_argument("--quick", action="store_true", help="tiny data, 6 steps, 2 seeds (seconds; for tests)")
+    parser.add_argument("--full", action="store_true",
+                        help="every method, 5 seeds, budget from a convergence sweep (hours; the committed results)")
+    parser.add_argument("--quick", action="store_true",
+                        help="tiny data, 6 steps (with --full: a sweep from 3 steps), 2 seeds (seconds; for tests)")
     parser.add_argument("--seeds", type=int, default=None,
                         help="seeds per method and dataset (default 5; the demo runs 3 on shapes)")
     parser.add_argument("--datasets", default=",".join(DATASETS), help="comma-separated subset of digits,shapes")
@@ -514,9 +514,11 @@ def main(argv=None):
         methods.insert(0, BASELINE)  # gains are measured against CE
     if args.seeds is not None and args.seeds < 1:
         parser.error("--seeds must be >= 1")
-    mode = "full" if args.full else "quick" if args.quick else "demo"
-    seeds = {name: list(range(args.seeds or (2 if args.quick else 3 if mode == "demo" and name == "shapes" else 5)))
+    mode = "full" if args.full else "demo"
+    mode += " (quick)" * args.quick
+    seeds = {name: list(range(args.seeds or (2 if args.quick else 3 if not args.full and name == "shapes" else 5)))
              for name in names}
+    base_steps = {name: 3 if args.quick else BASE_STEPS[name] for name in names}
     out = Path(args.out or EXAMPLES / "results" / "offline" / ("" if args.full else "demo"))
     config = {"mode": mode, "lr": args.lr, "batch_size": args.batch_size, "crl_weight": args.crl_weight,
               "backend": args.backend, "momentum": 0.9, "weight_decay": 5e-4, "schedule": "cosine to 0",
@@ -536,17 +538,17 @@ def main(argv=None):
     steps = {name: 6 if args.quick else getattr(args, f"steps_{name}") or BASE_STEPS[name] for name in names}
     finished = {}
     if args.full:
-        sweep_tasks = [(n, m, s, BASE_STEPS[n] * f) for n in names for m in SWEEP_METHODS for s in seeds[n]
-                       for f in SWEEP_FACTORS]
+        sweep_tasks = [(n, m, s, base_steps[n] * f) for n in names for m in SWEEP_METHODS for s in seeds[n]
+                       for f in (SWEEP_FACTORS if m == BASELINE else SWEEP_FACTORS[:-1])]
         finished = run_tasks(datasets, sweep_tasks, config, max(1, args.workers), "convergence sweep", cache)
         convergence = {"threshold": args.converged / 100}
         for name in names:
-            budget, _ = choose_budget(finished, name, seeds[name], args.converged / 100)
+            budgets = [base_steps[name] * f for f in SWEEP_FACTORS]
+            budget, _ = choose_budget(finished, name, seeds[name], budgets, args.converged / 100)
             steps[name] = getattr(args, f"steps_{name}") or budget
-            budgets = [BASE_STEPS[name] * f for f in SWEEP_FACTORS]
             convergence[name] = {"budget": steps[name], "budgets": budgets, "accuracy": {
                 m: [reporting.mean_std([mean_accuracy(finished[(name, m, s, b)]) for s in seeds[name]])
-                    for b in budgets] for m in SWEEP_METHODS}}
+                    if (name, m, seeds[name][0], b) in finished else None for b in budgets] for m in SWEEP_METHODS}}
         record["convergence"] = convergence
     config["steps"] = steps
     tasks = [(n, m, s, steps[n]) for n in names for m in methods for s in seeds[n]]

@@ -117,7 +117,8 @@ def plot_convergence(path: str, convergence: Mapping, labels: Mapping[str, str])
     """One panel per dataset: mean accuracy (± std over seeds) of each method against the steps.
 
     `convergence[dataset]` has `budgets` (steps), `budget` (the chosen one) and
-    `accuracy[method]` = one (mean, std) per budget; other keys of `convergence` are ignored.
+    `accuracy[method]` = one (mean, std) per budget, None where the method was not run; other
+    keys of `convergence` are ignored.
     """
     plt = _pyplot()
     names = [n for n, v in convergence.items() if isinstance(v, Mapping)]
@@ -125,7 +126,8 @@ def plot_convergence(path: str, convergence: Mapping, labels: Mapping[str, str])
     for axis, name in zip(axes[0], names):
         table = convergence[name]
         for method, cells in table["accuracy"].items():
-            axis.errorbar(table["budgets"], [100 * c[0] for c in cells], yerr=[100 * c[1] for c in cells],
+            points = [(b, c) for b, c in zip(table["budgets"], cells) if c]  # None: not run at that budget
+            axis.errorbar([b for b, _ in points], [100 * c[0] for _, c in points], yerr=[100 * c[1] for _, c in points],
                           label=labels.get(method, method), marker="o", capsize=2)
         axis.axvline(table["budget"], color="grey", linestyle=":", label="budget")
         axis.set_xscale("log", base=2)

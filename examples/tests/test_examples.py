@@ -118,12 +118,28 @@ def test_offline_benchmark_budget_rule_and_recalls():
         return {("digits", "ce", seed, base * factor): {"per_attribute": [mean, mean]}
                 for seed in (0, 1) for factor, mean in zip(benchmark.SWEEP_FACTORS, means)}
 
+    assert benchmark.SWEEP_FACTORS == (1, 2, 4, 8, 16, 32)
     # Doubling from 2x to 4x gains 0.4 points, under the 0.5-point threshold: the budget is 2x.
-    steps, means = benchmark.choose_budget(sweep([0.60, 0.63, 0.634, 0.64]), "digits", [0, 1], 0.005)
-    assert steps == 2 * base and means == [0.60, 0.63, 0.634, 0.64]
-    assert benchmark.choose_budget(sweep([0.60, 0.62, 0.64, 0.66]), "digits", [0, 1], 0.005)[0] == 8 * base
+    budgets = [base * factor for factor in benchmark.SWEEP_FACTORS]
+    steps, means = benchmark.choose_budget(sweep([0.60, 0.63, 0.634, 0.64, 0.65, 0.65]), "digits", [0, 1], budgets,
+                                           0.005)
+    assert steps == 2 * base and means == [0.60, 0.63, 0.634, 0.64, 0.65, 0.65]
+    rising = [0.60, 0.62, 0.64, 0.66, 0.68, 0.70]
+    assert benchmark.choose_budget(sweep(rising), "digits", [0, 1], budgets, 0.005)[0] == 32 * base  # never converged
     preds = torch.tensor([[0, 1], [1, 1], [1, 0], [2, 0]])
     labels = torch.tensor([[0, 1], [1, 0], [1, -1], [1, 0]])
     recall = benchmark.per_class_recall(preds, labels, (3, 2))
     assert recall[0, :2].tolist() == [1.0, 2 / 3] and math.isnan(recall[0, 2])
     assert recall[1].tolist()[:2] == [0.5, 1.0]
+
+
+def test_offline_benchmark_full_sweeps_the_budget(tmp_path, capsys):
+    out = run("offline_benchmark.py", "--full", "--quick", "--seeds", 1, "--datasets", "digits", "--methods",
+              "crl-i-r", "--workers", 1, "--out", tmp_path, capsys=capsys)
+    assert "Training budget" in out
+    record = json.loads((tmp_path / "benchmark.json").read_text())
+    table = record["convergence"]["digits"]
+    assert table["budgets"] == [3, 6, 12, 24, 48, 96] and table["budget"] == record["config"]["steps"]["digits"]
+    assert table["accuracy"]["crl-i-r"][-1] is None and table["accuracy"]["ce"][-1] is not None
+    assert set(record["runs"]["digits"]) == {"ce", "crl-i-r"}
+    assert (tmp_path / "convergence.png").stat().st_size > 1000
