@@ -1,86 +1,152 @@
-// Launchers of the CUDA kernels (crl_kernels.cu). Plain pointers and sizes only, so that the
-// .cu file needs no ATen headers; crl_cuda.cpp checks arguments, allocates and dispatches.
-// Layouts: labels/predictions [B, A] int64 row-major; partners and distances [B, A, W] with
-// W = 2K; features [B, A, D] with the given element strides; columns [A, D, B].
+// Launchers of the value checks (values.cu) and of the loss kernels (losses.cu): plain pointers,
+// sizes and small structs only, so that the .cu files need no ATen headers; values_ops.cpp and
+// losses_ops.cpp allocate, dispatch and call them (cuda/stages.h). Every launcher runs on the
+// given stream and never synchronises with the host.
+//
+// Layouts: partners [B, A, W] int64 contiguous with W = 2K (K positives, then K negatives, -1
+// where empty); distances [B, A, W] in the accumulation type Acc, contiguous; features [B, A, D]
+// with any element strides.
 #pragma once
 
 #include <cuda_runtime_api.h>
 
+#include <algorithm>
+#include <cstddef>
 #include <cstdint>
+
+#include "common/crl_math.h"
 
 namespace crl {
 namespace cuda {
 
-struct Strides {
-  int64_t sample, attribute, dim;
+// ---- value checks (values.cu) ---------------------------------------------------------------------------
+
+enum class Dtype : int { Half, BFloat16, Float, Double };
+
+// A tensor of up to three dimensions read in place: sizes and element strides, outermost first.
+struct Values {
+  const void* data;
+  Dtype dtype;
+  int64_t size[3];
+  int64_t stride[3];
 };
 
-void profile(const int64_t* labels, int64_t batch, int64_t attributes, int64_t max_classes, int64_t* counts,
-             bool* minority, bool* active, cudaStream_t stream);
+// The scratch check_finite needs without validate (with validate it needs none).
+constexpr size_t kCheckFiniteWorkspace = 2 * sizeof(unsigned int);
 
-// Hardest K of each (attribute, class) into hard_pos/hard_neg [A, Cmax, K] (int32, -1 empty),
-// then every anchor's row. key_scratch holds 2 * A * Cmax * K scores (used when K > 32).
-template <typename Score>
-void mine_class(const Score* scores, const int64_t* labels, const bool* active, int64_t batch, int64_t attributes,
-                int64_t max_classes, int64_t k, int32_t* hard_pos, int32_t* hard_neg, Score* key_scratch,
-                bool* anchors, int64_t* partners, cudaStream_t stream);
+// finite[0] = whether every entry of `features` (when has_features; any strides) and every logit
+// read by the kernels is finite: logits [B, A, 1] binary, or [B, A, Cmax] read for c < C_j. With
+// validate, a non-finite value is a device-side assertion (and finite[0] = true otherwise). A
+// C_j outside 2..Cmax is always an assertion. `workspace`: kCheckFiniteWorkspace bytes.
+void check_finite(const Values& features, bool has_features, const Values& logits, bool binary,
+                  const int64_t* num_classes, bool validate, bool* finite, void* workspace, cudaStream_t stream);
 
-// Fused distances + top-K. anchor_list [A, B] and anchor_count [A] are scratch; key_scratch and
-// index_scratch hold 2 * B * A * K entries (used when K > 32).
-template <typename Acc>
-void mine_instance(const Acc* columns, const int64_t* predictions, const int64_t* labels, const bool* active,
-                   int64_t batch, int64_t attributes, int64_t dim, int64_t max_classes, int64_t k,
-                   int32_t* anchor_list, int32_t* anchor_count, Acc* key_scratch, int32_t* index_scratch,
-                   bool* anchors, int64_t* partners, cudaStream_t stream);
+// A device-side assertion with the overflow message (op_checks.h) where overflow[0] is set.
+void check_overflow(const bool* overflow, bool double_accumulation, cudaStream_t stream);
+
+// ---- losses (losses.cu) --------------------------------------------------------------------------------
+
+template <typename T>
+struct Features {
+  const T* data;
+  int64_t dim;                                     // D
+  int64_t sample_stride, attribute_stride, dim_stride;  // in elements
+};
+
+// How the kernels of this file cut the rows (sample i, attribute j) into work: a unit is a chunk
+// of consecutive samples of one attribute; a block walks its unit in tiles of rows_per_tile rows
+// (at most kTilePairs pairs, staged in shared memory) and leaves one partial result per unit.
+// chunks is bounded, so that the fixed-order sums over a unit's partials stay short.
+constexpr int64_t kTilePairs = 2048;        // 2K for K = 1024
+constexpr int64_t kTargetTilePairs = 1024;  // about four pairs per thread of a 256-thread block
+constexpr int64_t kMaxChunks = 128;
+
+struct RowTiles {
+  int64_t batch, attributes, width;
+  int64_t rows_per_tile, rows_per_chunk, chunks;
+
+  CRL_HD int64_t units() const { return attributes * chunks; }
+};
+
+inline RowTiles row_tiles(int64_t batch, int64_t attributes, int64_t width) {
+  const int64_t rows_per_tile = std::max<int64_t>(1, kTargetTilePairs / width);
+  const int64_t tiles = std::max<int64_t>(1, (batch + rows_per_tile - 1) / rows_per_tile);
+  const int64_t tiles_per_chunk = (tiles + kMaxChunks - 1) / kMaxChunks;
+  const int64_t rows_per_chunk = tiles_per_chunk * rows_per_tile;
+  const int64_t chunks = std::max<int64_t>(1, (batch + rows_per_chunk - 1) / rows_per_chunk);
+  return {batch, attributes, width, rows_per_tile, rows_per_chunk, chunks};
+}
+
+// counts [A, 4] (common/crl_math.h columns) of anchors [B, A] bool and partners: one kernel, and
+// a cudaMemsetAsync of the workspace where a batch needs more than one block per attribute.
+size_t pair_counts_workspace(int64_t batch, int64_t attributes);
+void pair_counts(const bool* anchors, const int64_t* partners, int64_t batch, int64_t attributes, int64_t width,
+                 int64_t* counts, void* workspace, cudaStream_t stream);
 
 template <typename T, typename Acc>
-void pair_distances(const T* features, Strides strides, const int64_t* partners, int64_t batch, int64_t attributes,
-                    int64_t dim, int64_t width, Acc* distances, cudaStream_t stream);
+struct LossArgs {
+  Features<T> x;
+  const int64_t* partners;
+  RowTiles tiles;
+  Form form;
+  Reduction reduction;
+  bool validate;
+  const Acc* margins;  // relative: m_j = margins[j * margin_stride]
+  int64_t margin_stride;
+  Acc apc_margin;
+  int64_t bins;
+  const int64_t* pair_counts;  // [A, 4]
+  const bool* finite;          // 0-dim: false makes the loss NaN
+  // outputs
+  Acc* distances;   // [B, A, W]
+  Acc* sums;        // [A, 2]
+  Acc* histograms;  // [A, 2, bins] (distribution)
+  Acc* loss;        // 0-dim
+};
 
-// grad_features [B, A, D] contiguous, zero on entry; float atomics.
+template <typename Acc>
+size_t loss_workspace(Form form, const RowTiles& tiles, int64_t bins);
+// The pair distances and the loss of cpu::loss (cpu/losses.cpp), in one kernel (relative,
+// absolute) or two (distribution), plus one cudaMemsetAsync of the workspace's counters.
 template <typename T, typename Acc>
-void pair_distances_backward_atomic(const Acc* grad, const T* features, Strides strides, const int64_t* partners,
-                                    const Acc* distances, int64_t batch, int64_t attributes, int64_t dim,
-                                    int64_t width, Acc* grad_features, cudaStream_t stream);
+void loss(const LossArgs<T, Acc>& args, void* workspace, cudaStream_t stream);
 
-// Deterministic: incoming[offsets[j*B+p] .. offsets[j*B+p+1]) lists, in increasing order, the
-// flat pair indices whose partner is sample p of attribute j.
 template <typename T, typename Acc>
-void pair_distances_backward_sorted(const Acc* grad, const T* features, Strides strides, const int64_t* partners,
-                                    const Acc* distances, const int64_t* incoming, const int64_t* offsets,
-                                    int64_t batch, int64_t attributes, int64_t dim, int64_t width, Acc* grad_features,
-                                    cudaStream_t stream);
+struct BackwardArgs {
+  Features<T> x;
+  const int64_t* partners;
+  const Acc* distances;
+  RowTiles tiles;
+  Form form;
+  Reduction reduction;
+  const Acc* grad;  // 0-dim, d total / d loss
+  const Acc* loss;  // 0-dim: NaN makes every gradient NaN
+  const Acc* margins;
+  int64_t margin_stride;
+  Acc apc_margin;
+  int64_t bins;
+  const int64_t* pair_counts;
+  const Acc* sums;
+  const Acc* histograms;
+  Acc* grad_margins;  // [A], or null when not asked
+};
 
 template <typename Acc>
-void relative_loss(const Acc* distances, const int64_t* partners, const Acc* margins, int64_t rows,
-                   int64_t attributes, int64_t width, Acc* loss, int64_t* num_triplets, cudaStream_t stream);
-
-template <typename Acc>
-void relative_loss_backward(const Acc* grad, const Acc* distances, const int64_t* partners, const Acc* margins,
-                            const int64_t* num_triplets, int64_t rows, int64_t attributes, int64_t width,
-                            Acc* grad_distances, cudaStream_t stream);
-
-template <typename Acc>
-void absolute_loss(const Acc* distances, const int64_t* partners, Acc margin, int64_t rows, int64_t width, Acc* loss,
-                   int64_t* num_pairs, cudaStream_t stream);
-
-template <typename Acc>
-void absolute_loss_backward(const Acc* grad, const Acc* distances, const int64_t* partners, Acc margin,
-                            const int64_t* num_pairs, int64_t rows, int64_t width, Acc* grad_distances,
-                            cudaStream_t stream);
-
-// histograms [A, 2, bins] zero on entry; per_attribute [A] scratch.
-template <typename Acc>
-void distribution_loss(const Acc* distances, const int64_t* partners, int64_t batch, int64_t attributes,
-                       int64_t width, int64_t bins, Acc* loss, Acc* histograms, Acc* scale, int64_t* pair_counts,
-                       Acc* per_attribute, cudaStream_t stream);
-
-// gradients [A, 2, bins] scratch; grad_distances zero on entry.
-template <typename Acc>
-void distribution_loss_backward(const Acc* grad, const Acc* distances, const int64_t* partners, int64_t batch,
-                                int64_t attributes, int64_t width, int64_t bins, const Acc* histograms,
-                                const Acc* scale, const int64_t* pair_counts, Acc* gradients, Acc* grad_distances,
-                                cudaStream_t stream);
+size_t backward_workspace(const RowTiles& tiles);
+// Default path: grad_features [B, A, D] contiguous in Acc, with float atomics (two kernels).
+template <typename T, typename Acc>
+void loss_backward_atomic(const BackwardArgs<T, Acc>& args, Acc* grad_features, void* workspace,
+                          cudaStream_t stream);
+// Deterministic path, first step: scales[B, A, W] = (d loss / d distance) / distance per pair (0
+// where empty); grad_margins too.
+template <typename T, typename Acc>
+void loss_backward_scales(const BackwardArgs<T, Acc>& args, Acc* scales, void* workspace, cudaStream_t stream);
+// Second step: every entry of grad_features [B, A, D] (contiguous, the features' dtype) sums its
+// own row's pairs, then the pairs ending at it: incoming[offsets[j * B + p] .. offsets[j * B + p + 1])
+// are the flat pair indices whose partner is sample p of attribute j, in increasing order.
+template <typename T, typename Acc>
+void loss_backward_gather(const BackwardArgs<T, Acc>& args, const Acc* scales, const int64_t* incoming,
+                          const int64_t* offsets, T* grad_features, cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace crl

@@ -1,0 +1,138 @@
+// CUDA loss stages at the level of tensors (cuda/stages.h): outputs and scratch, dtype dispatch
+// and the launchers of losses.cu. As cpu/losses.cpp, but without a host synchronisation: the
+// loss, its NaN rule and the backward's NaN check stay on the device.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include "common/op_checks.h"
+#include "cuda/kernels.h"
+#include "cuda/stages.h"
+
+namespace crl {
+namespace cuda {
+
+namespace {
+
+cudaStream_t current_stream() {
+  return c10::cuda::getCurrentCUDAStream().stream();
+}
+
+Tensor workspace(size_t bytes, const Tensor& like) {
+  return at::empty({static_cast<int64_t>(bytes)}, like.options().dtype(at::kByte));
+}
+
+// A tensor in dtype `type` (a copy only where it is in another one).
+Tensor as_type(const Tensor& t, at::ScalarType type) {
+  return t.scalar_type() == type ? t : t.to(type);
+}
+
+template <typename T>
+Features<T> features_of(const Tensor& features) {
+  return {features.data_ptr<T>(), features.size(2), features.stride(0), features.stride(1), features.stride(2)};
+}
+
+}  // namespace
+
+Tensor pair_counts(const Tensor& anchors, const Tensor& partners) {
+  const int64_t batch = partners.size(0), attributes = partners.size(1);
+  Tensor counts = at::empty({attributes, 4}, partners.options());
+  if (attributes == 0) return counts;
+  const Tensor scratch = workspace(pair_counts_workspace(batch, attributes), partners);
+  cuda::pair_counts(anchors.data_ptr<bool>(), partners.data_ptr<int64_t>(), batch, attributes, partners.size(2),
+                    counts.data_ptr<int64_t>(), scratch.data_ptr(), current_stream());
+  return counts;
+}
+
+LossOutputs loss(const Tensor& features, const Tensor& partners, const Tensor& margins_in, const Tensor& pair_counts,
+                 Form form, double apc_margin, int64_t bins, Reduction reduction, bool validate,
+                 const Tensor& finite) {
+  const int64_t batch = partners.size(0), attributes = partners.size(1), width = partners.size(2);
+  const auto acc_type = accumulation_type(features.scalar_type());
+  const auto options = features.options().dtype(acc_type);
+  // Every entry is written by the kernels: no fills.
+  Tensor distances = at::empty(partners.sizes(), options);
+  Tensor sums = at::empty({attributes, 2}, options);
+  Tensor histograms = at::empty({attributes, 2, form == Form::Distribution ? bins : 0}, options);
+  Tensor loss = at::empty({}, options);
+  const Tensor margins = form == Form::Relative ? as_type(margins_in, acc_type) : margins_in;
+  const RowTiles tiles = row_tiles(batch, attributes, width);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, features.scalar_type(), "crl_ops::loss", [&] {
+    using acc = acc_t<scalar_t>;
+    const Tensor scratch = workspace(loss_workspace<acc>(form, tiles, bins), features);
+    const LossArgs<scalar_t, acc> args{features_of<scalar_t>(features),
+                                       partners.data_ptr<int64_t>(),
+                                       tiles,
+                                       form,
+                                       reduction,
+                                       validate,
+                                       form == Form::Relative ? margins.data_ptr<acc>() : nullptr,
+                                       form == Form::Relative ? margins.stride(0) : 0,
+                                       static_cast<acc>(apc_margin),
+                                       bins,
+                                       pair_counts.data_ptr<int64_t>(),
+                                       finite.data_ptr<bool>(),
+                                       distances.data_ptr<acc>(),
+                                       sums.data_ptr<acc>(),
+                                       form == Form::Distribution ? histograms.data_ptr<acc>() : nullptr,
+                                       loss.data_ptr<acc>()};
+    cuda::loss(args, scratch.data_ptr(), current_stream());
+  });
+  return {loss, distances, sums, histograms};
+}
+
+std::tuple<Tensor, Tensor> loss_backward(const Tensor& grad_in, const Tensor& loss_in, const Tensor& features,
+                                         const Tensor& partners, const Tensor& distances, const Tensor& margins_in,
+                                         const Tensor& pair_counts, const Tensor& sums, const Tensor& histograms,
+                                         Form form, double apc_margin, int64_t bins, Reduction reduction,
+                                         bool margins_grad) {
+  const int64_t batch = partners.size(0), attributes = partners.size(1), width = partners.size(2);
+  const int64_t dim = features.size(2);
+  const auto acc_type = distances.scalar_type();
+  const Tensor grad = as_type(grad_in, acc_type), loss = as_type(loss_in, acc_type);
+  const Tensor margins = form == Form::Relative ? as_type(margins_in, acc_type) : margins_in;
+  const RowTiles tiles = row_tiles(batch, attributes, width);
+  Tensor grad_margins = at::empty({margins_grad ? attributes : 0}, distances.options());
+  Tensor grad_features;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, features.scalar_type(), "crl_ops::loss_backward", [&] {
+    using acc = acc_t<scalar_t>;
+    const Tensor scratch = workspace(backward_workspace<acc>(tiles), features);
+    const BackwardArgs<scalar_t, acc> args{features_of<scalar_t>(features),
+                                           partners.data_ptr<int64_t>(),
+                                           distances.data_ptr<acc>(),
+                                           tiles,
+                                           form,
+                                           reduction,
+                                           grad.data_ptr<acc>(),
+                                           loss.data_ptr<acc>(),
+                                           form == Form::Relative ? margins.data_ptr<acc>() : nullptr,
+                                           form == Form::Relative ? margins.stride(0) : 0,
+                                           static_cast<acc>(apc_margin),
+                                           bins,
+                                           pair_counts.data_ptr<int64_t>(),
+                                           sums.data_ptr<acc>(),
+                                           form == Form::Distribution ? histograms.data_ptr<acc>() : nullptr,
+                                           margins_grad ? grad_margins.data_ptr<acc>() : nullptr};
+    if (!at::globalContext().deterministicAlgorithms()) {
+      Tensor gradient = at::empty({batch, attributes, dim}, distances.options());
+      loss_backward_atomic(args, gradient.data_ptr<acc>(), scratch.data_ptr(), current_stream());
+      grad_features = as_type(gradient, features.scalar_type());
+      return;
+    }
+    // Without float atomics: the pairs grouped by the sample they end at (a stable sort keeps
+    // each group in pair order), then every entry sums its own row's pairs and its group in order.
+    Tensor scales = at::empty(partners.sizes(), distances.options());
+    loss_backward_scales(args, scales.data_ptr<acc>(), scratch.data_ptr(), current_stream());
+    const Tensor attribute = at::arange(attributes, partners.options()).view({1, attributes, 1});
+    const Tensor keys = at::where(partners >= 0, attribute * batch + partners, attributes * batch).flatten();
+    const auto [sorted, incoming] = at::sort(keys, /*stable=*/true, /*dim=*/0, /*descending=*/false);
+    const Tensor offsets = at::searchsorted(sorted, at::arange(attributes * batch + 1, partners.options()));
+    grad_features = at::empty({batch, attributes, dim}, features.options());
+    loss_backward_gather(args, scales.data_ptr<acc>(), incoming.data_ptr<int64_t>(), offsets.data_ptr<int64_t>(),
+                         grad_features.data_ptr<scalar_t>(), current_stream());
+  });
+  return {grad_features, as_type(grad_margins, margins_in.scalar_type())};
+}
+
+}  // namespace cuda
+}  // namespace crl
