@@ -2,7 +2,8 @@
 # Proves that a plain `pip install <checkout>` (pip's default build isolation, no flags) gives
 # working native kernels: a fresh virtual environment with torch, the install, then, from
 # another directory so that the installed package is the one imported, the first native use
-# compiles the kernels into an empty extension cache and the native loss equals the reference.
+# compiles the kernels into an empty extension cache and the native loss equals the reference;
+# a second process then loads them from the cache without compiling.
 #
 #   bash tools/check_install.sh [checkout, default: this one]
 #
@@ -23,7 +24,8 @@ install_seconds=$((SECONDS - start))
 
 mkdir "$work/run"
 cd "$work/run"
-TORCH_EXTENSIONS_DIR="$work/torch_extensions" "$work/venv/bin/python" - "$checkout" "$install_seconds" <<'PY'
+export TORCH_EXTENSIONS_DIR="$work/torch_extensions"
+"$work/venv/bin/python" - "$checkout" "$install_seconds" <<'PY'
 import sys
 import time
 
@@ -56,4 +58,15 @@ for mode in ("class", "instance"):
         torch.testing.assert_close(native_grad, reference_grad)
 print(f"check_install: isolated pip install {install_seconds} s, import and first native use (the compile) {compile_seconds:.0f} s, "
       f"native == reference for 6 losses (torch {torch.__version__}, {crl_ops.__file__})")
+PY
+"$work/venv/bin/python" - <<'PY'
+import time
+
+start = time.monotonic()
+import crl_ops  # noqa: E402
+from crl_ops import _build  # noqa: E402
+
+assert crl_ops.native_available("cpu"), _build.ensure("cpu")
+assert _build.ORIGINS["cpu"].endswith("(cached)"), f"compiled again: {_build.ORIGINS['cpu']}"
+print(f"check_install: a second process imported crl_ops and loaded the kernels from the cache in {time.monotonic() - start:.1f} s")
 PY
