@@ -8,7 +8,7 @@ from . import balancing, functional, reference
 from ._inputs import BACKENDS, DISTANCES, FORMS, MODES, REDUCTIONS
 from ._native import available as native_available
 from .functional import BatchStats, Mined, class_rectification_loss, cross_entropy, mine, profile_minority
-from .metrics import BalancedAccuracy, class_balanced_accuracy, class_counts, imbalance_ratios
+from .metrics import BalancedAccuracy, class_balanced_accuracy, class_counts, imbalance_measure, imbalance_ratios
 from .modules import CRL, BalancedLoss
 
 __version__ = "0.2.0"
@@ -30,6 +30,7 @@ __all__ = [
     "class_rectification_loss",
     "cross_entropy",
     "functional",
+    "imbalance_measure",
     "imbalance_ratios",
     "mine",
     "native_available",

@@ -59,9 +59,10 @@ OPTIONS_DOC = """\
         caller's features are unchanged; section 3).
     reduction: "pooled", the paper's mean over all triplets (pairs) of all attributes, or
         "attribute", the mean over attributes of each attribute's mean (section 3).
-    distance: "feature" measures distances between the features; "score" between the class
-        probability vectors softmax(logits), so that CRL's gradient reaches the logits and
-        `features` is only checked (section 3).
+    distance: "feature" measures distances between the features; "score" is the journal
+        version's class-level score space (mode="class", form="relative" only): d(a, p) =
+        |p_a(c) - p_p(c)| and d(a, n) = p_a(c) - p_n(c) on the anchor's class c, so that CRL's
+        gradient reaches the logits and `features` is only checked (section 3).
     backend: "auto" uses the compiled kernels where they can run (building them once if need
         be, with a warning if it falls back), "native" insists on them, "reference" is the
         pure-PyTorch implementation.
@@ -150,6 +151,9 @@ class Options:
     def checked(mode="instance", form="relative", k=5, apc_margin=1.0, bins=100, threshold=0.5,
                 normalize=False, reduction="pooled", distance="feature", backend="auto", validate=True,
                 distributed=False) -> "Options":
+        if distance == "score" and (mode, form) != ("class", "relative"):
+            raise ValueError(f'distance="score" is defined for mode="class" with form="relative" (the journal '
+                             f"version's class-level triplets), got mode={mode!r}, form={form!r}")
         return Options(
             mode=check_choice("mode", mode, MODES), form=check_choice("form", form, FORMS), k=check_k(k),
             apc_margin=check_float("apc_margin", apc_margin, minimum=0.0),
@@ -182,11 +186,8 @@ def margins_tensor(margin: MarginLike, num_classes: tuple, dtype: torch.dtype, d
 
 
 def crl_features(options: Options, batch: Batch) -> Tensor:
-    """The vectors CRL measures distances between (section 3): the features, or the class scores."""
-    if options.distance == "score":
-        features = reference.class_scores(batch.logits, batch.classes_tensor())
-    else:
-        features = batch.features
+    """The vectors CRL measures feature distances between (section 3), normalised if asked."""
+    features = batch.features
     if not options.normalize:
         return features
     if features.shape[1] > 1 and features.stride(1) == 0:  # [B, D] shared by the attributes: once
@@ -201,6 +202,8 @@ def _crl(options: Options, margin: MarginLike, batch: Batch) -> tuple[Tensor, Ba
         from . import distributed
 
         return distributed.class_rectification_loss(options, margin, batch)
+    if options.distance == "score":
+        return _score_space_crl(options, margin, batch)
     features = crl_features(options, batch)
     backend = _backends.resolve(options.backend, features.device, features)
     margins = margins_tensor(margin, batch.num_classes, accumulation_dtype(features.dtype), features.device)
@@ -208,6 +211,24 @@ def _crl(options: Options, margin: MarginLike, batch: Batch) -> tuple[Tensor, Ba
         features, batch.logits, batch.labels, batch.classes_tensor(), margins, options.mode, options.form, options.k,
         options.apc_margin, options.bins, options.threshold, options.reduction, options.validate)
     return loss, BatchStats(counts, minority, active, pair_counts)
+
+
+def _score_space_crl(options: Options, margin: MarginLike, batch: Batch) -> tuple[Tensor, BatchStats]:
+    """The journal version's class-level triplets in score space (section 3): the backend mines,
+    and the hinges of the probability differences are differentiable torch operations."""
+    num_classes = batch.classes_tensor()
+    backend = _backends.resolve(options.backend, batch.logits.device, batch.logits)
+    counts, minority, active = backend.profile(batch.labels, num_classes, batch.max_classes, options.threshold,
+                                               options.validate)
+    anchors, partners = backend.mine_class(batch.logits, batch.labels, num_classes, active, options.k, 0,
+                                           batch.labels.shape[0], options.validate)
+    scores = reference.class_scores(batch.logits, num_classes)
+    margins = margins_tensor(margin, batch.num_classes, scores.dtype, scores.device)
+    d = reference.score_distances(scores, reference.check_labels(batch.labels, num_classes, False), partners)
+    loss = reference.reduce_sums("relative", reference.relative_sums(d, partners, margins), options.reduction)
+    if not options.validate:
+        loss = reference.poison(loss, batch.logits, torch.isfinite(scores).all())
+    return loss, BatchStats(counts, minority, active, reference.pair_counts(anchors, partners))
 
 
 def class_rectification_loss(features: Tensor, logits: LogitsLike, labels: Tensor, *, mode: str = "instance",
@@ -297,14 +318,13 @@ def profile_minority(labels: Tensor, num_classes: Union[int, Sequence[int]], thr
 
 
 def mine(features: Tensor, logits: LogitsLike, labels: Tensor, mode: str = "instance", k: int = 5,
-         threshold: float = 0.5, normalize: bool = False, distance: str = "feature", backend: str = "auto",
-         validate: bool = True) -> Mined:
+         threshold: float = 0.5, normalize: bool = False, backend: str = "auto", validate: bool = True) -> Mined:
     """The hard positives and negatives of every minority-class anchor (semantics sections 1-2):
     what `class_rectification_loss` with the same arguments mines.
 
     Args:
-        features, logits, labels, mode, k, threshold, normalize, distance, backend, validate: as
-            for `class_rectification_loss`.
+        features, logits, labels, mode, k, threshold, normalize, backend, validate: as for
+            `class_rectification_loss`.
 
     Returns:
         `Mined(anchors [B, A] bool, positives [B, A, K], negatives [B, A, K])`: sample indices,
@@ -313,8 +333,8 @@ def mine(features: Tensor, logits: LogitsLike, labels: Tensor, mode: str = "inst
     Raises:
         TypeError, ValueError: a bad argument or, with validate, a bad value.
     """
-    options = Options.checked(mode, k=k, threshold=threshold, normalize=normalize, distance=distance,
-                              backend=backend, validate=validate)
+    options = Options.checked(mode, k=k, threshold=threshold, normalize=normalize, backend=backend,
+                              validate=validate)
     batch = normalise(features, logits, labels)
     vectors = crl_features(options, batch).detach()
     backend = _backends.resolve(options.backend, vectors.device)

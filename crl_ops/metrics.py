@@ -66,3 +66,33 @@ def imbalance_ratios(labels: Tensor, num_classes: Union[int, Sequence[int]]) -> 
     counts = class_counts(labels, num_classes).double()
     smallest = torch.where(counts > 0, counts, torch.inf).amin(1)
     return torch.where(counts.amax(1) > 0, counts.amax(1) / smallest, torch.nan)
+
+
+def imbalance_measure(labels: Tensor, num_classes: Union[int, Sequence[int]]) -> Tensor:
+    """Omega_imb per attribute: the smallest fraction of the annotated samples that would have to
+    change class for the class distribution to become uniform (semantics section 4).
+
+    This is crl-ops' reading of the journal version's definition ("the minimum percentage count of
+    data samples required over all classes to form a uniform class distribution"); the paper's
+    formula could not be confirmed. It is the total-variation distance to the uniform
+    distribution, sum_c max(0, n_c / N - 1 / C_j), between 0 (balanced) and 1 - 1 / C_j (one
+    class only); classes absent from `labels` count as n_c = 0. Use it for the journal's
+    alpha = eta * Omega_imb (`BalancedLoss(alpha=...)`), e.g. with its mean over attributes.
+
+    Args:
+        labels: integer [N, A] or [N] training labels; -1 = not annotated.
+        num_classes: C_j: one int for every attribute, or one per attribute.
+
+    Returns:
+        float64 [A]; NaN for an attribute with no annotated sample.
+
+    Raises:
+        TypeError, ValueError: a bad argument, or a label outside -1..C_j-1.
+    """
+    labels, classes = _checked_labels(labels, num_classes)
+    counts = class_counts(labels, classes).double()
+    total = counts.sum(1, keepdim=True)
+    real = torch.arange(counts.shape[1], device=counts.device) < torch.tensor(classes, device=counts.device)[:, None]
+    uniform = 1.0 / torch.tensor(classes, dtype=torch.float64, device=counts.device)[:, None]
+    excess = torch.where(real, (counts / total - uniform).clamp_min(0.0), 0.0).sum(1)
+    return torch.where(total[:, 0] > 0, excess, torch.nan)

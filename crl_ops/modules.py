@@ -99,7 +99,8 @@ global batch (all ranks' samples).
 Args:
     mode, form: as for `CRL`.
     weight: the weight of l_crl (>= 0; the paper: 1). Ignored when alpha is given.
-    alpha: None, or the journal version's alpha in [0, 1] (see `crl_ops.imbalance_alpha`).
+    alpha: None, or the journal version's alpha = eta * Omega_imb in [0, 1] (`crl_ops.imbalance_measure`
+        gives Omega_imb from the training labels; eta is a hyper-parameter).
     k, margin, apc_margin, bins, threshold, normalize, reduction, distance, backend, validate,
         distributed: as for `CRL`.
 

@@ -250,6 +250,20 @@ def pair_distances(features: Tensor, partners: Tensor, first_anchor: int = 0) ->
     return torch.where(is_pair, d, 0.0), overflow
 
 
+def score_distances(scores: Tensor, labels: Tensor, partners: Tensor) -> Tensor:
+    """The journal version's class-level score-space distances [B, A, 2K] (section 3): with c the
+    anchor's class, |p_a(c) - p_p(c)| to each positive and the signed p_a(c) - p_n(c) to each
+    negative; 0 where empty."""
+    k = partners.shape[-1] // 2
+    own = labels.clamp_min(0)[..., None]  # [B, A, 1]
+    anchor_score = scores.gather(-1, own)  # [B, A, 1]
+    attribute = torch.arange(scores.shape[1], device=scores.device)[None, :, None]
+    partner_score = scores[partners.clamp_min(0), attribute, own.expand_as(partners)]  # [B, A, 2K]
+    difference = anchor_score - partner_score
+    d = torch.cat([difference[..., :k].abs(), difference[..., k:]], dim=-1)
+    return torch.where(partners >= 0, d, 0.0)
+
+
 class PairSums(NamedTuple):
     """Per attribute [A]: the sums and counts a loss form reduces (semantics section 3).
 

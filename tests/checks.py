@@ -38,16 +38,16 @@ def check_against_oracle(problem, mode, form, k, margin=None, apc_margin=1.0, bi
     if isinstance(margin, torch.Tensor) and margin.requires_grad:
         margin = margin.detach().to(device).requires_grad_()
         leaves = leaves + [margin]
-    options = dict(k=k, threshold=threshold, normalize=normalize, distance=distance, backend=backend)
+    options = dict(k=k, threshold=threshold, normalize=normalize, backend=backend)
     loss_fn = crl_ops.BalancedLoss(mode, form, margin=margin, apc_margin=apc_margin, bins=bins, reduction=reduction,
-                                   alpha=alpha, **options)
+                                   distance=distance, alpha=alpha, **options)
     total = loss_fn(features, logits, labels)
     grads = torch.autograd.grad(total, leaves, allow_unused=True)
     mined = crl_ops.mine(features, logits, labels, mode=mode, **options)
 
     f64, lg64, lab = canonical()
     margins = oracle_margins(problem.num_classes, margin)
-    vectors = oracle.vectors(f64, lg64, normalize, distance)
+    vectors = oracle.vectors(f64, normalize)
     expected_mined = oracle.mine(vectors.detach(), [x.detach() for x in lg64], lab, mode, k, threshold)
     if exact_mining:
         got_mined = mined_sets(mined, k)
@@ -63,7 +63,10 @@ def check_against_oracle(problem, mode, form, k, margin=None, apc_margin=1.0, bi
     not_anchor = ~mined.anchors
     assert (mined.positives[not_anchor] == -1).all() and (mined.negatives[not_anchor] == -1).all()
 
-    crl_expected = oracle.crl_loss(vectors, expected_mined, form, margins, apc_margin, bins, reduction)
+    if distance == "score":
+        crl_expected = oracle.score_space_loss(lg64, lab, expected_mined, margins, reduction)
+    else:
+        crl_expected = oracle.crl_loss(vectors, expected_mined, form, margins, apc_margin, bins, reduction)
     ce_expected = oracle.cross_entropy(lg64, lab)
     total_expected = (ce_expected + crl_expected if alpha is None
                       else (1 - alpha) * ce_expected + alpha * crl_expected)

@@ -76,23 +76,34 @@ def mine(features, logits, labels, mode, k, threshold=0.5):
     return mined
 
 
-def vectors(features, logits, normalize=False, distance="feature"):
-    """The vectors CRL measures distances between (section 3): [B, A, D] features or, for the
-    "score" distance, each attribute's class probabilities padded with zeros; L2-normalised with
+def vectors(features, normalize=False):
+    """The vectors CRL measures distances between (section 3): the features, L2-normalised with
     `normalize` (a norm below 1e-12 counts as 1e-12)."""
-    if distance == "score":
-        width = max(lj.shape[1] for lj in logits)
-        rows = []
-        for i in range(features.shape[0]):
-            rows.append(torch.stack([torch.cat([torch.softmax(lj[i], 0), lj.new_zeros(width - lj.shape[1])])
-                                     for lj in logits]))
-        features = torch.stack(rows)
     if not normalize:
         return features
     out = []
     for i in range(features.shape[0]):
         out.append(torch.stack([v / torch.clamp(torch.linalg.vector_norm(v), min=1e-12) for v in features[i]]))
     return torch.stack(out)
+
+
+def score_space_loss(logits, labels, mined, margins, reduction="pooled"):
+    """The journal version's class-level triplets in score space (section 3): with c the anchor's
+    class and p = softmax probabilities of class c, max(0, m_j + |p_a - p_p| - (p_a - p_n))."""
+    zero = logits[0].sum() * 0.0
+    terms = {j: [] for j in range(len(logits))}
+    for (a, j), (pos, neg) in sorted(mined.items()):
+        c = labels[a][j]
+
+        def p(i):
+            return torch.softmax(logits[j][i], dim=0)[c]
+
+        for q in sorted(pos):
+            for n in sorted(neg):
+                terms[j].append(torch.relu(margins[j] + torch.abs(p(a) - p(q)) - (p(a) - p(n))))
+    if reduction == "pooled":
+        return _mean([t for j in terms for t in terms[j]], zero)
+    return _mean([_mean(terms[j], zero) for j in terms if terms[j]], zero)
 
 
 def _d(features, a, b, j):

@@ -208,12 +208,19 @@ def test_normalized_shared_features(backend):
     check_against_oracle(problem, "instance", "relative", 3, normalize=True, backend=backend)
 
 
-@pytest.mark.parametrize("form", FORMS)
-@pytest.mark.parametrize("mode", MODES)
-def test_score_distance(mode, form, backend):
-    # Distances between class-probability vectors: CRL's gradient reaches the logits.
+@pytest.mark.parametrize("reduction", ["pooled", "attribute"])
+@pytest.mark.parametrize("margin", [None, 0.5])
+def test_score_space_triplets(margin, reduction, backend):
+    # The journal's class-level triplets on class probabilities: CRL's gradient reaches the logits.
     problem = make_problem(10, 24, (2, 3, 4), 3, False, "list", skew=2.0)
-    check_against_oracle(problem, mode, form, 3, distance="score", bins=7, backend=backend)
+    check_against_oracle(problem, "class", "relative", 3, distance="score", margin=margin, reduction=reduction,
+                         backend=backend)
+
+
+@pytest.mark.parametrize("mode, form", [("instance", "relative"), ("class", "absolute"), ("class", "distribution")])
+def test_score_space_is_for_class_level_triplets(mode, form):
+    with pytest.raises(ValueError, match='distance="score" is defined for mode="class" with form="relative"'):
+        crl_ops.CRL(mode, form, distance="score")
 
 
 def test_alpha_mixes_the_terms(backend):
@@ -237,3 +244,13 @@ def test_margin_parameter_moves_with_the_module(backend):
     features, logits, labels, _, _ = problem.inputs()
     crl(features, logits, labels).backward()
     assert margin.grad is not None and (margin.grad > 0).any()
+
+
+def test_imbalance_measure():
+    labels = torch.tensor([[0, 0, -1], [0, 1, -1], [0, 1, -1], [1, 1, -1]])  # 3:1, 1:3:0, none annotated
+    got = crl_ops.imbalance_measure(labels, (2, 3, 2))
+    # attribute 0: 3/4 - 1/2; attribute 1 (3 classes, class 2 absent): only class 1 is above 1/3
+    torch.testing.assert_close(got[:2], torch.tensor([0.25, 3 / 4 - 1 / 3], dtype=torch.float64))
+    assert torch.isnan(got[2])
+    one_class = crl_ops.imbalance_measure(torch.zeros(10, dtype=torch.long), 4)
+    torch.testing.assert_close(one_class, torch.tensor([0.75], dtype=torch.float64))
