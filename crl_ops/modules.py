@@ -5,7 +5,7 @@ from typing import Optional
 
 from torch import Tensor, nn
 
-from ._inputs import LogitsLike, MarginLike, check_float, check_margin, normalise
+from ._inputs import LogitsLike, MarginLike, check_bool, check_float, check_margin, normalise
 from .functional import INPUTS_DOC, OPTIONS_DOC, RAISES_DOC, BatchStats, Options, _crl, _cross_entropy
 
 
@@ -13,11 +13,12 @@ class CRL(nn.Module):
     def __init__(self, mode: str = "instance", form: str = "relative", *, k: int = 5, margin: MarginLike = None,
                  apc_margin: float = 1.0, bins: int = 100, threshold: float = 0.5, normalize: bool = False,
                  reduction: str = "pooled", distance: str = "feature", backend: str = "auto", validate: bool = True,
-                 distributed: bool = False):
+                 distributed: bool = False, track_stats: bool = True):
         super().__init__()
         self.options = Options.checked(mode, form, k, apc_margin, bins, threshold, normalize, reduction, distance,
                                        backend, validate, distributed)
         self.margin = check_margin(margin)  # an nn.Parameter margin becomes this module's parameter
+        self.track_stats = check_bool("track_stats", track_stats)
         self.last_stats: Optional[BatchStats] = None
 
     def extra_repr(self) -> str:
@@ -31,7 +32,9 @@ class CRL(nn.Module):
                         "formats); use torch.compile or torch.jit.trace")
 
     def forward(self, features: Tensor, logits: LogitsLike, labels: Tensor) -> Tensor:
-        loss, self.last_stats = _crl(self.options, self.margin, normalise(features, logits, labels))
+        loss, stats = _crl(self.options, self.margin, normalise(features, logits, labels))
+        if self.track_stats:
+            self.last_stats = stats
         return loss
 
 
@@ -43,6 +46,9 @@ CRL.__doc__ = f"""Class Rectification Loss l_crl (Dong, Gong, Zhu, ICCV 2017): a
 
 Args:
 {OPTIONS_DOC}
+    track_stats: keep the last batch's `BatchStats` in `last_stats` (tensors the loss op
+        returned; under CUDA graphs they are graph outputs, which the next replay overwrites:
+        read them before it, or pass False to keep nothing).
 
 forward's arguments:
 {INPUTS_DOC}
@@ -56,13 +62,14 @@ class BalancedLoss(nn.Module):
     def __init__(self, mode: str = "instance", form: str = "relative", *, weight: float = 1.0,
                  alpha: Optional[float] = None, k: int = 5, margin: MarginLike = None, apc_margin: float = 1.0,
                  bins: int = 100, threshold: float = 0.5, normalize: bool = False, reduction: str = "pooled",
-                 distance: str = "feature", backend: str = "auto", validate: bool = True, distributed: bool = False):
+                 distance: str = "feature", backend: str = "auto", validate: bool = True, distributed: bool = False,
+                 track_stats: bool = True):
         super().__init__()
         self.weight = check_float("weight", weight, minimum=0.0)
         self.alpha = None if alpha is None else check_float("alpha", alpha, minimum=0.0, maximum=1.0)
         self.crl = CRL(mode, form, k=k, margin=margin, apc_margin=apc_margin, bins=bins, threshold=threshold,
                        normalize=normalize, reduction=reduction, distance=distance, backend=backend,
-                       validate=validate, distributed=distributed)
+                       validate=validate, distributed=distributed, track_stats=track_stats)
         self.last_ce: Optional[Tensor] = None
         self.last_crl: Optional[Tensor] = None
 
@@ -72,7 +79,9 @@ class BalancedLoss(nn.Module):
     def forward(self, features: Tensor, logits: LogitsLike, labels: Tensor) -> Tensor:
         crl = self.crl
         batch = normalise(features, logits, labels)
-        loss, crl.last_stats = _crl(crl.options, crl.margin, batch)  # first: its ops check the values
+        loss, stats = _crl(crl.options, crl.margin, batch)  # first: its ops check the values
+        if crl.track_stats:
+            crl.last_stats = stats
         if crl.options.distributed:
             from . import distributed
 
@@ -102,7 +111,7 @@ Args:
     alpha: None, or the journal version's alpha = eta * Omega_imb in [0, 1] (`crl_ops.imbalance_measure`
         gives Omega_imb from the training labels; eta is a hyper-parameter).
     k, margin, apc_margin, bins, threshold, normalize, reduction, distance, backend, validate,
-        distributed: as for `CRL`.
+        distributed, track_stats: as for `CRL`.
 
 Raises:
 {RAISES_DOC}

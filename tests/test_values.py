@@ -327,3 +327,17 @@ def test_auto_falls_back_with_one_warning(monkeypatch):
         crl(*good(), "auto")
     with pytest.raises(RuntimeError, match="no C\\+\\+ compiler was found"):
         crl(*good(), "native")
+
+
+@pytest.mark.parametrize("where", ["labels", "features"])
+def test_compiled_code_still_checks_values(where, backend):
+    features, logits, labels = good()
+    if where == "labels":
+        labels = with_value(labels, (2, 1), 5)
+    else:
+        features = with_value(features, (2, 1, 0), math.nan)
+    torch._dynamo.reset()
+    step = torch.compile(lambda f, lg, lb: crl(f, lg, lb, backend), backend="aot_eager", fullgraph=True)
+    expected = ValueError if backend == "native" else RuntimeError  # torch._assert_async in the reference
+    with pytest.raises(expected, match="labels|label|features contain NaN"):
+        step(features, logits, labels)
