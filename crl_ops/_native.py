@@ -35,7 +35,16 @@ def unavailable_reason(device) -> Optional[str]:
 
 
 def available(device) -> bool:
-    """True when the native kernels for `device`'s type can run (compiling them once if need be)."""
+    """Whether the native kernels can run on a device type (`crl_ops.native_available`).
+
+    Args:
+        device: a torch.device or its name ("cpu", "cuda", ...).
+
+    Returns:
+        True when the kernels for the device's type are registered, after loading a prebuilt
+        extension or compiling the shipped sources once if need be (docs/installing.md); False
+        otherwise (`backend="auto"` then uses the reference, with a warning saying why).
+    """
     return unavailable_reason(device) is None
 
 

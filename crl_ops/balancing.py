@@ -1,4 +1,5 @@
-"""The paper's classical imbalanced-learning baselines, for multi-attribute labels.
+"""The paper's classical imbalanced-learning baselines, for multi-attribute labels (semantics
+section 7): class weights, cost-sensitive cross-entropy, over- and down-sampling.
 
 All three rest on one table, the per-attribute class balancing weights
 `w[j, c] = n_j / (K_j * h_jc)` (`n_j` annotated samples of attribute j, `K_j` classes present,
@@ -32,7 +33,18 @@ NumClasses = Union[int, Sequence[int]]
 
 
 def balancing_weights(labels: Tensor, num_classes: NumClasses) -> Tensor:
-    """float64 [A, max C_j]: `n_j / (K_j * h_jc)` for each class present in `labels`, 0 otherwise."""
+    """The per-attribute class balancing weights of semantics section 7.
+
+    Args:
+        labels: integer [N, A] or [N] training labels; -1 = not annotated.
+        num_classes: C_j: one int for every attribute, or one per attribute.
+
+    Returns:
+        float64 [A, max C_j]: `n_j / (K_j * h_jc)` for each class present in `labels`, 0 otherwise.
+
+    Raises:
+        TypeError, ValueError: a bad argument, or a label outside -1..C_j-1.
+    """
     counts = class_counts(labels, num_classes).double()
     present = counts > 0
     annotated = counts.sum(1, keepdim=True)
@@ -41,7 +53,17 @@ def balancing_weights(labels: Tensor, num_classes: NumClasses) -> Tensor:
 
 
 def sample_weights(labels: Tensor, num_classes: NumClasses) -> Tensor:
-    """float64 [N]: the balancing weight of each sample's rarest annotated value (0 if none is annotated)."""
+    """Per-sample weights for re-sampling (semantics section 7).
+
+    Args:
+        labels, num_classes: as for `balancing_weights`.
+
+    Returns:
+        float64 [N]: the balancing weight of each sample's rarest annotated value (0 if none is annotated).
+
+    Raises:
+        TypeError, ValueError: as for `balancing_weights`.
+    """
     weights = balancing_weights(labels, num_classes)
     labels = labels.reshape(labels.shape[0], -1)
     per_entry = weights.t().gather(0, labels.clamp_min(0))  # [N, A]: w[j, label_ij]
@@ -49,11 +71,19 @@ def sample_weights(labels: Tensor, num_classes: NumClasses) -> Tensor:
 
 
 def weighted_cross_entropy(logits: LogitsLike, labels: Tensor, class_weights: Tensor) -> Tensor:
-    """`sum_j (sum_i w_ij * -log p_i(label_ij)) / (sum_i w_ij)` over annotated entries, `w_ij = class_weights[j, label_ij]`.
+    """Cost-sensitive cross-entropy (semantics section 7).
 
-    logits and labels in any of `crl_ops.cross_entropy`'s formats; class_weights `[A, >= max C_j]`
-    (e.g. from `balancing_weights` on the training labels). An attribute without annotated
-    entries (or whose entries all weigh 0) adds 0.
+    Args:
+        logits, labels: in any of `crl_ops.cross_entropy`'s formats.
+        class_weights: `[A, >= max C_j]`, e.g. `balancing_weights` of the training labels.
+
+    Returns:
+        `sum_j (sum_i w_ij * -log p_i(label_ij)) / (sum_i w_ij)` over annotated entries, with
+        `w_ij = class_weights[j, label_ij]`, in float32 (float64 for float64 logits). An attribute
+        without annotated entries (or whose entries all weigh 0) adds 0.
+
+    Raises:
+        TypeError, ValueError: a bad argument, or a label outside -1..C_j-1.
     """
     batch = normalise(None, logits, labels)
     num_attributes, width = batch.labels.shape[1], batch.max_classes
@@ -82,7 +112,17 @@ def _check_weights(weights) -> Tensor:
 
 
 class OverSampler(Sampler[int]):
-    """Each epoch: `num_samples` indices (default: one per sample) drawn with replacement ∝ weights."""
+    """Over-sampling (semantics section 7): each epoch, `num_samples` indices (default: one per
+    sample) drawn with replacement in proportion to `weights`.
+
+    Args:
+        weights: float [N] >= 0 with at least one > 0, e.g. `sample_weights` of the training labels.
+        num_samples: indices per epoch (default N).
+        generator: the torch.Generator to draw with.
+
+    Raises:
+        ValueError: weights not a non-empty finite non-negative 1-d tensor, or num_samples < 1.
+    """
 
     def __init__(self, weights: Tensor, num_samples: Optional[int] = None,
                  generator: Optional[torch.Generator] = None):
@@ -101,7 +141,8 @@ class OverSampler(Sampler[int]):
 
 
 class DownSampler(Sampler[int]):
-    """Each epoch: a fresh random subset, sample i kept with probability `weights[i] / max(weights)`.
+    """Down-sampling (semantics section 7): each epoch a fresh random subset, sample i kept with
+    probability `weights[i] / max(weights)`. Args and Raises as for `OverSampler` (no num_samples).
 
     Systematic sampling gives exactly these inclusion probabilities; running it over the samples
     sorted by weight (ties in random order) also keeps the number drawn from every group of equal

@@ -20,9 +20,20 @@ class BalancedAccuracy(NamedTuple):
 
 def class_balanced_accuracy(preds: Tensor, labels: Tensor,
                             num_classes: Union[int, Sequence[int]]) -> BalancedAccuracy:
-    """Mean over the classes present in `labels` of the recall of `preds`, per attribute.
+    """The class-balanced accuracy of semantics section 5.
 
-    preds and labels: integer [B, A] (or [B] for one attribute); labels -1 = not annotated.
+    Args:
+        preds: integer predictions of exactly the shape of `labels`.
+        labels: integer [B, A] (or [B] for one attribute); -1 = not annotated.
+        num_classes: C_j: one int for every attribute, or one per attribute.
+
+    Returns:
+        `BalancedAccuracy(per_attribute [A] float64, mean)`: per attribute the mean over the classes
+        present in `labels` of the recall of `preds` (NaN where nothing is annotated), and the mean
+        over the attributes with annotated samples.
+
+    Raises:
+        TypeError, ValueError: a bad argument, preds of another shape, or a label outside -1..C_j-1.
     """
     labels_shape = tuple(labels.shape) if isinstance(labels, Tensor) else None
     labels, num_classes = _checked_labels(labels, num_classes)
@@ -51,7 +62,18 @@ def _checked_labels(labels, num_classes) -> tuple[Tensor, tuple]:
 
 
 def class_counts(labels: Tensor, num_classes: Union[int, Sequence[int]]) -> Tensor:
-    """Annotated samples per class: int64 [A, max C_j] (labels [N, A] or [N]; -1 not counted)."""
+    """Annotated samples per class (semantics section 1's h_c, over a whole label set).
+
+    Args:
+        labels: integer [N, A] or [N]; -1 = not annotated (not counted).
+        num_classes: C_j: one int for every attribute, or one per attribute.
+
+    Returns:
+        int64 [A, max C_j].
+
+    Raises:
+        TypeError, ValueError: a bad argument, or a label outside -1..C_j-1.
+    """
     labels, num_classes = _checked_labels(labels, num_classes)
     counts = torch.zeros(labels.shape[1], max(num_classes), dtype=torch.int64, device=labels.device)
     return counts.scatter_add_(1, labels.clamp_min(0).t(), (labels >= 0).t().long())
@@ -60,8 +82,15 @@ def class_counts(labels: Tensor, num_classes: Union[int, Sequence[int]]) -> Tens
 def imbalance_ratios(labels: Tensor, num_classes: Union[int, Sequence[int]]) -> Tensor:
     """Per attribute, the largest class count over the smallest (the paper's "1:x" is x).
 
-    Only classes with at least one annotated sample count (an absent class has no ratio);
-    float64 [A], NaN for an attribute with no annotated sample.
+    Args:
+        labels, num_classes: as for `class_counts`.
+
+    Returns:
+        float64 [A]; only classes with at least one annotated sample count (an absent class has no
+        ratio); NaN for an attribute with no annotated sample.
+
+    Raises:
+        TypeError, ValueError: as for `class_counts`.
     """
     counts = class_counts(labels, num_classes).double()
     smallest = torch.where(counts > 0, counts, torch.inf).amin(1)

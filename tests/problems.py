@@ -9,9 +9,8 @@ from hypothesis import strategies as st
 from torch import nn
 
 import crl_ops
+from crl_ops import FORMS, MODES  # noqa: F401 (the tests import them from here)
 
-MODES = ("class", "instance")
-FORMS = ("relative", "absolute", "distribution")
 CPU_BACKENDS = [
     "reference",
     pytest.param("native", marks=pytest.mark.skipif(not crl_ops.native_available("cpu"),
