@@ -1,57 +1,177 @@
-// CUDA kernels of batch profiling (section 1) and the value checks (section 6). TO BE PORTED.
+// CUDA batch profiling (docs/semantics.md, section 1): one block per attribute, no sort.
+//
+// The CPU walks the classes in (count, class) order and takes the longest prefix whose counts sum
+// to strictly less than limit = threshold * n. Since counts are non-negative, class c is in
+// that prefix exactly when its own inclusive prefix sum is below the limit, and that sum is
+//   F(h_c) + h_c * (rank_c + 1),   F(v) = sum of the counts below v,
+// with rank_c the number of lower classes of the same count. Let v* be the smallest count value
+// whose G(v) = sum of the counts <= v reaches the limit: every class below v* is a minority
+// class, none above, and for the classes at v* the formula decides. The kernel finds v* by a
+// 16-way search over 0..n (each round one pass over the classes, at most 8 rounds as n < 2^31),
+// then ranks the classes at v* with one block-wide scan: O(C) per attribute and round, no sort,
+// all integer sums, so the result is exactly the CPU's.
 #include <c10/cuda/CUDAException.h>
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
+#include <c10/macros/Macros.h>
 
-#include <algorithm>
-#include <type_traits>
+#include <cstdio>
 
-#include "common/crl_math.h"
 #include "cuda/cuda_common.cuh"
+#include "cuda/mining.h"
 
 namespace crl {
 namespace cuda {
 namespace {
 
-// ---- 1. profiling -----------------------------------------------------------------------------------------
+constexpr int kProfileThreads = 512;
+constexpr int kProbes = 15;                // values tried per search round
+constexpr int64_t kSharedClasses = 4096;   // counts kept in shared memory up to this many classes
 
-__global__ void profile_kernel(const int64_t* labels, int64_t batch, int64_t attributes, int64_t max_classes,
-                               int64_t* counts, bool* minority, bool* active) {
-  const int64_t j = blockIdx.x;
-  int64_t* h = counts + j * max_classes;
-  for (int64_t c = threadIdx.x; c < max_classes; c += blockDim.x) h[c] = 0;  // counts come uninitialised
-  __syncthreads();
-  int64_t valid = 0;
-  for (int64_t i = threadIdx.x; i < batch; i += blockDim.x) {
-    const int64_t label = labels[i * attributes + j];
-    if (label < 0 || label >= max_classes) continue;  // out-of-range labels are rejected in Python
-    atomicAdd(reinterpret_cast<unsigned long long*>(h + label), 1ull);  // integer: order-free
-    ++valid;
+// Sums of kN values over the block, returned to every thread (fixed order, integers anyway).
+template <int kN>
+__device__ void block_sums(int32_t (&value)[kN]) {
+  __shared__ int32_t partial[kN][kWarp];
+  __shared__ int32_t total[kN];
+  const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp, warps = blockDim.x / kWarp;
+#pragma unroll
+  for (int t = 0; t < kN; ++t) value[t] = warp_reduce(value[t], Sum());
+  __syncthreads();  // the arrays may still be read by a previous call
+  if (lane == 0) {
+#pragma unroll
+    for (int t = 0; t < kN; ++t) partial[t][warp] = value[t];
   }
-  valid = block_reduce(valid, Sum());
-  __shared__ int64_t n;
-  if (threadIdx.x == 0) n = valid;
   __syncthreads();
-  for (int64_t c = threadIdx.x; c < max_classes; c += blockDim.x) {
-    // The counts of the classes up to c in (count, class) order; c is a minority class when
-    // they sum to strictly less than n / 2.
-    const int64_t hc = h[c];
-    int64_t prefix = 0;
-    for (int64_t other = 0; other < max_classes; ++other) {
-      const int64_t ho = h[other];
-      if (ho < hc || (ho == hc && other <= c)) prefix += ho;
+  if (warp == 0) {
+    for (int t = 0; t < kN; ++t) {
+      const int32_t sum = warp_reduce(lane < warps ? partial[t][lane] : 0, Sum());
+      if (lane == 0) total[t] = sum;
     }
-    const bool is_minority = 2 * prefix < n;
-    minority[j * max_classes + c] = is_minority;
-    active[j * max_classes + c] = is_minority && hc >= 2;
+  }
+  __syncthreads();
+#pragma unroll
+  for (int t = 0; t < kN; ++t) value[t] = total[t];
+}
+
+__global__ void __launch_bounds__(kProfileThreads)
+    profile_kernel(const int64_t* labels, const int64_t* num_classes, int64_t batch, int64_t attributes,
+                   int64_t max_classes, double threshold, bool validate, int64_t* counts, bool* minority,
+                   bool* active) {
+  extern __shared__ int64_t shared_counts[];
+  const int lane = threadIdx.x % kWarp;
+  for (int64_t j = blockIdx.x; j < attributes; j += gridDim.x) {
+    const int64_t classes = num_classes[j];
+    CUDA_KERNEL_ASSERT_PRINTF(classes >= 2 && classes <= max_classes,
+                              "crl_ops: num_classes[%lld] = %lld must be between 2 and max_classes = %lld",
+                              static_cast<long long>(j), static_cast<long long>(classes),
+                              static_cast<long long>(max_classes));
+    const int64_t c_j = classes < 0 ? 0 : (classes < max_classes ? classes : max_classes);
+    const bool in_shared = max_classes <= kSharedClasses;
+    int64_t* h = in_shared ? shared_counts : counts + j * max_classes;
+    // Global counts are read past L1: the atomics that made them happened in L2.
+    const auto count_of = [&](int64_t c) { return in_shared ? h[c] : __ldcg(reinterpret_cast<const long long*>(h + c)); };
+    __syncthreads();  // the previous attribute's counts are consumed
+    for (int64_t c = threadIdx.x; c < max_classes; c += blockDim.x) h[c] = 0;
+    __syncthreads();
+
+    // Counts: lanes of a warp with the same label add once (binary labels would otherwise
+    // serialise on two addresses).
+    int32_t valid = 0;
+    for (int64_t base = 0; base < batch; base += blockDim.x) {
+      const int64_t i = base + threadIdx.x;
+      const int64_t label = i < batch ? labels[i * attributes + j] : -1;
+      const bool annotated = is_annotated(label, c_j);
+      if (validate && i < batch) {
+        CUDA_KERNEL_ASSERT_PRINTF(label >= -1 && label < classes,
+                                  "crl_ops: labels[%lld, %lld] = %lld is out of range for attribute %lld: expected "
+                                  "-1 (not annotated) or a class in 0..%lld",
+                                  static_cast<long long>(i), static_cast<long long>(j), static_cast<long long>(label),
+                                  static_cast<long long>(j), static_cast<long long>(classes - 1));
+      }
+      const unsigned same = __match_any_sync(kFullMask, annotated ? label : int64_t(-1));
+      if (annotated && lane == __ffs(same) - 1) {
+        atomicAdd(reinterpret_cast<unsigned long long*>(h + label), static_cast<unsigned long long>(__popc(same)));
+      }
+      valid += annotated;
+    }
+    int32_t n[1] = {valid};
+    block_sums(n);  // also publishes the counts (it synchronises the block)
+    const double limit = threshold * static_cast<double>(n[0]);
+
+    // v*: the smallest v in [low, high] with G(v) >= limit; G(n) = n >= limit as threshold <= 1,
+    // and every v < low has G(v) < limit.
+    int32_t low = 0, high = n[0];
+    while (low < high) {
+      int32_t probe[kProbes], sum[kProbes];
+#pragma unroll
+      for (int t = 0; t < kProbes; ++t) {
+        probe[t] = low + static_cast<int32_t>((static_cast<int64_t>(high - low) * t) / kProbes);
+        sum[t] = 0;
+      }
+      for (int64_t c = threadIdx.x; c < c_j; c += blockDim.x) {
+        const int32_t hc = static_cast<int32_t>(count_of(c));
+        if (hc == 0) continue;  // most classes of a large C: nothing to add
+#pragma unroll
+        for (int t = 0; t < kProbes; ++t) sum[t] += hc <= probe[t] ? hc : 0;
+      }
+      block_sums(sum);
+      int first = kProbes;
+#pragma unroll
+      for (int t = kProbes - 1; t >= 0; --t) {
+        if (!(static_cast<double>(sum[t]) < limit)) first = t;
+      }
+      if (first == 0) {
+        high = low;
+      } else if (first == kProbes) {
+        low = probe[kProbes - 1] + 1;
+      } else {
+        high = probe[first];
+        low = probe[first - 1] + 1;
+      }
+    }
+    const int32_t cut = low;
+
+    // F(v*), and each thread's count of classes at v* over its own run of classes.
+    const int64_t run = (c_j + blockDim.x - 1) / blockDim.x;
+    const int64_t begin = threadIdx.x * run, end = begin + run < c_j ? begin + run : c_j;
+    int32_t below_and_ties[2] = {0, 0};
+    for (int64_t c = begin; c < end; ++c) {
+      const int32_t hc = static_cast<int32_t>(count_of(c));
+      below_and_ties[0] += hc < cut ? hc : 0;
+      below_and_ties[1] += hc == cut;
+    }
+    int32_t ties;
+    int64_t rank = block_exclusive_scan(below_and_ties[1], ties);
+    int32_t below[1] = {below_and_ties[0]};
+    block_sums(below);
+    for (int64_t c = begin; c < end; ++c) {
+      const int64_t hc = count_of(c);
+      bool is_minority = hc < cut;
+      if (hc == cut) {
+        ++rank;
+        is_minority = static_cast<double>(below[0] + hc * rank) < limit;
+      }
+      minority[j * max_classes + c] = is_minority;
+      active[j * max_classes + c] = is_minority && hc >= 2;
+    }
+    for (int64_t c = c_j + threadIdx.x; c < max_classes; c += blockDim.x) {
+      minority[j * max_classes + c] = false;
+      active[j * max_classes + c] = false;
+    }
+    if (in_shared) {
+      for (int64_t c = threadIdx.x; c < max_classes; c += blockDim.x) counts[j * max_classes + c] = h[c];
+    }
   }
 }
 
 }  // namespace
 
-void profile(const int64_t* labels, int64_t batch, int64_t attributes, int64_t max_classes, int64_t* counts,
-             bool* minority, bool* active, cudaStream_t stream) {
-  profile_kernel<<<attributes, kThreads, 0, stream>>>(labels, batch, attributes, max_classes, counts, minority, active);
+void launch_profile(const int64_t* labels, const int64_t* num_classes, int64_t batch, int64_t attributes,
+                    int64_t max_classes, double threshold, bool validate, int64_t* counts, bool* minority,
+                    bool* active, cudaStream_t stream) {
+  if (attributes == 0) return;
+  const size_t shared = max_classes <= kSharedClasses ? static_cast<size_t>(max_classes) * sizeof(int64_t) : 0;
+  const int blocks = static_cast<int>(std::min<int64_t>(attributes, kMaxBlocks));
+  profile_kernel<<<blocks, kProfileThreads, shared, stream>>>(labels, num_classes, batch, attributes, max_classes,
+                                                              threshold, validate, counts, minority, active);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

@@ -1,0 +1,56 @@
+// Launchers of batch profiling (profile.cu) and hard mining (mining.cu): plain pointers, sizes and
+// the tensor views of cuda/kernels.h, so that the .cu files need no ATen headers; mining_ops.cpp
+// allocates and calls them (cuda/stages.h). Every launcher runs on the given stream, writes every
+// entry of its outputs and never synchronises with the host.
+//
+// Layouts: labels [B, A] int64 and num_classes [A] int64 contiguous; active [A, Cmax] bool
+// contiguous; logits [B, A, Cmax] (size[2] = 1 and stride[2] = 0 for binary [B, A] logits) and
+// features [B, A, D] read in place with any element strides; anchors [R, A] bool and partners
+// [R, A, 2K] int64 contiguous, for the anchor rows first..first + R.
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cstddef>
+#include <cstdint>
+
+#include "cuda/kernels.h"
+
+namespace crl {
+namespace cuda {
+
+// counts, minority, active [A, Cmax] (section 1). num_classes outside 2..Cmax is a device-side
+// assertion; with validate, so is a label outside -1..C_j-1 (printed with its position).
+void launch_profile(const int64_t* labels, const int64_t* num_classes, int64_t batch, int64_t attributes,
+                    int64_t max_classes, double threshold, bool validate, int64_t* counts, bool* minority,
+                    bool* active, cudaStream_t stream);
+
+struct MiningRows {
+  const int64_t* labels;
+  const int64_t* num_classes;
+  const bool* active;
+  int64_t batch, attributes, max_classes, k;
+  int64_t first, rows;  // the anchor rows first..first + rows
+  bool* anchors;
+  int64_t* partners;
+};
+
+// Bytes of scratch mine_class needs: the softmax normalisers of every row when Cmax is large
+// enough that each class list recomputing them would cost more.
+size_t mine_class_workspace(const MiningRows& rows, const Values& logits, bool binary);
+// Two launches: rows (anchors, empty partner rows, softmax normalisers) and one block per active
+// (attribute, class) list, which also writes the rows of that class's anchors.
+void launch_mine_class(const Values& logits, bool binary, const MiningRows& rows, void* workspace,
+                       cudaStream_t stream);
+
+// Bytes of scratch mine_instance needs: candidate codes [A, B], anchor lists [A, R] and counts
+// [A] (int32): 4 (A B + A R + A) bytes.
+size_t mine_instance_workspace(const MiningRows& rows);
+// Two launches: rows (anchors, empty partner rows, candidate codes, per-attribute anchor lists,
+// overflow cleared) and the fused distance + top-K kernel. overflow: 0-dim, set where a mined
+// pair's squared distance is infinite.
+void launch_mine_instance(const Values& features, const Values& logits, bool binary, const MiningRows& rows,
+                          bool* overflow, void* workspace, cudaStream_t stream);
+
+}  // namespace cuda
+}  // namespace crl
