@@ -278,11 +278,12 @@ __global__ void __launch_bounds__(kThreads) pair_loss_kernel(LossArgs<T, Acc> ar
 
 // ---- forward: the distribution form's histograms ------------------------------------------------------------
 
-// A value v in [-2, 2] as the 128-bit fixed-point number round(v * 2^64) = hi * 2^64 + lo.
+// A histogram weight v (in [0, 1], or just outside by rounding) as the 128-bit fixed-point
+// number hi * 2^64 + lo ~ v * 2^64, to within 2^-53 of v.
 __device__ __forceinline__ void to_fixed(double v, unsigned long long& lo, long long& hi) {
-  const double whole = floor(v);
-  hi = static_cast<long long>(whole);
-  lo = __double2ull_rn(ldexp(v - whole, 64));  // v - whole is exact and below 1 - 2^-53: no overflow
+  const double whole = floor(v), fraction = v - whole;  // fraction rounds to 1 for a tiny negative v
+  hi = static_cast<long long>(whole) + (fraction < 1.0 ? 0 : 1);
+  lo = fraction < 1.0 ? __double2ull_rn(ldexp(fraction, 64)) : 0;  // fraction <= 1 - 2^-53: below 2^64
 }
 
 // cell[0..1] += (lo, hi), an exact and order-free sum (atomics on global or shared memory).
@@ -574,15 +575,19 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(BackwardArgs<T, Acc>
     uint64_t open = 0;
     for (int64_t i0 = unit.begin; i0 < unit.end; i0 += t.rows_per_tile) {
       const int64_t rows = min(t.rows_per_tile, unit.end - i0), pairs = rows * width;
-      for (int64_t r = threadIdx.x; r < rows; r += blockDim.x) row_has_pairs[r] = false;
-      __syncthreads();
       for (int64_t e = threadIdx.x; e < pairs; e += blockDim.x) {
         const int64_t at = ((i0 + e / width) * t.attributes + j) * width + e % width;
         tile_p[e] = static_cast<int32_t>(checked_partner(args.partners, at, t.batch));
         tile_d[e] = args.distances[at];
-        if (tile_p[e] >= 0) row_has_pairs[e / width] = true;
       }
       __syncthreads();
+      if constexpr (Scatter) {  // rows without pairs (not anchors) skip the scatter
+        for (int64_t r = threadIdx.x; r < rows; r += blockDim.x) {
+          bool any = false;
+          for (int64_t e = r * width; e < (r + 1) * width; ++e) any |= tile_p[e] >= 0;
+          row_has_pairs[r] = any;
+        }
+      }
       for (int64_t e = threadIdx.x; e < pairs; e += blockDim.x) {
         const Acc grad =
             tile_p[e] >= 0 ? distance_gradient(args, tile_d, tile_p, e, j, g, first, second, margin, open) : Acc(0);

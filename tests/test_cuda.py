@@ -1,0 +1,406 @@
+"""The CUDA kernels against the CPU kernels, and what only a GPU can show: determinism of the
+atomic-free backward, device-side assertions, CUDA graphs without host synchronisation and
+torch.compile(mode="reduce-overhead"). Skipped without a GPU; tools/gpu_check.sh runs them.
+
+The CPU kernels are the executable specification: on the same batch the CUDA ops must mine
+bitwise the same sets, measure bitwise the same pair distances (both accumulate dimension by
+dimension without FMA), and give losses, sums, histograms and gradients equal to rounding.
+"""
+import math
+import os
+import subprocess
+import sys
+import textwrap
+from typing import NamedTuple
+
+import pytest
+import torch
+
+import crl_ops
+from crl_ops import _native
+from crl_ops._inputs import accumulation_dtype, normalise
+from crl_ops.functional import margins_tensor
+
+from .checks import gradcheck_crl
+from .problems import FORMS, MODES, make_problem
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU")
+
+VARIANTS = [(mode, form) for mode in MODES for form in FORMS]
+REDUCTIONS = ("pooled", "attribute")
+
+
+@pytest.fixture(autouse=True)
+def cuda_kernels():
+    _native.require(torch.device("cuda"))  # a missing CUDA build fails here, it is not skipped
+    _native.require(torch.device("cpu"))
+    yield
+    torch.use_deterministic_algorithms(False)
+
+
+class Case(NamedTuple):
+    name: str
+    batch: int
+    num_classes: tuple
+    dim: int
+    logit_format: str
+    dtype: torch.dtype
+    k: int
+    bins: int = 100
+    shared_features: bool = False
+
+
+# Every feature dtype, binary, [B, A, C] and list logits (padded: entries past C_j unread), the
+# register lists of the mining (K <= 64) and the general path (K > 64), B > 1024, more
+# attributes than a block has threads (the loops over attributes), histograms staged in shared
+# memory (bins <= 512) and not, features shared by the attributes (stride 0).
+CASES = [
+    Case("binary-float32-k5", 300, (2,) * 6, 16, "binary", torch.float32, 5),
+    Case("tensor3d-float64-k3-bins7", 200, (4,) * 3, 7, "tensor3d", torch.float64, 3, bins=7),
+    Case("list-float16-k40", 400, (2, 5, 3), 33, "list", torch.float16, 40),
+    Case("list-bfloat16-k100-bins1000", 500, (3, 2), 9, "list", torch.bfloat16, 100, bins=1000),
+    Case("b1500-float32-k20", 1500, (2, 3), 40, "list", torch.float32, 20),
+    Case("a700-float32-k4", 40, (2,) * 700, 3, "binary", torch.float32, 4),
+    Case("shared-float64-k64", 260, (2, 3, 2), 12, "list", torch.float64, 64, shared_features=True),
+]
+
+# (loss, sums and histograms; gradients): the sums differ from the CPU's only in their order;
+# half-precision gradients may round to the neighbouring value.
+TOLERANCE = {torch.float64: (1e-12, 1e-10), torch.float32: (1e-5, 1e-4), torch.float16: (1e-5, 2e-3),
+             torch.bfloat16: (1e-5, 1e-2)}
+
+
+class Result(NamedTuple):
+    loss: torch.Tensor
+    counts: torch.Tensor
+    minority: torch.Tensor
+    active: torch.Tensor
+    anchors: torch.Tensor
+    partners: torch.Tensor
+    pair_counts: torch.Tensor
+    distances: torch.Tensor
+    sums: torch.Tensor
+    histograms: torch.Tensor
+    grad: torch.Tensor
+
+
+def problem_of(case: Case, seed: int):
+    return make_problem(seed, case.batch, case.num_classes, case.dim, case.shared_features, case.logit_format,
+                        skew=2.0, duplicates=3)
+
+
+def crl_op(problem, device, dtype, mode, form, k, bins=100, reduction="pooled", validate=True) -> Result:
+    """The crl_loss op on `device` and the gradient of its loss w.r.t. the API-format features."""
+    features, logits, labels, _, _ = problem.inputs(dtype, device)
+    batch = normalise(features, logits, labels)
+    margins = margins_tensor(None, batch.num_classes, accumulation_dtype(dtype), torch.device(device))
+    out = torch.ops.crl_ops.crl_loss(batch.features, batch.logits, batch.labels, batch.classes_tensor(), margins,
+                                     mode, form, k, 1.0, bins, 0.5, reduction, validate)
+    (grad,) = torch.autograd.grad(out[0], features)
+    return Result(*(t.detach().cpu() for t in out), grad.cpu())
+
+
+def by_partner(partners, distances):
+    """Each half-row (positives, negatives) sorted by partner index, distances alongside: the
+    order within a row is free (docs/semantics.md, section 2)."""
+    k = partners.shape[-1] // 2
+    halves = [(partners[..., :k], distances[..., :k]), (partners[..., k:], distances[..., k:])]
+    sorted_halves = [(p.sort(-1), d) for p, d in halves]
+    return (torch.cat([s.values for s, _ in sorted_halves], -1),
+            torch.cat([d.gather(-1, s.indices) for s, d in sorted_halves], -1))
+
+
+def assert_same_as_cpu(got: Result, want: Result, dtype):
+    for name in ("counts", "minority", "active", "anchors", "pair_counts"):
+        assert torch.equal(getattr(got, name), getattr(want, name)), name
+    got_partners, got_distances = by_partner(got.partners, got.distances)
+    want_partners, want_distances = by_partner(want.partners, want.distances)
+    assert torch.equal(got_partners, want_partners), "mined sets"
+    assert torch.equal(got_distances, want_distances), "pair distances (no FMA on either side)"
+    value_tol, grad_tol = TOLERANCE[dtype]
+    for name in ("loss", "sums", "histograms"):
+        torch.testing.assert_close(getattr(got, name), getattr(want, name), rtol=value_tol, atol=value_tol, msg=name)
+    assert got.grad.dtype == dtype
+    scale = max(want.grad.abs().max().item(), 1e-30)
+    torch.testing.assert_close(got.grad.double(), want.grad.double(), rtol=grad_tol, atol=grad_tol * scale)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("mode, form", VARIANTS)
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_matches_cpu_kernels(case, mode, form, reduction):
+    problem = problem_of(case, seed=10 * CASES.index(case) + VARIANTS.index((mode, form)))
+    results = [crl_op(problem, device, case.dtype, mode, form, case.k, case.bins, reduction) for device in ("cpu", "cuda")]
+    assert results[0].pair_counts[:, 0].sum() > 0, "the case mines nothing"
+    assert_same_as_cpu(results[1], results[0], case.dtype)
+
+
+@pytest.mark.parametrize("mode, form", VARIANTS)
+def test_deterministic_path_matches_cpu_kernels(mode, form):
+    torch.use_deterministic_algorithms(True)
+    case = CASES[4]
+    problem = problem_of(case, seed=5)
+    results = [crl_op(problem, device, case.dtype, mode, form, case.k, case.bins) for device in ("cpu", "cuda")]
+    assert_same_as_cpu(results[1], results[0], case.dtype)
+
+
+def test_entries_past_num_classes_are_never_read():
+    """[B, A, Cmax] logits with NaN past each attribute's C_j: validate=True must not see them."""
+    problem = make_problem(9, 120, (3, 2, 4), 5, False, "list", skew=2.0)
+    features, logits, labels, _, _ = problem.inputs(torch.float32, "cuda")
+    batch = normalise(features.detach(), logits, labels)
+    padded = batch.logits.detach().clone()
+    for j, classes in enumerate(batch.num_classes):
+        padded[:, j, classes:] = math.nan
+    margins = margins_tensor(None, batch.num_classes, torch.float32, features.device)
+    ops = torch.ops.crl_ops
+    args = (batch.features, padded, batch.labels, batch.classes_tensor(), margins, "instance", "relative", 5, 1.0,
+            100, 0.5, "pooled", True)
+    got = ops.crl_loss(*args)[0]
+    want = ops.crl_loss(*(a.cpu() if isinstance(a, torch.Tensor) else a for a in args))[0]
+    assert torch.isfinite(got)
+    torch.testing.assert_close(got.cpu(), want, rtol=1e-5, atol=1e-6)
+
+
+# ---- gradients and determinism ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode, form", VARIANTS)
+def test_gradcheck(mode, form):
+    # gradcheck also asserts that backward is reentrant (bitwise equal twice): the deterministic path.
+    torch.use_deterministic_algorithms(True)
+    problem = make_problem(21, 14, (2, 3), 3, False, "list", skew=1.5)
+    features, logits, labels, _, _ = problem.inputs(torch.float64, "cuda")
+    crl = crl_ops.CRL(mode, form, k=3, bins=7, backend="native")
+    assert gradcheck_crl(crl, features, logits, labels)
+
+
+def _feature_gradient(problem, mode, form, dtype=torch.float32):
+    features, logits, labels, _, _ = problem.inputs(dtype, "cuda")
+    loss = crl_ops.CRL(mode, form, backend="native")(features, logits, labels)
+    return torch.autograd.grad(loss, features)[0]
+
+
+@pytest.mark.parametrize("mode, form", VARIANTS)
+def test_deterministic_mode_is_bitwise_reproducible(mode, form):
+    problem = make_problem(31, 2000, (2, 3, 2), 24, False, "list", skew=2.0, duplicates=10)
+    atomic = _feature_gradient(problem, mode, form)
+    torch.use_deterministic_algorithms(True)
+    runs = [_feature_gradient(problem, mode, form) for _ in range(3)]
+    assert all(torch.equal(runs[0], r) for r in runs[1:])
+    torch.testing.assert_close(runs[0], atomic, rtol=1e-5, atol=1e-6 * atomic.abs().max().item())
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_forward_is_bitwise_reproducible(form):
+    problem = make_problem(32, 1800, (2, 4), 20, False, "list", skew=2.0)
+    first, second = (crl_op(problem, "cuda", torch.float32, "instance", form, 9) for _ in range(2))
+    for a, b in zip(first[:-1], second[:-1]):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_margins_gradient_matches_cpu(form):
+    problem = make_problem(33, 300, (2, 3, 5), 6, False, "list", skew=2.0)
+    grads = []
+    for device in ("cpu", "cuda"):
+        features, logits, labels, _, _ = problem.inputs(torch.float64, device)
+        margin = torch.tensor([0.4, 1.1, 0.7], dtype=torch.float64, device=device, requires_grad=True)
+        loss = crl_ops.CRL("instance", form, margin=margin, backend="native")(features, logits, labels)
+        grads.append([g.cpu() for g in torch.autograd.grad(loss, (features, margin))])
+    for got, want in zip(grads[1], grads[0]):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+# ---- validate=False and validate=True ------------------------------------------------------------------
+
+
+def _small_batch():
+    g = torch.Generator().manual_seed(0)
+    features = torch.randn(12, 3, 4, generator=g)
+    logits = torch.randn(12, 3, 2, generator=g)
+    labels = torch.tensor([[0, 0, 0]] * 8 + [[1, 1, 1]] * 4)
+    return features, logits, labels
+
+
+def _loss_and_grad(features, logits, labels, mode, form, device, validate=False):
+    f = features.to(device).requires_grad_()
+    loss = crl_ops.CRL(mode, form, backend="native", validate=validate)(f, logits.to(device), labels.to(device))
+    return loss.detach().cpu(), torch.autograd.grad(loss, f)[0].cpu()
+
+
+@pytest.mark.parametrize("mode, form", VARIANTS)
+@pytest.mark.parametrize("where", ["features-nan", "features-inf", "logits-nan", "features-overflow"])
+def test_unchecked_non_finite_values_give_nan(where, mode, form):
+    features, logits, labels = _small_batch()
+    if where == "features-nan":
+        features[3, 1, 2] = math.nan
+    elif where == "features-inf":
+        features[0, 0, 0] = math.inf
+    elif where == "logits-nan":
+        logits[1, 0, 1] = math.nan
+    else:
+        features = features * 1e20  # squared distances overflow float32
+    loss, grad = _loss_and_grad(features, logits, labels, mode, form, "cuda")
+    assert torch.isnan(loss) and torch.isnan(grad).all()
+
+
+@pytest.mark.parametrize("mode, form", VARIANTS)
+def test_unchecked_out_of_range_labels_are_not_annotated(mode, form):
+    features, logits, labels = _small_batch()
+    bad = labels.clone()
+    bad[2, 0], bad[3, 1], bad[9, 2] = -2, 7, -100
+    cleaned = bad.clone()
+    cleaned[2, 0] = cleaned[3, 1] = cleaned[9, 2] = -1
+    got = _loss_and_grad(features.double(), logits.double(), bad, mode, form, "cuda")
+    for want in (_loss_and_grad(features.double(), logits.double(), cleaned, mode, form, "cuda"),
+                 _loss_and_grad(features.double(), logits.double(), bad, mode, form, "cpu")):
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+
+
+ASSERTION_SCRIPT = textwrap.dedent(
+    """
+    import math, sys
+    import torch
+    import crl_ops
+
+    case = sys.argv[1]
+    g = torch.Generator().manual_seed(0)
+    features = torch.randn(12, 2, 4, generator=g)
+    logits = torch.randn(12, 2, generator=g)
+    labels = torch.tensor([[0, 0]] * 8 + [[1, 1]] * 4)
+    if case == "features":
+        features[3, 1, 2] = math.nan
+    elif case == "logits":
+        logits[1, 0] = math.nan
+    elif case == "labels":
+        labels[2, 1] = 5
+    else:
+        features = features * 1e20
+    features, logits, labels = features.cuda(), logits.cuda(), labels.cuda()
+    if case == "mined-overflow":  # the mining op on its own checks the mined pairs
+        classes = torch.tensor([2, 2], device="cuda")
+        _, _, active = torch.ops.crl_ops.profile(labels, classes, 2, 0.5, True)
+        torch.ops.crl_ops.mine_instance(features, logits, labels, classes, active, 3, 0, 12, True)
+    else:
+        crl_ops.CRL()(features, logits, labels)
+    torch.cuda.synchronize()
+    print("no assertion")
+    """
+)
+ASSERTIONS = {
+    "features": "features contain NaN or inf",
+    "logits": "logits contain NaN or inf",
+    "labels": "is out of range for attribute",
+    "overflow": "the squared distance of a mined pair overflows float32",
+    "mined-overflow": "the squared distance of a mined pair overflows float32",
+}
+
+
+@pytest.fixture(scope="module")
+def assertion_runs():
+    """Each case in a fresh process, as an assertion poisons the CUDA context; all at once."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    started = {case: subprocess.Popen([sys.executable, "-c", ASSERTION_SCRIPT, case], stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True, env=env) for case in ASSERTIONS}
+    return {case: (process.communicate(timeout=300), process.returncode) for case, process in started.items()}
+
+
+@pytest.mark.parametrize("case", list(ASSERTIONS))
+def test_validate_is_a_device_side_assertion(case, assertion_runs):
+    (stdout, stderr), returncode = assertion_runs[case]
+    output = stdout + stderr  # the device prints the failed assertion; Python raises on stderr
+    assert returncode != 0 and "no assertion" not in stdout, output[-2000:]
+    assert "device-side assert" in stderr, stderr[-2000:]
+    assert ASSERTIONS[case] in output, output[-2000:]
+
+
+# ---- op registration, CUDA graphs, torch.compile --------------------------------------------------------
+
+
+def _op_samples():
+    """One call of each of the five ops on CUDA: bfloat16 features, binary logits, K in 17..64."""
+    problem = make_problem(50, 60, (2, 2), 5, False, "binary", skew=2.0)
+    features, logits, labels, _, _ = problem.inputs(torch.bfloat16, "cuda")
+    batch = normalise(features, logits, labels)
+    classes = batch.classes_tensor()
+    x = batch.features.detach().requires_grad_()
+    ops = torch.ops.crl_ops
+    _, _, active = ops.profile(batch.labels, classes, 2, 0.5, True)
+    margins = torch.full((2,), 0.7, device="cuda", requires_grad=True)
+    samples = [
+        (ops.profile.default, (batch.labels, classes, 2, 0.5, True)),
+        (ops.mine_class.default, (batch.logits.detach(), batch.labels, classes, active, 20, 0, 60, True)),
+        (ops.mine_instance.default, (x.detach(), batch.logits.detach(), batch.labels, classes, active, 20, 10, 30,
+                                     True)),
+    ]
+    for form in FORMS:
+        args = (x, batch.logits.detach(), batch.labels, classes, margins, "instance", form, 20, 1.0, 10, 0.5,
+                "pooled", True)
+        samples.append((ops.crl_loss.default, args))
+        loss, _, _, _, _, partners, counts, d, sums, hist = ops.crl_loss(*args)
+        grad = torch.ones((), device="cuda")
+        samples.append((ops.crl_loss_backward.default, (grad, loss.detach(), x.detach(), partners, d,
+                                                         margins.detach(), counts, sums, hist, form, 1.0, 10,
+                                                         "pooled", True)))
+    return samples
+
+
+def test_opcheck():
+    for op, args in _op_samples():
+        torch.library.opcheck(op, args)
+
+
+def _celeba_like(seed, device="cuda"):
+    """B=128, A=40 binary attributes, D=64: the paper's CelebA step."""
+    problem = make_problem(seed, 128, (2,) * 40, 64, False, "binary", skew=2.0)
+    features, logits, labels, _, _ = problem.inputs(torch.float32, device)
+    return features, logits, labels
+
+
+def test_cuda_graph_replay_equals_eager_and_never_syncs():
+    features, logits, labels = _celeba_like(60)
+    crl = crl_ops.CRL()
+
+    def step():
+        loss = crl(features, logits, labels)
+        return loss, torch.autograd.grad(loss, features)[0]
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up off the capture stream, as CUDA graphs require
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured_loss, captured_grad = step()
+    for seed in (61, 62):  # new values in the captured inputs
+        new_features, new_logits, new_labels = _celeba_like(seed)
+        with torch.no_grad():
+            features.copy_(new_features)
+            logits.copy_(new_logits)
+            labels.copy_(new_labels)
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            graph.replay()
+            eager_loss, eager_grad = step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        assert torch.equal(captured_loss, eager_loss)  # the forward has no atomics
+        torch.testing.assert_close(captured_grad, eager_grad, rtol=1e-5, atol=1e-7)
+        assert eager_loss > 0
+
+
+def test_compile_reduce_overhead():
+    crl = crl_ops.CRL()
+    compiled = torch.compile(crl, mode="reduce-overhead", fullgraph=True)
+    for seed in (70, 71, 72, 73):
+        features, logits, labels = _celeba_like(seed)
+        loss = compiled(features, logits, labels)
+        grad = torch.autograd.grad(loss, features)[0].clone()
+        loss = loss.detach().clone()
+        want = crl(features, logits, labels)
+        torch.testing.assert_close(loss, want.detach(), rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(grad, torch.autograd.grad(want, features)[0], rtol=1e-5, atol=1e-7)
