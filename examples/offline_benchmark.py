@@ -55,7 +55,8 @@ from crl_ops import imbalance_ratios  # noqa: E402
 from paper import reporting  # noqa: E402
 from paper.data import digits_attributes, shapes_attributes  # noqa: E402
 from paper.models import CompactAttributeNet  # noqa: E402
-from paper.training import FORMS, METHODS, MODES, BaselineSettings, make_objective, make_sampler, predictions  # noqa: E402
+from paper.training import (FORMS, METHODS, MODES, BaselineSettings, make_objective, make_sampler,  # noqa: E402
+                            predictions)
 
 DATASETS = ("digits", "shapes")
 BASELINE = "ce"
@@ -382,15 +383,15 @@ def write_outputs(out: Path, datasets: dict, ratios: dict, record: dict) -> str:
               reporting.variant_table(paper)]
     for name, dataset in datasets.items():
         entries = summary[name]["methods"]
+        gained = [e for e in entries.values() if "gain" in e]
         lines += ["", f"## {name}: {dataset.description}", "", "Class-balanced accuracy per attribute:", "",
                   reporting.attribute_table(dataset.attributes, ratios[name],
                                             {e["label"]: e["per_attribute"] for e in entries.values()},
                                             {e["label"]: e["mean"] for e in entries.values()}),
                   "Gain over CE per attribute (points):", "",
                   reporting.attribute_table(dataset.attributes, ratios[name],
-                                            {e["label"]: e["gain_per_attribute"] for e in entries.values() if "gain" in e},
-                                            {e["label"]: e["gain"] for e in entries.values() if "gain" in e},
-                                            signed=True),
+                                            {e["label"]: e["gain_per_attribute"] for e in gained},
+                                            {e["label"]: e["gain"] for e in gained}, signed=True),
                   f"![{name} gains]({name}_gains.png)", ""]
         shown = [m for m in PLOTTED if m in entries]
         reporting.plot_gains(str(out / f"{name}_gains.png"), dataset.attributes, ratios[name],

@@ -17,8 +17,6 @@ attribute, from the training labels.
   lowered by `scale * Delta_c`, `Delta_c` proportional to `n_c^(-1/4)` and `max_margin` for the
   rarest class; with the deferred re-weighting schedule (DRW) the loss switches to effective-number
   class weights for the last part of training.
-- `imbalance_measure`: the journal version's Omega_imb (Dong, Gong, Zhu, TPAMI 2019), read as the
-  smallest fraction of samples that must change class for the classes to become balanced.
 """
 from __future__ import annotations
 
@@ -101,16 +99,3 @@ def margin_adjusted_logits(logits, labels: Tensor, num_classes: Sequence[int], m
     return adjusted
 
 
-
-def imbalance_measure(counts: Tensor, num_classes: Sequence[int]) -> Tensor:
-    """float64 [A]: sum_c max(0, n_c / n_j - 1 / C_j) over the C_j classes of each attribute.
-
-    The journal version defines Omega_imb as "the minimum percentage count of data samples required
-    over all classes in order to form an overall uniform class distribution" without a formula;
-    this reads it as the total-variation distance to the uniform distribution: the smallest
-    fraction of the samples that would have to change class (0 when balanced, at most 1 - 1/C_j).
-    """
-    classes = torch.tensor(tuple(num_classes), dtype=counts.dtype)[:, None]
-    real = torch.arange(counts.shape[1])[None, :] < classes
-    shares = counts / counts.sum(1, keepdim=True).clamp_min(1)
-    return torch.where(real, (shares - 1 / classes).clamp_min(0), 0.0).sum(1)

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, RandomSampler, Sampler
 from tqdm import tqdm
 
-from crl_ops import CRL, BalancedAccuracy, class_balanced_accuracy, cross_entropy, imbalance_ratios
+from crl_ops import CRL, BalancedAccuracy, class_balanced_accuracy, cross_entropy, imbalance_measure, imbalance_ratios
 from crl_ops.balancing import DownSampler, OverSampler, balancing_weights, sample_weights, weighted_cross_entropy
 
 from . import losses
@@ -57,9 +57,10 @@ class Method:
     """One training recipe: a baseline (sampler or loss, or plain CE), optionally plus CRL.
 
     With `crl`, the objective adds `weight * l_crl(mode, form)` to the baseline's loss, weight
-    `crl_weight` or the run's default (the paper's 1). `normalize`, `reduction` and `distance`
-    are crl_ops.CRL's options. `eta` replaces the sum by the journal version's
-    `alpha * l_crl + (1 - alpha) * l_cls` with `alpha = eta * Omega_imb` (mean over attributes).
+    `crl_weight` or the run's default (the paper's 1). `normalize`, `reduction`, `distance`,
+    `threshold` and `margin` are crl_ops.CRL's options. `eta` replaces the sum by the journal
+    version's `alpha * l_crl + (1 - alpha) * l_cls` with `alpha = eta * Omega_imb`
+    (crl_ops.imbalance_measure of the training labels, mean over attributes).
     """
 
     baseline: Optional[str] = None  # None or one of BASELINES
@@ -70,6 +71,8 @@ class Method:
     normalize: bool = False
     reduction: str = "pooled"
     distance: str = "feature"
+    threshold: float = 0.5
+    margin: Optional[float] = None
     eta: Optional[float] = None
 
     def __post_init__(self):
@@ -80,21 +83,25 @@ class Method:
         if self.reduction not in REDUCTIONS or self.distance not in DISTANCES:
             raise ValueError(f"reduction must be one of {REDUCTIONS} and distance one of {DISTANCES}, "
                              f"got {self.reduction!r}, {self.distance!r}")
-        options = self.crl_weight is not None or self.normalize or self.eta is not None or \
-            self.reduction != "pooled" or self.distance != "feature"
-        if options and not self.crl:
-            raise ValueError("crl_weight, normalize, reduction, distance and eta are CRL options: set crl=True")
+        if self.crl_options() and not self.crl:
+            raise ValueError("crl_weight, eta and crl_ops.CRL's options apply to CRL: set crl=True")
         if self.eta is not None and self.crl_weight is not None:
             raise ValueError("give crl_weight (l_cls + weight * l_crl) or eta (alpha = eta * Omega_imb), not both")
+
+    def crl_options(self) -> dict:
+        """The fields that differ from the paper's CRL: crl_ops.CRL's options, crl_weight and eta."""
+        return {key: value for key, value in asdict(self).items()
+                if key in _CRL_OPTIONS and value != getattr(Method, key)}
 
     @property
     def name(self) -> str:
         """Short name: "ce", "oversample", "crl-i-r" (mode and form initials), "logitadjust+crl-i-r-norm@0.3"."""
         crl = ""
         if self.crl:
-            crl = f"crl-{self.mode[0]}-{self.form[0]}" + "-norm" * self.normalize + \
-                  "-attr" * (self.reduction == "attribute") + "-score" * (self.distance == "score") + \
-                  "-tpami" * (self.eta is not None) + (f"@{self.crl_weight:g}" if self.crl_weight is not None else "")
+            options = self.crl_options()
+            crl = f"crl-{self.mode[0]}-{self.form[0]}" + "".join(
+                _CRL_OPTIONS[key][0].format(value) for key, value in options.items() if key != "crl_weight") + \
+                ("@{:g}".format(options["crl_weight"]) if "crl_weight" in options else "")
         if self.baseline and crl:
             return f"{self.baseline}+{crl}"
         return self.baseline or crl or "ce"
@@ -104,11 +111,8 @@ class Method:
         """The paper's notation: CE, Over-Sampling, ..., CRL(I+R), with the options after it."""
         crl = ""
         if self.crl:
-            options = ["norm"] * self.normalize + ["attr-mean"] * (self.reduction == "attribute") + \
-                      ["score"] * (self.distance == "score") + \
-                      ([f"alpha={self.eta:g}·Ω"] if self.eta is not None else []) + \
-                      ([f"×{self.crl_weight:g}"] if self.crl_weight is not None else [])
-            crl = " ".join([f"CRL({self.mode[0].upper()}+{self.form[0].upper()})", *options])
+            crl = " ".join([f"CRL({self.mode[0].upper()}+{self.form[0].upper()})",
+                            *(_CRL_OPTIONS[key][1].format(value) for key, value in self.crl_options().items())])
         base = BASELINE_LABELS.get(self.baseline, "")
         return " + ".join(part for part in (base, crl) if part) or "CE"
 
@@ -118,13 +122,19 @@ class Method:
         return self.baseline == "ldam-drw"
 
 
+# Method field: (name suffix, label word), both formatted with the field's value.
+_CRL_OPTIONS = {"normalize": ("-norm", "norm"), "reduction": ("-attr", "attr-mean"), "distance": ("-score", "score"),
+                "threshold": ("-rho{:g}", "ρ={:g}"), "margin": ("-m{:g}", "m={:g}"), "eta": ("-tpami", "α={:g}·Ω"),
+                "crl_weight": ("@{:g}", "×{:g}")}
+
 METHODS = {m.name: m for m in (
     Method(), *(Method(baseline=b) for b in BASELINES),
     *(Method(crl=True, mode=mode, form=form) for mode in MODES for form in FORMS),
     Method(baseline="oversample", crl=True), Method(baseline="logitadjust", crl=True),
     Method(baseline="logitadjust", crl=True, crl_weight=0.3),
     Method(crl=True, normalize=True), Method(baseline="logitadjust", crl=True, normalize=True),
-    Method(crl=True, eta=1.0),
+    Method(crl=True, eta=1.0), Method(crl=True, reduction="attribute"),
+    Method(crl=True, mode="class", distance="score", margin=0.5),
 )}
 
 
@@ -215,13 +225,12 @@ class Objective(nn.Module):
     """
 
     def __init__(self, classification: ClassificationLoss, crl: Optional[CRL], crl_weight: float,
-                 alpha: Optional[float] = None, normalize: bool = False):
+                 alpha: Optional[float] = None):
         super().__init__()
         self.classification = classification
         self.crl = crl
         self.crl_weight = float(crl_weight)
         self.alpha = alpha
-        self.normalize = normalize
         self.last, self.parts = {}, {}
 
     def set_progress(self, fraction: float) -> None:
@@ -232,7 +241,7 @@ class Objective(nn.Module):
         if self.crl is None:
             self.parts = {"cls": cls}
         else:
-            crl = self.crl(nn.functional.normalize(features, dim=-1) if self.normalize else features, logits, labels)
+            crl = self.crl(features, logits, labels)
             if self.alpha is None:
                 self.parts = {"cls": cls, "crl": self.crl_weight * crl}
             else:
@@ -243,19 +252,19 @@ class Objective(nn.Module):
 
 def make_objective(method: Method, train_labels: Tensor, num_classes: Sequence[int], crl_weight: float = 1.0,
                    backend: str = "auto", settings: BaselineSettings = BaselineSettings(), **crl_kwargs) -> Objective:
-    """The loss of `method`; class statistics (weights, priors, margins, Omega_imb) come from `train_labels`."""
+    """The loss of `method`; class statistics (weights, priors, margins, Omega_imb) come from `train_labels`.
+
+    `crl_kwargs` go to crl_ops.CRL (e.g. k); the method's own CRL options take precedence."""
     classification = make_classification_loss(method.baseline if method.baseline in LOSSES else None,
                                               train_labels, num_classes, settings)
     if not method.crl:
         return Objective(classification, None, crl_weight)
-    options = {key: value for key, value in (("reduction", method.reduction), ("distance", method.distance))
-               if value != getattr(Method, key)}  # only what differs from the paper
-    crl = CRL(mode=method.mode, form=method.form, backend=backend, **options, **crl_kwargs)
+    options = {key: value for key, value in method.crl_options().items() if key not in ("crl_weight", "eta")}
+    crl = CRL(mode=method.mode, form=method.form, backend=backend, **{**crl_kwargs, **options})
     alpha = None
     if method.eta is not None:
-        alpha = method.eta * float(losses.imbalance_measure(losses.training_counts(train_labels, num_classes), num_classes).mean())
-    return Objective(classification, crl, crl_weight if method.crl_weight is None else method.crl_weight, alpha,
-                     normalize=method.normalize)
+        alpha = method.eta * float(imbalance_measure(train_labels, num_classes).mean())
+    return Objective(classification, crl, crl_weight if method.crl_weight is None else method.crl_weight, alpha)
 
 
 def make_sampler(method: Method, train_labels: Tensor, num_classes: Sequence[int],

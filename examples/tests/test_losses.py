@@ -109,13 +109,6 @@ def test_ldam_drw_switches_to_effective_number_weights():
                           crl_ops.balancing.weighted_cross_entropy(adjusted, batch_labels, weights.float()))
 
 
-def test_imbalance_measure_is_the_distance_to_uniform():
-    counts = torch.tensor([[3.0, 1.0, 0.0], [5.0, 5.0, 0.0], [10.0, 0.0, 0.0]], dtype=torch.float64)
-    # 3:1 needs a quarter of the samples moved; 5:5 none; 10:0:0 over three classes two thirds.
-    assert torch.allclose(losses.imbalance_measure(counts, (2, 2, 3)),
-                          torch.tensor([0.25, 0.0, 2 / 3], dtype=torch.float64))
-
-
 def test_the_new_baseline_methods():
     labels = torch.tensor([[0, 1], [0, 0], [0, 1], [1, 0], [0, 2], [0, 0]])
     num_classes = (2, 3)
@@ -138,6 +131,10 @@ def test_the_new_baseline_methods():
     expected = crl_ops.cross_entropy(logits, labels) + crl_ops.CRL("instance", "relative")(
         torch.nn.functional.normalize(features, dim=-1), logits, labels)
     assert torch.allclose(normalised(features, logits, labels), expected)
+    for name, options in (("crl-i-r-attr", {"reduction": "attribute"}),
+                          ("crl-c-r-score-m0.5", {"mode": "class", "distance": "score", "margin": 0.5})):
+        expected = crl_ops.cross_entropy(logits, labels) + crl_ops.CRL(**options)(features, logits, labels)
+        assert torch.allclose(make_objective(METHODS[name], labels, num_classes)(features, logits, labels), expected)
 
 
 def test_the_journal_weighting():
@@ -145,7 +142,7 @@ def test_the_journal_weighting():
     torch.manual_seed(1)
     features, logits = torch.randn(4, 1, 3), [torch.randn(4, 2)]
     objective = make_objective(Method(crl=True, eta=0.8), labels, (2,))
-    alpha = 0.8 * 0.25  # Omega_imb of 3:1 is 1/4
+    alpha = 0.8 * 0.25  # Omega_imb of 3:1 is 1/4: a quarter of the samples would have to change class
     assert objective.alpha == pytest.approx(alpha)
     expected = alpha * crl_ops.CRL()(features, logits, labels) + (1 - alpha) * crl_ops.cross_entropy(logits, labels)
     assert torch.allclose(objective(features, logits, labels), expected)
@@ -157,8 +154,10 @@ def test_method_names_labels_and_checks():
     assert METHODS["logitadjust+crl-i-r@0.3"].label == "Logit-Adjusted + CRL(I+R) ×0.3"
     assert Method(crl=True, mode="class", distance="score", reduction="attribute").name == "crl-c-r-attr-score"
     assert METHODS["ldam-drw"].cosine_classifier and not METHODS["logitadjust"].cosine_classifier
-    with pytest.raises(ValueError, match="CRL options: set crl=True"):
+    with pytest.raises(ValueError, match="apply to CRL: set crl=True"):
         Method(normalize=True)
+    assert METHODS["crl-c-r-score-m0.5"].label == "CRL(C+R) score m=0.5"
+    assert Method(crl=True, threshold=0.75).name == "crl-i-r-rho0.75"
     with pytest.raises(ValueError, match="not both"):
         Method(crl=True, eta=1.0, crl_weight=0.5)
     with pytest.raises(ValueError, match="reduction must be one of"):
