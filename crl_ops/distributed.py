@@ -1,14 +1,39 @@
-"""Global-batch CRL under torch.distributed: every rank profiles and mines over all ranks' samples.
+"""Global-batch CRL under torch.distributed, sharded by anchor (docs/scaling.md).
 
 With per-GPU batches of a few dozen samples, a per-GPU minority profile sees almost no minority
-samples. `gather_batch` concatenates the normalised `Batch` of every rank of the default process
-group (in rank order, uneven batch sizes allowed), so each rank computes the loss of the global
-batch: the same value on every rank, equal to one process's loss on the concatenated batch.
+samples, so `distributed=True` profiles and mines over the samples of all ranks of the default
+process group. The result equals one process on the concatenated batch (ranks in order, uneven
+batch sizes allowed), but each rank only does its share of the work:
 
-Gradients. Every rank computes the same loss L of the global batch, and the gather's backward
-sums, over ranks, the gradients that arrive for this rank's rows. Rank r's features therefore
-receive W * dL/dx_r (W ranks), and DDP's average over the ranks turns that into exactly the
-parameter gradient of a single process on the concatenated batch.
+- forward: one all-gather of every rank's labels, one of its CRL vectors (features, normalised
+  features or class scores) and logits; every rank profiles the global batch (cheap), then mines
+  only its own anchors against the candidates of all ranks and reduces its anchors' pairs to
+  per-attribute sums and counts (`crl_ops.reference`); one all-reduce of those small vectors gives
+  the global loss and statistics on every rank. The histogram form all-reduces each attribute's
+  longest distance R (a max) before its histograms. Ranks with fewer samples pad to the largest
+  batch: padded rows are unannotated (label -1), which no profile, anchor or candidate counts.
+- backward: the gradient of the gathered CRL vectors goes back to the ranks that own them with one
+  reduce-scatter. A tensor margin is replicated: its gradient is all-reduced.
+- `cross_entropy`: each rank sums its own samples; one all-reduce of (sum, batch size).
+
+Gradient convention. Every rank returns the same global loss L. A rank's own features and logits
+receive W * dL/d(its rows) (W ranks): DDP averages parameter gradients over the ranks, which turns
+this into exactly the parameter gradient of one process on the concatenated batch. (Without DDP,
+average the ranks' gradients.) A margin tensor gets dL/dm itself, the same on every rank.
+
+Batch sizes (`options.batch_sizes`). "gathered": every step all-gathers each rank's batch size
+with a checksum of its input layout and CRL options, read on the host (one host synchronisation
+per step), so sizes may differ from step to step. "equal": the user declares that every rank
+passes the same batch size at each step (DistributedSampler gives every rank the same number of
+samples, the last batch included); the sizes and layouts are gathered and checked on the first
+step and again whenever this rank's batch size or layout changes, and otherwise taken as known:
+no collective and no host synchronisation. Like DDP, which checks parameter shapes across ranks
+once, it then trusts the declaration: a rank whose size changes alone makes the collectives
+disagree.
+
+Value checks (validate=True) run on tensors every rank holds the same copy of (the gathered
+labels, features and logits, the all-reduced overflow flag), so every rank raises the same error
+at the same point and none is left waiting in a collective.
 """
 from __future__ import annotations
 
@@ -16,11 +41,17 @@ import zlib
 
 import torch
 import torch.distributed as dist
+import torch.distributed._functional_collectives as fc
 from torch import Tensor
 
-import dataclasses
+from . import _backends, reference
+from ._inputs import Batch, accumulation_dtype
 
-from ._inputs import Batch
+BATCH_SIZES = ("gathered", "equal")
+
+# torch 2.14 renamed the functional collectives (the old names warn); torch 2.4 has the old ones.
+_ALL_GATHER = getattr(fc, "all_gather_single", None) or fc.all_gather_tensor
+_REDUCE_SCATTER = getattr(fc, "reduce_scatter_single", None) or fc.reduce_scatter_tensor
 
 
 def check_process_group() -> None:
@@ -32,93 +63,282 @@ def check_process_group() -> None:
         )
 
 
-def _shares_features(batch: Batch) -> bool:
+def _group():
+    return dist.group.WORLD
+
+
+# Every collective of this module goes through these three (tools/ddp_scaling.py wraps them to count
+# bytes). Functional collectives: traceable by torch.compile.
+
+
+def _all_gather(tensor: Tensor) -> Tensor:
+    """[W * n, ...]: every rank's [n, ...] tensor, in rank order."""
+    return fc.wait_tensor(_ALL_GATHER(tensor.contiguous(), 0, _group()))
+
+
+def _reduce_scatter(tensor: Tensor) -> Tensor:
+    """This rank's [n, ...] block of the sum over the ranks of their [W * n, ...] tensors."""
+    return fc.wait_tensor(_REDUCE_SCATTER(tensor.contiguous(), "sum", 0, _group()))
+
+
+def _all_reduce(tensor: Tensor, op: str) -> Tensor:
+    return fc.wait_tensor(fc.all_reduce(tensor.contiguous(), op, _group()))
+
+
+def _shares_features(features: Tensor) -> bool:
     """[B, D] features expanded to [B, A, D]: gather the [B, 1, D] view, not A copies."""
-    features = batch.features
     return features.shape[1] > 1 and features.stride(1) == 0
 
 
-def _layout(batch: Batch) -> str:
-    """Everything except the batch size that must agree across ranks for the gather to line up."""
+def _layout(options, batch: Batch, vectors: Tensor) -> str:
+    """Everything except the batch size that must agree across ranks for the collectives to line up."""
     return (
         f"features [*, {', '.join(map(str, batch.features.shape[1:]))}] {batch.features.dtype}"
-        f"{' (shared by all attributes)' if _shares_features(batch) else ''}, "
-        f"logits {batch.logits.dtype} with classes {batch.num_classes}"
+        f"{' (shared by all attributes)' if _shares_features(batch.features) else ''}, "
+        f"logits {batch.logits.dtype} with classes {batch.num_classes}, CRL vectors {vectors.dtype}, "
+        f"options mode={options.mode} form={options.form} k={options.k} bins={options.bins} "
+        f"distance={options.distance} normalize={options.normalize} validate={options.validate}"
     )
 
 
-def _batch_sizes(batch: Batch) -> list[int]:
-    """Every rank's batch size, from one collective that also checks that the ranks' layouts agree."""
-    layout = _layout(batch)
-    mine = torch.tensor([batch.labels.shape[0], zlib.crc32(layout.encode())], device=batch.labels.device)
-    everyone = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
-    dist.all_gather(everyone, mine)
-    sizes, signatures = zip(*torch.stack(everyone).tolist())
+# ---- batch sizes and the layout check ----------------------------------------------------------------
+
+_VERIFIED: dict = {}  # batch_sizes="equal": layout -> (process group, batch size) checked on every rank
+
+
+def _gather_sizes(layout: str, batch_size: int, device: torch.device) -> list[int]:
+    """Every rank's batch size, from one small all-gather that also checks that the layouts agree."""
+    mine = torch.tensor([batch_size, zlib.crc32(layout.encode())], device=device)
+    sizes, signatures = zip(*_all_gather(mine).view(-1, 2).tolist())
     differing = [rank for rank, signature in enumerate(signatures) if signature != signatures[0]]
     if differing:
         raise ValueError(
             f"distributed=True: the inputs of rank(s) {differing} differ from rank 0's in feature shape, "
-            f"dtype or class counts; every rank must pass the same format, only the batch size may "
-            f"differ (rank {dist.get_rank()} has {layout})"
+            f"dtype, class counts or CRL options; every rank must pass the same format, only the batch "
+            f"size may differ (rank {dist.get_rank()} has {layout})"
         )
     return list(sizes)
 
 
-def _all_gather_rows(tensor: Tensor, sizes: list[int]) -> Tensor:
-    """Concatenates every rank's `tensor` along dim 0; ranks may hold different numbers of rows."""
-    # Collectives need one shape on every rank: pad to the longest, then trim each rank's rows.
-    padded = tensor.new_zeros((max(sizes), *tensor.shape[1:]))
-    padded[: tensor.shape[0]] = tensor
-    chunks = [torch.empty_like(padded) for _ in sizes]
-    dist.all_gather(chunks, padded)
-    return torch.cat([chunk[:rows] for chunk, rows in zip(chunks, sizes)])
+@torch.compiler.disable  # host-side: a cache lookup or a collective read on the host (one graph break)
+def _rank_sizes(layout: str, batch_size: int, batch_sizes: str, device: torch.device) -> tuple:
+    group = _group()
+    if batch_sizes == "equal" and _VERIFIED.get(layout) == (group, batch_size):
+        return (batch_size,) * dist.get_world_size()
+    sizes = _gather_sizes(layout, batch_size, device)
+    if batch_sizes == "equal":
+        if len(set(sizes)) > 1:
+            raise ValueError(f"batch_sizes='equal' but the ranks' batch sizes are {sizes}; pass "
+                             "batch_sizes='gathered' where they may differ")
+        _VERIFIED[layout] = (group, batch_size)
+    return tuple(sizes)
 
 
-class _GatherRows(torch.autograd.Function):
-    """Differentiable `_all_gather_rows` of several tensors; backward sums each rank's gradient for our rows."""
+# ---- collectives with the gradients of the convention above -------------------------------------------
+
+
+def _gather_padded(tensor: Tensor, rows: int, fill=0) -> Tensor:
+    """[W * rows, ...]: every rank's rows of `tensor`, padded to `rows` per rank with `fill` (rank
+    q's rows start at q * rows)."""
+    own = tensor.shape[0]
+    if own < rows:
+        tensor = torch.cat([tensor, tensor.new_full((rows - own, *tensor.shape[1:]), fill)])
+    return _all_gather(tensor)
+
+
+class _GatherVectors(torch.autograd.Function):
+    """The CRL vectors of all ranks, padded. Backward: their gradient, summed over the ranks by a
+    reduce-scatter, returns to its owner, times W (the convention above)."""
 
     @staticmethod
-    def forward(ctx, sizes: list[int], *tensors: Tensor):
-        rank = dist.get_rank()
-        ctx.rows = slice(sum(sizes[:rank]), sum(sizes[: rank + 1]))
-        return tuple(_all_gather_rows(t, sizes) for t in tensors)
+    def forward(ctx, rows: int, vectors: Tensor):
+        ctx.own, ctx.world = vectors.shape[0], dist.get_world_size()
+        return _gather_padded(vectors, rows)
 
     @staticmethod
-    def backward(ctx, *grads: Tensor):
-        own = []
-        for needed, grad in zip(ctx.needs_input_grad[1:], grads):
-            if not needed:
-                own.append(None)
-                continue
-            summed = grad.clone(memory_format=torch.contiguous_format)  # all_reduce works in place
-            dist.all_reduce(summed)
-            own.append(summed[ctx.rows])
-        return (None, *own)
+    def backward(ctx, grad: Tensor):
+        return None, _reduce_scatter(grad)[: ctx.own] * ctx.world
 
 
-@torch.compiler.disable  # data-dependent sizes and host synchronisation: runs eagerly under torch.compile
-def gather_batch(batch: Batch) -> Batch:
-    """The global batch: every rank's features, logits and labels, in rank order."""
-    check_process_group()
-    sizes = _batch_sizes(batch)
-    shared = _shares_features(batch)
-    features = batch.features[:, :1] if shared else batch.features
-    features, logits = _GatherRows.apply(sizes, features, batch.logits)
-    if shared:
-        features = features.expand(-1, batch.labels.shape[1], -1)
-    labels = _all_gather_rows(batch.labels, sizes)
-    return Batch(features=features, logits=logits, labels=labels, num_classes=batch.num_classes)
+class _SumOverRanks(torch.autograd.Function):
+    """All-reduce (sum) of per-rank partial sums. Every rank holds the same dL/d(total), which is
+    dL/d(each rank's part): the backward passes it on, times `grad_scale`."""
+
+    @staticmethod
+    def forward(ctx, partial: Tensor, grad_scale: int):
+        ctx.grad_scale = grad_scale
+        return _all_reduce(partial, "sum")
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return grad * ctx.grad_scale if ctx.grad_scale != 1 else grad, None
+
+
+class _Replicated(torch.autograd.Function):
+    """Identity on a tensor every rank holds (a margin): the backward sums the ranks' gradients."""
+
+    @staticmethod
+    def forward(ctx, value: Tensor):
+        return value.view_as(value)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return _all_reduce(grad, "sum")
+
+
+class _AnchorDistances(torch.autograd.Function):
+    """reference.pair_distances of this rank's anchor rows from the gathered vectors [N, A or 1, D]
+    (1: shared by the attributes): (d [R, A, 2K], overflow).
+
+    Works on a list of (anchor, partner) slots: on the CPU in eager mode only the slots that hold
+    a pair (most are empty: only minority samples are anchors; the host holds the mask anyway),
+    elsewhere all R * A * 2K slots (static shapes, no host synchronisation). The backward is two
+    index_adds into the vectors' gradient."""
+
+    @staticmethod
+    def forward(ctx, vectors: Tensor, partners: Tensor, first_anchor: int):
+        rows, num_attributes, width = partners.shape
+        acc = accumulation_dtype(vectors.dtype)
+        is_pair = (partners >= 0).flatten()
+        slot = is_pair.nonzero().squeeze(1) if reference._host_checks_possible(partners) else None
+        partner = partners.flatten() if slot is None else partners.flatten()[slot]
+        slot_ids = torch.arange(is_pair.numel(), device=partners.device) if slot is None else slot
+        anchor = first_anchor + slot_ids // (num_attributes * width)
+        per_attribute = vectors.shape[1]
+        attribute = (slot_ids // width) % num_attributes if per_attribute > 1 else 0
+        anchor_index = anchor * per_attribute + attribute
+        partner_index = partner.clamp_min(0) * per_attribute + attribute
+        flat = vectors.reshape(-1, vectors.shape[-1])
+        diff = flat.index_select(0, anchor_index).to(acc)
+        diff -= flat.index_select(0, partner_index).to(acc)  # [S, D]
+        squared = diff.square().sum(-1)
+        valid = partner >= 0
+        tiny = torch.finfo(acc).tiny
+        distance = torch.where(valid & (squared > 0), squared.clamp_min(tiny).sqrt(), 0.0)
+        if slot is None:
+            d = distance.view(partners.shape)
+        else:
+            d = distance.new_zeros(partners.shape).flatten().index_put_((slot,), distance).view(partners.shape)
+        overflow = (torch.isinf(squared) & valid).any()
+        ctx.mark_non_differentiable(overflow)
+        # clamp_min passes the gradient where squared >= tiny, as in the reference
+        ctx.save_for_backward(diff, distance, valid & (squared >= tiny), anchor_index, partner_index, slot)
+        ctx.shape, ctx.dtype = vectors.shape, vectors.dtype
+        return d, overflow
+
+    @staticmethod
+    def backward(ctx, grad: Tensor, _):
+        diff, distance, has_gradient, anchor_index, partner_index, slot = ctx.saved_tensors
+        grad = grad.flatten() if slot is None else grad.flatten()[slot]
+        pair_grad = diff.mul_(torch.where(has_gradient, grad / distance, 0.0)[:, None])  # d(d)/d(anchor) = diff/d
+        grad_vectors = pair_grad.new_zeros(ctx.shape)
+        flat = grad_vectors.view(-1, ctx.shape[-1])
+        flat.index_add_(0, anchor_index, pair_grad)
+        flat.index_add_(0, partner_index, pair_grad, alpha=-1)
+        return grad_vectors.to(ctx.dtype), None, None
+
+
+# ---- the loss ---------------------------------------------------------------------------------------------
+
+
+def _unpadded(gathered: Tensor, sizes: tuple, rows: int) -> Tensor:
+    """The concatenated batch's rows of a padded gathered tensor."""
+    if all(size == rows for size in sizes):
+        return gathered
+    return torch.cat([gathered[q * rows: q * rows + size] for q, size in enumerate(sizes)])
+
+
+def _global_sums(options, d: Tensor, partners: Tensor, margins: Tensor, pair_counts: Tensor, overflow: Tensor):
+    """(PairSums, pair_counts [A, 4], overflow) of the global batch from this rank's anchors.
+
+    Sums and counts travel as one float64 vector (counts stay exact to 2^53)."""
+    num_attributes = d.shape[1]
+    if options.form == "distribution":
+        longest = _all_reduce(reference.longest_distance(d, partners), "max")
+        hist, counts = reference.histograms(d, partners, longest, options.bins)
+        parts = [hist.flatten(), counts.flatten()]
+    else:
+        sums = reference.form_sums(options.form, d, partners, margins, options.apc_margin, options.bins)
+        parts = list(sums)
+    parts += [pair_counts.flatten(), overflow.reshape(1)]
+    total = _SumOverRanks.apply(torch.cat([p.double() for p in parts]), 1)
+    pieces = total.split([p.numel() for p in parts])
+    acc = d.dtype
+    if options.form == "distribution":
+        hist = pieces[0].to(acc).view(num_attributes, 2, options.bins)
+        sums = reference.histogram_overlap(hist, pieces[1].long().view(num_attributes, 2))
+    else:
+        first, second, first_count, second_count = pieces[:4]
+        sums = reference.PairSums(first.to(acc), second.to(acc), first_count.long(), second_count.long())
+    return sums, pieces[-2].long().view(num_attributes, 4), pieces[-1][0] > 0
 
 
 def class_rectification_loss(options, margin, batch: Batch):
     """l_crl of the global batch on every rank, and its statistics (the entry of crl_ops.functional)."""
-    from .functional import _crl
+    from .functional import BatchStats, crl_features, margins_tensor
 
-    return _crl(dataclasses.replace(options, distributed=False), margin, gather_batch(batch))
+    check_process_group()
+    score_space = options.distance == "score"  # the journal's class-level triplets: distances between scores
+    # The vectors whose gradient returns to their owners: the logits in score space, else CRL's features.
+    vectors = batch.logits if score_space else crl_features(options, batch)
+    shared = not score_space and _shares_features(vectors)
+    own = batch.labels.shape[0]
+    sizes = _rank_sizes(_layout(options, batch, vectors), own, getattr(options, "batch_sizes", "gathered"),
+                        batch.labels.device)
+    rows = max(sizes)
+    first = dist.get_rank() * rows  # this rank's first row in the padded global batch
+    num_classes = batch.classes_tensor()
+
+    labels = _gather_padded(batch.labels, rows, fill=-1)
+    gathered = _GatherVectors.apply(rows, vectors[:, :1] if shared else vectors)
+    logits = gathered.detach() if score_space else _gather_padded(batch.logits.detach(), rows)  # for the mining
+
+    validate = options.validate
+    if validate:  # on the concatenated batch: the messages name its rows, as for one process
+        reference.check_labels(_unpadded(labels, sizes, rows), num_classes, True)
+    if score_space:
+        scores = reference.class_scores(gathered, num_classes)
+        reference.check_finite(None, logits, num_classes, validate)
+        finite = torch.isfinite(scores).all()
+    else:
+        finite = reference.check_finite(gathered, logits, num_classes, validate)
+
+    backend = _backends.resolve(options.backend, labels.device)
+    counts, minority, active = backend.profile(labels, num_classes, batch.max_classes, options.threshold, False)
+    if options.mode == "class":
+        anchors, partners = backend.mine_class(logits, labels, num_classes, active, options.k, first, own, False)
+    else:
+        anchors, partners = backend.mine_instance(
+            gathered.expand(-1, batch.labels.shape[1], -1) if shared else gathered, logits, labels, num_classes,
+            active, options.k, first, own, False)
+    pair_counts = reference.pair_counts(anchors, partners)
+    if score_space:  # score_distances takes anchor rows aligned with the scores: pad to the global rows
+        partners = torch.cat([partners.new_full((first, *partners.shape[1:]), -1), partners,
+                              partners.new_full((labels.shape[0] - first - own, *partners.shape[1:]), -1)])
+        d = reference.score_distances(scores, reference.check_labels(labels, num_classes, False), partners)
+        overflow = torch.zeros((), dtype=torch.bool, device=d.device)
+    else:
+        d, overflow = _AnchorDistances.apply(gathered, partners, first)
+    margins = margins_tensor(margin, batch.num_classes, d.dtype, d.device)
+    if margins.requires_grad:
+        margins = _Replicated.apply(margins)
+    sums, pair_counts, overflow = _global_sums(options, d, partners, margins, pair_counts, overflow)
+    loss = reference.reduce_sums(options.form, sums, options.reduction)
+    if validate:
+        reference._fail(~overflow, reference.overflow_error(d.dtype))
+    else:
+        loss = reference.poison(loss, vectors, finite & ~overflow)
+    return loss, BatchStats(counts, minority, active, pair_counts)
 
 
-def cross_entropy(batch: Batch):
+def cross_entropy(batch: Batch) -> Tensor:
     """The cross-entropy of the global batch (section 4, divided by the global batch size)."""
     from .functional import _cross_entropy
 
-    return _cross_entropy(gather_batch(batch))
+    check_process_group()
+    own = batch.labels.shape[0]
+    mean = _cross_entropy(batch)
+    # (this rank's sum, its batch size) summed over the ranks; the gradient reaching the logits is W times theirs.
+    partial = torch.stack([mean.double() * own, torch.full_like(mean, own, dtype=torch.float64)])
+    total = _SumOverRanks.apply(partial, dist.get_world_size())
+    return (total[0] / total[1]).to(mean.dtype)

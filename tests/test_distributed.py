@@ -1,11 +1,15 @@
 """distributed=True against one process on the concatenated batch, with 2 and 3 gloo ranks on CPU.
 
 Each world size spawns its ranks once (a module fixture). The ranks run every case on their rows
-of a shared problem (uneven batch sizes) and save what they got; the tests below compare it with
-the single-process result computed here. The expected gradient on each rank's own features and
-logits is W times its rows of the single-process gradient (crl_ops/distributed.py explains why),
-and DDP's average over the ranks must give exactly the single-process parameter gradients.
+of a shared problem (uneven batch sizes, or equal ones for batch_sizes="equal") and save what
+they got; the tests below compare it, in float64, with the single-process result computed here.
+The expected gradient on each rank's own features and logits is W times its rows of the
+single-process gradient (crl_ops/distributed.py explains why), a margin tensor gets the
+single-process gradient itself, and DDP's average over the ranks must give exactly the
+single-process parameter gradients.
 """
+import collections
+import dataclasses
 import datetime
 import math
 
@@ -14,28 +18,56 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import crl_ops
+from crl_ops.functional import Options
 
 from .problems import CPU_BACKENDS, FORMS, MODES, AttributeNet, make_problem
 
 # Uneven per-rank batch sizes; the global batch has minority classes that single ranks barely see.
 ROWS_PER_RANK = {2: (9, 5), 3: (6, 9, 4)}
+EQUAL_ROWS_PER_RANK = {2: (7, 7), 3: (5, 5, 5)}
 NUM_CLASSES = (2, 3, 4)
 INPUT_SIZE = 5
+REDUCTIONS = ("pooled", "attribute")
+VARIANTS = [(m, f) for m in MODES for f in FORMS]
+# CRL alone with options that change what is gathered or where the gradient goes.
+OPTION_CASES = {
+    "normalize": dict(mode="instance", form="relative", normalize=True),
+    "normalize-histogram": dict(mode="class", form="distribution", normalize=True),
+    "score": dict(mode="class", form="relative", distance="score"),
+    "score-attribute": dict(mode="class", form="relative", distance="score", reduction="attribute"),
+    "margin-tensor": dict(mode="instance", form="relative"),  # with a margin that requires grad
+    "score-margin-tensor": dict(mode="class", form="relative", distance="score"),
+}
 
 
-def _balanced_case(mode, form, backend):
-    return f"balanced/{mode}/{form}/{backend}"
+@dataclasses.dataclass(frozen=True)
+class _EqualBatchOptions(Options):
+    batch_sizes: str = "equal"
 
 
-def _problem(world_size, seed, shared_features=False, logit_format="list", num_classes=NUM_CLASSES):
-    batch_size = sum(ROWS_PER_RANK[world_size])
+def _declare_equal_batches(loss_fn):
+    """batch_sizes="equal" on a CRL or BalancedLoss: the Options field read by crl_ops.distributed
+    (set here on the module's options, as the constructor argument would)."""
+    crl = getattr(loss_fn, "crl", loss_fn)
+    crl.options = _EqualBatchOptions(**{**vars(crl.options), "batch_sizes": "equal"})
+    return loss_fn
+
+
+def _balanced_case(mode, form, backend, reduction="pooled"):
+    return f"balanced/{mode}/{form}/{reduction}/{backend}"
+
+
+def _problem(world_size, seed, shared_features=False, logit_format="list", num_classes=NUM_CLASSES,
+             rows_per_rank=ROWS_PER_RANK):
+    batch_size = sum(rows_per_rank[world_size])
     return make_problem(seed, batch_size, num_classes, 3, shared_features, logit_format, unannotated=0.1, skew=2.0)
 
 
-def _balanced_problem(world_size, mode, form):
-    return _problem(world_size, seed=10 + 3 * MODES.index(mode) + FORMS.index(form))
+def _balanced_problem(world_size, mode, form, rows_per_rank=ROWS_PER_RANK):
+    return _problem(world_size, seed=10 + 3 * MODES.index(mode) + FORMS.index(form), rows_per_rank=rows_per_rank)
 
 
 def _shared_feature_problem(world_size):
@@ -43,8 +75,8 @@ def _shared_feature_problem(world_size):
     return _problem(world_size, seed=30, shared_features=True, logit_format="binary", num_classes=(2, 2, 2))
 
 
-def _rows(world_size, rank):
-    sizes = ROWS_PER_RANK[world_size]
+def _rows(world_size, rank, rows_per_rank=ROWS_PER_RANK):
+    sizes = rows_per_rank[world_size]
     return slice(sum(sizes[:rank]), sum(sizes[: rank + 1]))
 
 
@@ -63,13 +95,32 @@ def _grad_leaves(features, logits):
     return [features] + (logits if isinstance(logits, list) else [logits])
 
 
-def _run_loss(loss_fn, problem, rows=slice(None)):
+def _stats(stats):
+    return {name: getattr(stats, name) for name in ("counts", "minority", "active", "pair_counts")}
+
+
+def _run_loss(loss_fn, problem, rows=slice(None), margin=None):
     features, logits, labels = _leaves(problem, rows)
     loss = loss_fn(features, logits, labels)
-    leaves = _grad_leaves(features, logits)
+    leaves = _grad_leaves(features, logits) + ([margin] if margin is not None else [])
     grads = torch.autograd.grad(loss, leaves, allow_unused=True)
     grads = [torch.zeros_like(x) if g is None else g for x, g in zip(leaves, grads)]  # CRL alone: none to logits
-    return {"loss": loss.detach(), "grads": grads, "stats": loss_fn.last_stats.summary()}
+    result = {"loss": loss.detach(), "grads": grads[: len(grads) - (margin is not None)],
+              "stats": _stats(loss_fn.last_stats)}
+    if margin is not None:
+        result["margin_grad"] = grads[-1]
+    return result
+
+
+def _option_margin():
+    return torch.tensor([0.4, 0.9, 1.3], dtype=torch.float64, requires_grad=True)
+
+
+def _option_loss(name, backend, distributed):
+    """(CRL for OPTION_CASES[name], its margin tensor or None)."""
+    margin = _option_margin() if name.endswith("margin-tensor") else None
+    return crl_ops.CRL(k=3, bins=7, margin=margin, backend=backend, distributed=distributed,
+                       **OPTION_CASES[name]), margin
 
 
 def Heads():
@@ -90,11 +141,91 @@ def _train_step_grads(model, loss_fn, x, labels):
     return {"loss": loss.detach(), "grads": {name: p.grad.clone() for name, p in model.named_parameters()}}
 
 
-DDP_VARIANTS = (("instance", "relative"), ("class", "distribution"))
-
-
 def _available_backends():
     return ["reference"] + (["native"] if crl_ops.native_available("cpu") else [])
+
+
+class _OpLog(TorchDispatchMode):
+    """The ops dispatched while active: collectives, and host reads of tensor values (item, bool)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = str(func)
+        if "c10d" in name and "wait" not in name and "wrap" not in name:
+            self.ops[name.split(".")[1]] += 1
+        if "_local_scalar_dense" in name:
+            self.ops["host read"] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _collectives_of_one_step(loss_fn, problem, rows, monkeypatch_tolist):
+    """Collectives and host reads of a step's forward and backward, after a first step."""
+    features, logits, labels = _leaves(problem, rows)
+    loss_fn(features, logits, labels).backward()
+    log = _OpLog()
+    with log, monkeypatch_tolist(log.ops):
+        loss_fn(features, logits, labels).backward()
+    return dict(log.ops)
+
+
+class _CountingTolist:
+    """Counts Tensor.tolist calls (they read values on the host without dispatching an op)."""
+
+    def __init__(self, counter):
+        self.counter = counter
+
+    def __enter__(self):
+        self.original = torch.Tensor.tolist
+        counter, original = self.counter, self.original
+
+        def tolist(tensor):
+            counter["host read"] += 1
+            return original(tensor)
+
+        torch.Tensor.tolist = tolist
+
+    def __exit__(self, *exc):
+        torch.Tensor.tolist = self.original
+
+
+def _compiled_steps(world_size, rank, backend):
+    """A model and BalancedLoss (batch_sizes="equal") compiled with aot_eager against eager: losses,
+    gradients and where dynamo breaks the graph."""
+    rows = _rows(world_size, rank, EQUAL_ROWS_PER_RANK)
+    x, _ = _ddp_problem(world_size)
+    batches = [(x[: sum(EQUAL_ROWS_PER_RANK[world_size])][rows],
+                _balanced_problem(world_size, "instance", form, EQUAL_ROWS_PER_RANK).labels[rows])
+               for form in ("relative", "absolute")]
+
+    def step(model, loss_fn, inputs, labels):
+        features, logits = model(inputs)
+        return loss_fn(features, logits, labels)
+
+    def train(compiled):
+        torch.manual_seed(0)
+        model = Heads().double()
+        loss_fn = _declare_equal_batches(crl_ops.BalancedLoss(mode="instance", k=3, backend=backend,
+                                                              distributed=True))
+        run = torch.compile(step, backend="aot_eager") if compiled else step
+        out = []
+        for inputs, labels in batches:
+            model.zero_grad()
+            loss = run(model, loss_fn, inputs, labels)
+            loss.backward()
+            out.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
+        return out, model, loss_fn
+
+    torch._dynamo.reset()
+    eager, model, loss_fn = train(compiled=False)
+    compiled, _, _ = train(compiled=True)
+    explanation = torch._dynamo.explain(step)(model, loss_fn, *batches[0])
+    torch._dynamo.reset()
+    return {"eager": eager, "compiled": compiled, "graphs": explanation.graph_count,
+            "breaks": [(reason.reason.splitlines()[0], reason.user_stack[-1].name, reason.user_stack[-1].line)
+                       for reason in explanation.break_reasons]}
 
 
 # ---- what each rank runs ------------------------------------------------------------------------
@@ -102,47 +233,89 @@ def _available_backends():
 
 def _rank_results(world_size, rank):
     rows = _rows(world_size, rank)
+    equal_rows = _rows(world_size, rank, EQUAL_ROWS_PER_RANK)
     results = {}
     for backend in _available_backends():
-        for mode, form in ((m, f) for m in MODES for f in FORMS):
+        for mode, form in VARIANTS:
             problem = _balanced_problem(world_size, mode, form)
-            loss_fn = crl_ops.BalancedLoss(mode=mode, form=form, k=3, bins=7, backend=backend, distributed=True)
-            result = _run_loss(loss_fn, problem, rows)
-            result["ce"], result["crl"] = loss_fn.last_ce, loss_fn.last_crl
-            local = crl_ops.BalancedLoss(mode=mode, form=form, k=3, bins=7, backend=backend)
-            result["local_loss"] = _run_loss(local, problem, rows)["loss"]
-            results[_balanced_case(mode, form, backend)] = result
+            for reduction in REDUCTIONS:
+                loss_fn = crl_ops.BalancedLoss(mode=mode, form=form, k=3, bins=7, reduction=reduction,
+                                               backend=backend, distributed=True)
+                result = _run_loss(loss_fn, problem, rows)
+                result["ce"], result["crl"] = loss_fn.last_ce, loss_fn.last_crl
+                local = crl_ops.BalancedLoss(mode=mode, form=form, k=3, bins=7, reduction=reduction, backend=backend)
+                result["local_loss"] = _run_loss(local, problem, rows)["loss"]
+                results[_balanced_case(mode, form, backend, reduction)] = result
+            equal = _declare_equal_batches(crl_ops.BalancedLoss(mode=mode, form=form, k=3, bins=7, backend=backend,
+                                                                distributed=True))
+            results[f"equal/{mode}/{form}/{backend}"] = _run_loss(
+                equal, _balanced_problem(world_size, mode, form, EQUAL_ROWS_PER_RANK), equal_rows)
         for mode in MODES:  # CRL alone, with the other input formats
             problem = _shared_feature_problem(world_size)
             crl = crl_ops.CRL(mode=mode, k=3, backend=backend, distributed=True)
             results[f"crl/shared/{mode}/{backend}"] = _run_loss(crl, problem, rows)
+        for name in OPTION_CASES:
+            crl, margin = _option_loss(name, backend, distributed=True)
+            results[f"options/{name}/{backend}"] = _run_loss(crl, _balanced_problem(world_size, "class", "absolute"),
+                                                             rows, margin)
 
         x, labels = _ddp_problem(world_size)
-        for mode, form in DDP_VARIANTS:
+        for mode, form in VARIANTS:
             torch.manual_seed(0)
             model = nn.parallel.DistributedDataParallel(Heads().double())
             loss_fn = crl_ops.BalancedLoss(mode=mode, form=form, k=3, backend=backend, distributed=True)
             results[f"ddp/{mode}/{form}/{backend}"] = _train_step_grads(model, loss_fn, x[rows], labels[rows])
 
+    backend = _available_backends()[-1]
+    for form in ("relative", "distribution"):
+        problem = _balanced_problem(world_size, "instance", form, EQUAL_ROWS_PER_RANK)
+        for batch_sizes in ("gathered", "equal"):
+            loss_fn = crl_ops.BalancedLoss(mode="instance", form=form, k=3, backend=backend, validate=False,
+                                           distributed=True)
+            if batch_sizes == "equal":
+                _declare_equal_batches(loss_fn)
+            results[f"collectives/{batch_sizes}/{form}"] = _collectives_of_one_step(loss_fn, problem, equal_rows,
+                                                                                    _CountingTolist)
+    results["compiled"] = _compiled_steps(world_size, rank, backend)
     results["errors"] = _error_messages(world_size, rank)
     return results
 
 
 def _error_messages(world_size, rank):
-    """The error each rank raises for inputs that are bad on one rank only."""
+    """The error each rank raises (or the loss it returns) for inputs that are bad on one rank only."""
+    last = rank == world_size - 1
     features, logits, labels = _leaves(_problem(world_size, seed=40), _rows(world_size, rank))
-    crl = crl_ops.CRL(backend="reference", distributed=True)
     wider = torch.cat([features, features[..., :1]], -1)
     with_nan = features.detach().clone()
     with_nan[0, 0, 0] = math.nan
+    bad_label = labels.clone()
+    bad_label[1, 2] = NUM_CLASSES[2]
+    equal_problem = _problem(world_size, seed=40, rows_per_rank=EQUAL_ROWS_PER_RANK)
+    equal_features, equal_logits, equal_labels = _leaves(equal_problem, _rows(world_size, rank, EQUAL_ROWS_PER_RANK))
+    cases = {
+        "feature size": (crl_ops.CRL(backend="reference", distributed=True), wider if last else features, labels),
+        "nan": (crl_ops.CRL(backend="reference", distributed=True), with_nan if last else features, labels),
+        "label": (crl_ops.CRL(backend="reference", distributed=True), features, bad_label if last else labels),
+        "equal/feature size": (_declare_equal_batches(crl_ops.CRL(backend="reference", distributed=True)),
+                               wider if last else features, labels),
+        "equal/uneven sizes": (_declare_equal_batches(crl_ops.CRL(backend="reference", distributed=True)),
+                               features, labels),
+    }
     messages = {}
-    for name, bad_features in (("feature size", wider), ("nan", with_nan)):
-        on_last_rank = bad_features if rank == world_size - 1 else features
+    for name, (crl, bad_features, bad_labels) in cases.items():
         try:
-            crl(on_last_rank, logits, labels)
+            crl(bad_features, logits, bad_labels)
             messages[name] = None
         except ValueError as error:
             messages[name] = str(error)
+    unchecked = crl_ops.CRL(backend="reference", validate=False, distributed=True)
+    nan_features = with_nan.requires_grad_() if last else features
+    loss = unchecked(nan_features, logits, labels)
+    (grad,) = torch.autograd.grad(loss, nan_features)
+    messages["unchecked nan"] = {"loss": loss.detach(), "grad": grad}
+    # After errors on every rank, the ranks still agree: a good equal-size step works.
+    equal = _declare_equal_batches(crl_ops.CRL(backend="reference", distributed=True))
+    messages["after errors"] = equal(equal_features, equal_logits, equal_labels).detach()
     return messages
 
 
@@ -168,23 +341,28 @@ def ranks(request, tmp_path_factory):
 # ---- the comparisons ----------------------------------------------------------------------------
 
 
-def _check_against_single_process(world_size, per_rank, single):
+def _check_against_single_process(world_size, per_rank, single, rows_per_rank=ROWS_PER_RANK):
     for rank, got in enumerate(per_rank):
         torch.testing.assert_close(got["loss"], single["loss"], rtol=1e-12, atol=1e-12)
-        assert got["stats"] == single["stats"]
-        rows = _rows(world_size, rank)
-        for grad, full in zip(got["grads"], single["grads"]):
+        for name, value in single["stats"].items():
+            assert torch.equal(got["stats"][name], value), name
+        rows = _rows(world_size, rank, rows_per_rank)
+        for grad, full in zip(got["grads"], single["grads"], strict=True):
             torch.testing.assert_close(grad, world_size * full[rows], rtol=1e-10, atol=1e-12)
+        if "margin_grad" in single:  # replicated: the single-process gradient itself, on every rank
+            torch.testing.assert_close(got["margin_grad"], single["margin_grad"], rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize("mode", MODES)
-def test_balanced_loss_is_the_global_batch_loss(ranks, mode, form, backend):
+def test_balanced_loss_is_the_global_batch_loss(ranks, mode, form, backend, reduction):
     world_size, per_rank = ranks
-    case = _balanced_case(mode, form, backend)
-    single_fn = crl_ops.BalancedLoss(mode=mode, form=form, k=3, bins=7, backend=backend)
+    case = _balanced_case(mode, form, backend, reduction)
+    single_fn = crl_ops.BalancedLoss(mode=mode, form=form, k=3, bins=7, reduction=reduction, backend=backend)
     single = _run_loss(single_fn, _balanced_problem(world_size, mode, form))
+    assert single["stats"]["pair_counts"][:, 3].sum() > 0
     _check_against_single_process(world_size, [r[case] for r in per_rank], single)
     for result in per_rank:
         torch.testing.assert_close(result[case]["ce"], single_fn.last_ce, rtol=1e-12, atol=1e-12)
@@ -192,24 +370,46 @@ def test_balanced_loss_is_the_global_batch_loss(ranks, mode, form, backend):
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("mode", MODES)
+def test_declared_equal_batches_give_the_global_batch_loss(ranks, mode, form, backend):
+    world_size, per_rank = ranks
+    single_fn = crl_ops.BalancedLoss(mode=mode, form=form, k=3, bins=7, backend=backend)
+    single = _run_loss(single_fn, _balanced_problem(world_size, mode, form, EQUAL_ROWS_PER_RANK))
+    _check_against_single_process(world_size, [r[f"equal/{mode}/{form}/{backend}"] for r in per_rank], single,
+                                  EQUAL_ROWS_PER_RANK)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("mode", MODES)
 def test_crl_with_shared_features_and_binary_logits(ranks, mode, backend):
     world_size, per_rank = ranks
     single = _run_loss(crl_ops.CRL(mode=mode, k=3, backend=backend), _shared_feature_problem(world_size))
-    assert single["stats"]["triplets"] > 0
+    assert single["stats"]["pair_counts"][:, 3].sum() > 0
     _check_against_single_process(world_size, [r[f"crl/shared/{mode}/{backend}"] for r in per_rank], single)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("name", OPTION_CASES)
+def test_normalised_features_class_scores_and_margin_tensors(ranks, name, backend):
+    world_size, per_rank = ranks
+    crl, margin = _option_loss(name, backend, distributed=False)
+    single = _run_loss(crl, _balanced_problem(world_size, "class", "absolute"), margin=margin)
+    if OPTION_CASES[name].get("distance") == "score":  # CRL's gradient reaches the logits
+        assert any(g.abs().sum() > 0 for g in single["grads"][1:])
+    _check_against_single_process(world_size, [r[f"options/{name}/{backend}"] for r in per_rank], single)
 
 
 def test_ranks_alone_would_get_other_losses(ranks):
     # Guards the comparisons above against problems where the global batch changes nothing.
     _, per_rank = ranks
-    cases = [_balanced_case(m, f, "reference") for m in MODES for f in FORMS]
+    cases = [_balanced_case(m, f, "reference", reduction) for m, f in VARIANTS for reduction in REDUCTIONS]
     differing = [c for c in cases if any(not torch.equal(r[c]["local_loss"], r[c]["loss"]) for r in per_rank)]
     assert differing == cases
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
-@pytest.mark.parametrize("mode, form", DDP_VARIANTS)
+@pytest.mark.parametrize("mode, form", VARIANTS)
 def test_ddp_step_gives_single_process_gradients(ranks, mode, form, backend):
     world_size, per_rank = ranks
     x, labels = _ddp_problem(world_size)
@@ -223,14 +423,56 @@ def test_ddp_step_gives_single_process_gradients(ranks, mode, form, backend):
             torch.testing.assert_close(result["grads"][f"module.{name}"], grad, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("form", ("relative", "distribution"))
+def test_a_step_with_equal_batches_declared_has_no_host_synchronisation(ranks, form):
+    _, per_rank = ranks
+    # Forward: labels, logits and CRL vectors gathered; the sums (and the histogram form's R)
+    # and the cross-entropy all-reduced. Backward: one reduce-scatter of the vectors' gradient.
+    equal = {"all_gather_into_tensor": 3, "all_reduce": 3 if form == "distribution" else 2,
+             "reduce_scatter_tensor": 1}
+    gathered = {**equal, "all_gather_into_tensor": 4, "host read": 1}  # + the batch sizes, read on the host
+    for result in per_rank:
+        assert result[f"collectives/equal/{form}"] == equal
+        assert result[f"collectives/gathered/{form}"] == gathered
+
+
+def test_compiled_step_breaks_the_graph_only_at_the_batch_sizes(ranks):
+    _, per_rank = ranks
+    for result in (r["compiled"] for r in per_rank):
+        # One place: the host-side batch sizes. Dynamo splits each enclosing frame there (the step,
+        # BalancedLoss.forward, the distributed loss): the model, the input normalisation, the
+        # rest of CRL with its collectives, and the cross-entropy each trace into one graph.
+        assert result["breaks"] and all(
+            "torch.compiler.disable()" in reason and function == "class_rectification_loss" and "_rank_sizes(" in line
+            for reason, function, line in result["breaks"]), result["breaks"]
+        assert result["graphs"] == 4
+        for (eager_loss, eager_grads), (loss, grads) in zip(result["eager"], result["compiled"], strict=True):
+            torch.testing.assert_close(loss, eager_loss, rtol=1e-12, atol=1e-12)
+            for grad, eager_grad in zip(grads, eager_grads, strict=True):
+                torch.testing.assert_close(grad, eager_grad, rtol=1e-10, atol=1e-12)
+
+
 def test_bad_input_on_one_rank_raises_on_every_rank(ranks):
     world_size, per_rank = ranks
     last = world_size - 1
+    features, logits, labels = _leaves(_problem(world_size, seed=40))
+    labels = labels.clone()
+    labels[_rows(world_size, last).start + 1, 2] = NUM_CLASSES[2]
+    with pytest.raises(ValueError) as single:
+        crl_ops.CRL(backend="reference")(features, logits, labels)
+    sizes = list(ROWS_PER_RANK[world_size])
     for rank, result in enumerate(per_rank):
         messages = result["errors"]
-        assert messages["feature size"] is not None and f"rank(s) [{last}] differ from rank 0" in messages["feature size"]
-        assert f"rank {rank} has features [*, 3, {4 if rank == last else 3}]" in messages["feature size"]
+        for name in ("feature size", "equal/feature size"):
+            assert f"rank(s) [{last}] differ from rank 0" in messages[name]
+            assert f"rank {rank} has features [*, 3, {4 if rank == last else 3}]" in messages[name]
         assert messages["nan"] is not None and "features contain NaN" in messages["nan"]
+        assert messages["label"] == str(single.value)  # the concatenated batch's row, as for one process
+        assert messages["equal/uneven sizes"] == (f"batch_sizes='equal' but the ranks' batch sizes are {sizes}; pass "
+                                                  "batch_sizes='gathered' where they may differ")
+        assert torch.isnan(messages["unchecked nan"]["loss"])  # validate=False: NaN on every rank
+        assert torch.isnan(messages["unchecked nan"]["grad"]).all()
+        assert torch.isfinite(messages["after errors"])
 
 
 def test_distributed_needs_a_process_group():
