@@ -133,8 +133,9 @@ METHODS = {m.name: m for m in (
     Method(baseline="oversample", crl=True), Method(baseline="logitadjust", crl=True),
     Method(baseline="logitadjust", crl=True, crl_weight=0.3),
     Method(crl=True, normalize=True), Method(baseline="logitadjust", crl=True, normalize=True),
-    Method(crl=True, eta=1.0), Method(crl=True, reduction="attribute"),
-    Method(crl=True, mode="class", distance="score", margin=0.5),
+    Method(baseline="logitadjust", crl=True, normalize=True, crl_weight=0.3),
+    Method(crl=True, reduction="attribute"), Method(crl=True, normalize=True, reduction="attribute"),
+    Method(crl=True, mode="class", distance="score", margin=0.5), Method(crl=True, eta=1.0),
 )}
 
 
