@@ -53,7 +53,7 @@ NVCC_FLAGS = ["-O3", "--fmad=false", "-std=c++17", "-lineinfo"]
 DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
 PROBE_OP = "crl_ops::profile"
 LOCK_TIMEOUT_S = 20 * 60  # CRL_OPS_LOCK_TIMEOUT overrides
-EXPECTED_DURATION = {"cpu": "about a minute", "cuda": "about half a minute per CUDA architecture"}
+EXPECTED_DURATION = {"cpu": "about a minute", "cuda": "a few minutes per CUDA architecture"}
 BUILD_LOG = "build.log"
 FAILED_MARK = "failed"  # a failed compile is not retried on every use; `python -m crl_ops.build` retries
 
@@ -364,6 +364,8 @@ def _compile_once(lib: Library, directory: Path, path: Path, retry: bool) -> flo
         failed = directory / FAILED_MARK
         if failed.exists() and not retry:
             raise BuildError(f"{failed.read_text().strip()}; to try again, delete {directory} or run `python -m crl_ops.build`")
+        for stale in directory.glob("tmp-build-*"):  # left by a killed compile; none is running (the lock)
+            shutil.rmtree(stale, ignore_errors=True)
         if lib.nvcc:
             _check_nvcc_version(lib.nvcc)
         logger.warning(

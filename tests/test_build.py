@@ -279,6 +279,17 @@ def test_compiles_once_into_the_cache_then_loads_from_it(cache, writing_compiler
     assert len(calls.read_text().splitlines()) == len(lib.sources) + 1
 
 
+def test_a_killed_compile_leaves_nothing_that_is_loaded(cache, writing_compiler):
+    calls, loaded = writing_compiler
+    lib = _build.library("cpu")
+    directory = cache / "crl_ops" / f"cpu-{lib.key()}"
+    (directory / "tmp-build-killed").mkdir(parents=True)
+    (directory / "tmp-build-killed" / "libcrl_ops_cpu.so").write_text("half written")
+    path, _ = _build.cached(lib)
+    assert loaded == [path] and path.read_text() == ""  # the fresh build, not the half-written one
+    assert not list(directory.glob("tmp-build-*"))
+
+
 def test_ensure_compiles_the_core_library_where_there_are_no_schemas(cache, writing_compiler, unbuilt):
     calls, loaded = writing_compiler
     # The fake library registers nothing, which ensure() must say rather than report success.
