@@ -45,7 +45,7 @@ def with_value(t, index, value):
 
 # (id, make the call's (features, logits, labels, options) from good ones, exception, words in the message)
 INPUT_ROWS = [
-    ("features-not-tensor", lambda f, lg, lb: (f.numpy(), lg, lb, {}), TypeError, "features must be a torch.Tensor"),
+    ("features-not-tensor", lambda f, lg, lb: (1.5, lg, lb, {}), TypeError, "features must be a torch.Tensor"),
     ("features-list", lambda f, lg, lb: (f.tolist(), lg, lb, {}), TypeError, "features must be a torch.Tensor"),
     ("features-int", lambda f, lg, lb: (f.long(), lg, lb, {}), TypeError, "features must be float16, bfloat16"),
     ("features-bool", lambda f, lg, lb: (f > 0, lg, lb, {}), TypeError, "features must be float16, bfloat16"),
@@ -57,7 +57,7 @@ INPUT_ROWS = [
     ("features-attributes", lambda f, lg, lb: (f[:, :2], lg, lb, {}), ValueError, "features .* has A=2"),
     ("features-no-dims", lambda f, lg, lb: (f[:, :, :0], lg, lb, {}), ValueError, "features must have a feature size"),
     ("features-device", lambda f, lg, lb: (f.to("meta"), lg, lb, {}), ValueError, "must be on one device"),
-    ("logits-not-tensor", lambda f, lg, lb: (f, lg.numpy(), lb, {}), TypeError, "logits must be a torch.Tensor"),
+    ("logits-not-tensor", lambda f, lg, lb: (f, 2.0, lb, {}), TypeError, "logits must be a torch.Tensor"),
     ("logits-int", lambda f, lg, lb: (f, lg.long(), lb, {}), TypeError, "logits must be float16"),
     ("logits-batch", lambda f, lg, lb: (f, lg[:-1], lb, {}), ValueError, "logits must have batch size B=12"),
     ("logits-4d", lambda f, lg, lb: (f, lg[None], lb, {}), ValueError, "logits"),
