@@ -66,10 +66,13 @@ __device__ __forceinline__ void write_empty_rows(bool empty, int64_t row, const 
   }
 }
 
-// The argmax of predicted_class (common/crl_math.h) and the softmax of Softmax::of over one row,
-// by a warp: lane l scans classes l, l + 32, ...; partial argmaxes merge in the sequential
-// order's terms (the highest value, the lowest class on a tie; NaN is skipped except at class 0,
-// where the sequential scan keeps it), the exponentials sum in a fixed tree.
+// The argmax of predicted_class (common/crl_math.h) and, with_softmax, the normaliser of
+// Softmax::of over one row, by a warp in one pass over the logits: lane l scans classes l, l + 32,
+// ... keeping its argmax and its sum of exp(z - its running maximum), rescaled when the maximum
+// grows. Partial argmaxes merge in the sequential scan's terms (the highest value, the lowest class
+// on a tie; NaN is skipped except at class 0, where the sequential scan keeps it); the sums, moved
+// to the row's maximum, add in a fixed tree. The sum rounds differently from the CPU's sequential
+// one (the keys agree to rounding); any NaN makes it NaN, as there.
 template <typename Acc>
 struct WarpArgmax {
   Acc value;
@@ -86,22 +89,34 @@ struct WarpArgmax {
 };
 
 template <typename Acc, typename T>
-__device__ void warp_row_statistics(const LogitsRow<T>& row, int64_t& predicted, Softmax<Acc>& softmax) {
+__device__ void warp_row_statistics(const LogitsRow<T>& row, bool with_softmax, int64_t& predicted,
+                                    Softmax<Acc>& softmax) {
   const int lane = lane_index();
   WarpArgmax<Acc> best{Acc(0), -1};
+  Acc sum = Acc(0);  // of exp(z - best.value) over the lane's classes so far
+  bool nan_seen = false;
   for (int64_t c = lane; c < row.classes; c += kWarp) {
     const Acc z = row.template logit<Acc>(c);
-    if (best.index < 0 ? (c == 0 || !isnan(z)) : z > best.value) best = {z, c};
+    nan_seen |= isnan(z);
+    if (best.index < 0 ? (c == 0 || !isnan(z)) : z > best.value) {
+      if (with_softmax) sum = (best.index < 0 ? Acc(0) : sum * std::exp(best.value - z)) + Acc(1);
+      best = {z, c};
+    } else if (with_softmax && best.index >= 0) {
+      sum += std::exp(z - best.value);
+    }
   }
+  const Acc lane_top = best.value;
+  const bool lane_has = best.index >= 0;
   for (int offset = kWarp / 2; offset > 0; offset /= 2) {
     const WarpArgmax<Acc> other{__shfl_xor_sync(kFullMask, best.value, offset),
                                 __shfl_xor_sync(kFullMask, best.index, offset)};
     if (other.first_over(best)) best = other;
   }
-  Acc total = Acc(0);
-  for (int64_t c = lane; c < row.classes; c += kWarp) total += std::exp(row.template logit<Acc>(c) - best.value);
-  total = __shfl_sync(kFullMask, warp_reduce(total, Sum()), 0);
   predicted = best.index < 0 ? 0 : best.index;
+  if (!with_softmax) return;
+  const Acc moved = lane_has ? sum * std::exp(lane_top - best.value) : Acc(0);
+  Acc total = __shfl_sync(kFullMask, warp_reduce(moved, Sum()), 0);
+  if (__any_sync(kFullMask, nan_seen)) total = NAN;
   softmax = {best.value, total};
 }
 
@@ -199,8 +214,8 @@ __global__ void __launch_bounds__(kRowThreads) rows_kernel(RowsArgs args) {
       int64_t predicted = 0;
       Softmax<Acc> softmax{Acc(0), Acc(0)};
       if (statistics && is_annotated(m.labels[q], c_j)) {
-        warp_row_statistics<Acc>(logits_row<T>(args.logits, args.binary, q / m.attributes, j, c_j), predicted,
-                                 softmax);
+        warp_row_statistics<Acc>(logits_row<T>(args.logits, args.binary, q / m.attributes, j, c_j),
+                                 args.softmax != nullptr, predicted, softmax);
       }
       bool empty_row = false;
       visit_row<T>(args, q, predicted, softmax, lane_index() == 0, empty_row);
@@ -212,13 +227,15 @@ __global__ void __launch_bounds__(kRowThreads) rows_kernel(RowsArgs args) {
 // ---- class mode -------------------------------------------------------------------------------------------
 
 constexpr int kListWarps = 4;
+constexpr int kLoadsInFlight = 4;  // chunks of samples whose loads a class-list thread issues together
 
 template <typename Key, int R>
 struct ClassLists {
   using Positives = WarpList<false, Key, R>;  // the lowest p_i(c) in class c
   using Negatives = WarpList<true, Key, R>;   // the highest p_i(c) elsewhere
   static constexpr int kStorage = Positives::kStorage;
-  static constexpr size_t kShared = 2 * kListWarps * (kStorage * (sizeof(Key) + sizeof(int32_t)) + sizeof(ListState<Key>));
+  static constexpr size_t kShared =
+      2 * kListWarps * (kStorage * (sizeof(Key) + sizeof(int32_t)) + sizeof(ListState<Key>));
 };
 
 struct ClassArgs {
@@ -256,19 +273,29 @@ __global__ void __launch_bounds__(kListWarps * kWarp) class_lists_kernel(ClassAr
     auto neg = negatives(warp);
     pos.reset();
     neg.reset();
-    for (int64_t base = 0; base < m.batch; base += blockDim.x) {
-      const int64_t i = base + threadIdx.x;
-      const int64_t label = i < m.batch ? m.labels[i * m.attributes + j] : kEmpty;
-      const bool annotated = is_annotated(label, c_j);
-      Acc key = Acc(0);
-      if (annotated) {
-        const LogitsRow<T> row = logits_row<T>(args.logits, args.binary, i, j, c_j);
-        const Softmax<Acc> softmax = normalisers != nullptr ? normalisers[i * m.attributes + j] : Softmax<Acc>::of(row);
-        key = softmax.probability(row.template logit<Acc>(c));
+    // kLoadsInFlight chunks of samples at a time: their loads overlap, then the lists take them.
+    for (int64_t base = 0; base < m.batch; base += kLoadsInFlight * blockDim.x) {
+      int64_t label[kLoadsInFlight];
+      Acc key[kLoadsInFlight];
+#pragma unroll
+      for (int u = 0; u < kLoadsInFlight; ++u) {
+        const int64_t i = base + u * blockDim.x + threadIdx.x;
+        label[u] = i < m.batch ? m.labels[i * m.attributes + j] : kEmpty;
+        key[u] = Acc(0);
+        if (is_annotated(label[u], c_j)) {
+          const LogitsRow<T> row = logits_row<T>(args.logits, args.binary, i, j, c_j);
+          const Softmax<Acc> softmax =
+              normalisers != nullptr ? normalisers[i * m.attributes + j] : Softmax<Acc>::of(row);
+          key[u] = softmax.probability(row.template logit<Acc>(c));
+        }
       }
-      const int32_t candidate = static_cast<int32_t>(i);
-      pos.push(annotated && label == c && pos.admits(key, candidate), key, candidate, k);
-      neg.push(annotated && label != c && neg.admits(key, candidate), key, candidate, k);
+#pragma unroll
+      for (int u = 0; u < kLoadsInFlight; ++u) {
+        const int32_t candidate = static_cast<int32_t>(base + u * blockDim.x + threadIdx.x);
+        const bool annotated = is_annotated(label[u], c_j);
+        pos.push(annotated && label[u] == c && pos.admits(key[u], candidate), key[u], candidate, k);
+        neg.push(annotated && label[u] != c && neg.admits(key[u], candidate), key[u], candidate, k);
+      }
     }
     pos.finish(k);
     neg.finish(k);
@@ -330,6 +357,7 @@ struct InstanceTile {
   static constexpr size_t kShared = kCandidateTile + kAnchorTile + kListKeys + kListIndex + kStates +
                                     2 * kAnchors * sizeof(int32_t);
   static_assert(kCandidates % 128 == 0 && kDims % kGroupDims == 0, "tile shape");
+  static_assert(kShared <= 227 * 1024, "an H100/H200 block has at most 227 KiB of shared memory");
 };
 
 struct InstanceArgs {
@@ -460,7 +488,8 @@ __global__ void __launch_bounds__(InstanceTile<Acc, R>::kWarps * kWarp) instance
   };
 
   for (int64_t task = blockIdx.x; task < groups * m.attributes; task += gridDim.x) {
-    const int64_t j = task % m.attributes, first_slot = (task / m.attributes) * Tile::kAnchors;
+    // Attribute-major: the blocks running at a time share a few attributes' features in L2.
+    const int64_t j = task / groups, first_slot = (task % groups) * Tile::kAnchors;
     const int64_t count = args.anchor_count[j];
     if (first_slot >= count) continue;
     const int32_t* codes = args.codes + j * batch;
@@ -662,7 +691,7 @@ size_t mine_class_workspace(const MiningRows& m, const Values& logits, bool bina
 }
 
 void launch_mine_class(const Values& logits, bool binary, const MiningRows& m, void* workspace, cudaStream_t stream) {
-  if (m.batch == 0 || m.attributes == 0) return;
+  if (m.rows == 0) return;  // no outputs (rows <= batch)
   RowsArgs rows = rows_args(logits, binary, m);
   rows.softmax = softmax_scratch_needed(m, binary) ? workspace : nullptr;
   launch_rows(rows, stream);

@@ -208,7 +208,8 @@ struct WarpList {
   Threshold<Key> threshold;
   int count;
 
-  __device__ WarpList(Key* keys_, int32_t* index_, ListState<Key>* state_) : keys(keys_), index(index_), state(state_) {}
+  __device__ WarpList(Key* keys_, int32_t* index_, ListState<Key>* state_)
+      : keys(keys_), index(index_), state(state_) {}
 
   // An empty list (the state stays in registers until store()).
   __device__ void reset() {
