@@ -1084,6 +1084,16 @@ def apply_pair_rule(records):
                                "(validate=False has one defined result on every backend)")
 
 
+def machine() -> str:
+    model = platform.machine()
+    try:
+        model = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                     if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{model}, {os.cpu_count()} CPUs, torch {torch.__version__}"
+
+
 def describe_checkout(path: str) -> str:
     try:
         sha = subprocess.run(["git", "-C", path, "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
@@ -1180,8 +1190,9 @@ def parent(args):
         raise failures[0]
     apply_pair_rule(records)
     for r in records:
-        r.pop("pair")
-    records.sort(key=lambda r: (r["checkout"] != "before", list(FAMILIES).index(r["family"]), r["id"]))
+        for derived in ("pair", "id", "raised"):
+            r.pop(derived)
+    records.sort(key=lambda r: (r["checkout"] != "before", list(FAMILIES).index(r["family"]), str(run_key(r))))
     expected = {}
     for path in sorted(scratch.glob("expected-*.pt")):
         expected.update(torch.load(path, weights_only=False))
@@ -1194,17 +1205,24 @@ def parent(args):
         "problems": args.problems,
         "problems_with_anchors": with_anchors,
         "command": " ".join(sys.argv),
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}",
+        "machine": machine(),
         "wall_s": round(time.time() - started, 1),
         "subprocess_s": {k: round(v, 1) for k, v in durations.items()},
     }
-    (out / "results.json").write_text(json.dumps({"meta": meta, "runs": records}, indent=0))
+    (out / "results.json").write_text(  # one run per line
+        '{"meta": ' + json.dumps(meta, indent=1) + ',\n"runs": [\n'
+        + ",\n".join(json.dumps(r, separators=(",", ":")) for r in records) + "\n]}\n")
     write_report(out, meta, records)
     shutil.rmtree(scratch)  # the workers' logs and case lists; kept when the harness fails
     print(f"wrote {out}/results.json and results.md in {meta['wall_s']} s")
 
 
 # ---- the report --------------------------------------------------------------------------------------------
+
+
+def run_key(r) -> tuple:
+    """What identifies a run in both checkouts."""
+    return r["family"], r["name"], r["entry"], r["backend"], r["variant"], r["validate"]
 
 
 def totals(records):
@@ -1243,6 +1261,11 @@ def write_report(out: Path, meta, records):
         "restates the issue's defects and so overlaps families 1 and 2; family 5 runs on AFTER only and",
         "is not in the comparison.",
         "",
+        "Each checkout needs its CPU kernels built in place. AFTER here is the committed tree of the main",
+        "checkout, without other sessions' uncommitted edits: `git -C /work/main archive HEAD | tar -x -C",
+        "/tmp/crl-after && cd /tmp/crl-after && FORCE_CUDA=0 python setup.py -q build_ext --inplace`.",
+        "`tools/adversarial.py --report --out DIR` rewrites this page from DIR/results.json.",
+        "",
         "## Totals",
         "",
         header,
@@ -1254,6 +1277,16 @@ def write_report(out: Path, meta, records):
     for label in ("before", "after"):
         for name, row in table_rows(records, label)[1:]:
             lines.append(f"| {label.upper()} {name} | " + " | ".join(map(str, row)) + " |")
+    lines += ["", "## The defects of issue #12 (family 3), by number", "",
+              "| defect | runs | BEFORE | AFTER |", "|---|---|---|---|"]
+    for number in sorted({r["name"].split("-")[0] for r in records if r["family"] == "issue-defects"}, key=int):
+        def outcomes(label):
+            counts = Counter(r["outcome"] for r in records if r["family"] == "issue-defects"
+                             and r["checkout"] == label and r["name"].split("-")[0] == number)
+            return ", ".join(f"{n} {o}" for o, n in sorted(counts.items(), key=lambda item: OUTCOMES.index(item[0])))
+        runs = sum(1 for r in records if r["family"] == "issue-defects" and r["checkout"] == "after"
+                   and r["name"].split("-")[0] == number)
+        lines.append(f"| {number} | {runs} | {outcomes('before')} | {outcomes('after')} |")
     after_bad = [r for r in records if r["checkout"] == "after" and r["outcome"] not in ("ok", "clear error")]
     lines += ["", f"## AFTER cases that are not ok or a clear error ({len(after_bad)})", ""]
     grouped = defaultdict(list)
@@ -1270,11 +1303,12 @@ def write_report(out: Path, meta, records):
         lines.append(f"- **{outcome}** [{FAMILIES[family]}] `{entry}` {name} ({len(runs)} runs: {', '.join(where)}):"
                      f"{error} {detail}".rstrip())
     lines += ["", "## What changed", "", "Runs whose outcome differs between BEFORE and AFTER, by transition:", ""]
-    before = {r["id"]: r for r in records if r["checkout"] == "before"}
+    before = {run_key(r): r for r in records if r["checkout"] == "before"}
     transitions = defaultdict(list)
     for r in records:
-        if r["checkout"] == "after" and r["id"] in before and before[r["id"]]["outcome"] != r["outcome"]:
-            transitions[(before[r["id"]]["outcome"], r["outcome"])].append(r)
+        was = before.get(run_key(r))
+        if r["checkout"] == "after" and was is not None and was["outcome"] != r["outcome"]:
+            transitions[(was["outcome"], r["outcome"])].append(r)
     lines += ["| before | after | runs | cases (entry: name) |", "|---|---|---|---|"]
     for (was, now), runs in sorted(transitions.items(), key=lambda item: -len(item[1])):
         names = sorted({f"{r['entry']}: {r['name']}" for r in runs})
@@ -1327,6 +1361,7 @@ def main():
     parser.add_argument("--nice", type=int, default=10)
     parser.add_argument("--startup-timeout", type=float, default=300.0)
     parser.add_argument("--case-timeout", type=float, default=120.0, help="seconds without output that count as a hang")
+    parser.add_argument("--report", action="store_true", help="only rewrite results.md and the plot from results.json")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--oracle-worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--checkout", help=argparse.SUPPRESS)
@@ -1340,6 +1375,9 @@ def main():
         worker(args)
     elif args.oracle_worker:
         oracle_worker(args)
+    elif args.report:
+        saved = json.loads((Path(args.out) / "results.json").read_text())
+        write_report(Path(args.out), saved["meta"], saved["runs"])
     else:
         parent(args)
 
