@@ -158,6 +158,8 @@ def _shape(t: Tensor) -> str:
 def check_tensor(name: str, value, floating: bool) -> Tensor:
     if not isinstance(value, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if value.layout != torch.strided:
+        raise TypeError(f"{name} must be a dense (strided) tensor, got layout {value.layout}")
     if floating and value.dtype not in FEATURE_DTYPES:
         raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got dtype {value.dtype}")
     if not floating and (value.is_floating_point() or value.is_complex() or value.dtype == torch.bool):
@@ -253,14 +255,15 @@ def _normalise_features(features, batch_size: int, num_attributes: int) -> Tenso
     return features
 
 
-def normalise(features, logits: LogitsLike, labels) -> Batch:
-    """Checks shapes, dtypes and devices, and normalises. `features` may be None (the cross-entropy alone).
+def normalise(features, logits: LogitsLike, labels, with_features: bool = True) -> Batch:
+    """Checks shapes, dtypes and devices, and normalises. with_features=False: the cross-entropy
+    alone, without features (`features` must be None).
 
     The value checks (label ranges, finite values) happen inside the ops (validate=True)."""
     labels_1d = isinstance(labels, Tensor) and labels.dim() == 1
     labels = _normalise_labels(labels)
     batch_size, num_attributes = labels.shape
-    if features is not None:
+    if with_features:
         features = _normalise_features(features, batch_size, num_attributes)
     logits, num_classes = _normalise_logits(logits, batch_size, num_attributes, labels_1d)
     device = logits.device if features is None else features.device

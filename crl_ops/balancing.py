@@ -85,7 +85,7 @@ def weighted_cross_entropy(logits: LogitsLike, labels: Tensor, class_weights: Te
     Raises:
         TypeError, ValueError: a bad argument, or a label outside -1..C_j-1.
     """
-    batch = normalise(None, logits, labels)
+    batch = normalise(None, logits, labels, with_features=False)
     num_attributes, width = batch.labels.shape[1], batch.max_classes
     if not isinstance(class_weights, Tensor) or class_weights.dim() != 2 \
             or class_weights.shape[0] != num_attributes or class_weights.shape[1] < width:

@@ -191,8 +191,16 @@ def crl_features(options: Options, batch: Batch) -> Tensor:
     if not options.normalize:
         return features
     if features.shape[1] > 1 and features.stride(1) == 0:  # [B, D] shared by the attributes: once
-        return torch.nn.functional.normalize(features[:, 0], dim=-1)[:, None].expand_as(features)
-    return torch.nn.functional.normalize(features, dim=-1)
+        return _normalized(features[:, 0])[:, None].expand_as(features)
+    return _normalized(features)
+
+
+def _normalized(x: Tensor) -> Tensor:
+    """x / max(||x||, 1e-12) along the last dim. Vectors with an entry above 1e15 are first divided
+    by their largest entry (no gradient through it: the result does not depend on it), so that the
+    norm does not overflow; all others are exactly torch.nn.functional.normalize's."""
+    largest = x.detach().abs().amax(-1, keepdim=True)
+    return torch.nn.functional.normalize(x / torch.where(largest > 1e15, largest, 1.0), dim=-1)
 
 
 def _crl(options: Options, margin: MarginLike, batch: Batch) -> tuple[Tensor, BatchStats]:
@@ -217,6 +225,7 @@ def _score_space_crl(options: Options, margin: MarginLike, batch: Batch) -> tupl
     """The journal version's class-level triplets in score space (section 3): the backend mines,
     and the hinges of the probability differences are differentiable torch operations."""
     num_classes = batch.classes_tensor()
+    finite = reference.check_finite(batch.features, batch.logits, num_classes, options.validate)
     backend = _backends.resolve(options.backend, batch.logits.device, batch.logits)
     counts, minority, active = backend.profile(batch.labels, num_classes, batch.max_classes, options.threshold,
                                                options.validate)
@@ -227,7 +236,7 @@ def _score_space_crl(options: Options, margin: MarginLike, batch: Batch) -> tupl
     d = reference.score_distances(scores, reference.check_labels(batch.labels, num_classes, False), partners)
     loss = reference.reduce_sums("relative", reference.relative_sums(d, partners, margins), options.reduction)
     if not options.validate:
-        loss = reference.poison(loss, batch.logits, torch.isfinite(scores).all())
+        loss = reference.poison(loss, batch.logits, finite)
     return loss, BatchStats(counts, minority, active, reference.pair_counts(anchors, partners))
 
 
@@ -287,7 +296,7 @@ def cross_entropy(logits: LogitsLike, labels: Tensor, validate: bool = True) -> 
     Raises:
         TypeError, ValueError: a bad argument (the message names it).
     """
-    batch = normalise(None, logits, labels)
+    batch = normalise(None, logits, labels, with_features=False)
     reference.check_labels(batch.labels, batch.classes_tensor(), check_bool("validate", validate))
     return _cross_entropy(batch)
 

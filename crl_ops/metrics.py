@@ -40,6 +40,8 @@ def class_balanced_accuracy(preds: Tensor, labels: Tensor,
     preds = check_tensor("preds", preds, floating=False)
     if tuple(preds.shape) != labels_shape:
         raise ValueError(f"preds must have the shape of labels {list(labels_shape)}, got {list(preds.shape)}")
+    if preds.device != labels.device:
+        raise ValueError(f"preds and labels must be on one device, got {preds.device} and {labels.device}")
     preds = preds.long().reshape(labels.shape)
     valid = labels >= 0
     width = max(num_classes)

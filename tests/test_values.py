@@ -46,6 +46,8 @@ def with_value(t, index, value):
 # (id, make the call's (features, logits, labels, options) from good ones, exception, words in the message)
 INPUT_ROWS = [
     ("features-not-tensor", lambda f, lg, lb: (1.5, lg, lb, {}), TypeError, "features must be a torch.Tensor"),
+    ("features-none", lambda f, lg, lb: (None, lg, lb, {}), TypeError, "features must be a torch.Tensor, got NoneType"),
+    ("features-sparse", lambda f, lg, lb: (f.to_sparse(), lg, lb, {}), TypeError, "features must be a dense"),
     ("features-list", lambda f, lg, lb: (f.tolist(), lg, lb, {}), TypeError, "features must be a torch.Tensor"),
     ("features-int", lambda f, lg, lb: (f.long(), lg, lb, {}), TypeError, "features must be float16, bfloat16"),
     ("features-bool", lambda f, lg, lb: (f > 0, lg, lb, {}), TypeError, "features must be float16, bfloat16"),
@@ -58,6 +60,7 @@ INPUT_ROWS = [
     ("features-no-dims", lambda f, lg, lb: (f[:, :, :0], lg, lb, {}), ValueError, "features must have a feature size"),
     ("features-device", lambda f, lg, lb: (f.to("meta"), lg, lb, {}), ValueError, "must be on one device"),
     ("logits-not-tensor", lambda f, lg, lb: (f, 2.0, lb, {}), TypeError, "logits must be a torch.Tensor"),
+    ("logits-sparse", lambda f, lg, lb: (f, lg.to_sparse(), lb, {}), TypeError, "logits must be a dense"),
     ("logits-int", lambda f, lg, lb: (f, lg.long(), lb, {}), TypeError, "logits must be float16"),
     ("logits-batch", lambda f, lg, lb: (f, lg[:-1], lb, {}), ValueError, "logits must have batch size B=12"),
     ("logits-4d", lambda f, lg, lb: (f, lg[None], lb, {}), ValueError, "logits"),
@@ -199,6 +202,8 @@ def test_class_balanced_accuracy_checks_the_layout():
         crl_ops.class_balanced_accuracy(labels.float(), labels, 2)
     with pytest.raises(ValueError, match=r"labels\[0, 0\] = 3"):
         crl_ops.class_balanced_accuracy(labels, with_value(labels, (0, 0), 3), 2)
+    with pytest.raises(ValueError, match="preds and labels must be on one device"):
+        crl_ops.class_balanced_accuracy(labels.to("meta"), labels, 2)
     assert crl_ops.class_balanced_accuracy(labels, labels, 2).mean.item() == 1.0
 
 
@@ -341,3 +346,29 @@ def test_compiled_code_still_checks_values(where, backend):
     expected = ValueError if backend == "native" else RuntimeError  # torch._assert_async in the reference
     with pytest.raises(expected, match="labels|label|features contain NaN"):
         step(features, logits, labels)
+
+
+def test_mine_needs_features(backend):
+    _, logits, labels = good()
+    with pytest.raises(TypeError, match="features must be a torch.Tensor, got NoneType"):
+        crl_ops.mine(None, logits, labels, backend=backend)
+
+
+@pytest.mark.parametrize("mode, form", VARIANTS)
+def test_normalize_survives_huge_features(mode, form, backend):
+    features, logits, labels = good()
+    scaled = crl(features, logits, labels, backend, mode, form, normalize=True)
+    huge = crl(features * 1e30, logits, labels, backend, mode, form, normalize=True)
+    torch.testing.assert_close(huge, scaled)
+
+
+@pytest.mark.parametrize("validate", [True, False])
+def test_score_space_checks_the_features(validate, backend):
+    features, logits, labels = good()
+    features[2, 1, 0] = math.nan
+    if validate:
+        with pytest.raises(ValueError, match="features contain NaN or inf"):
+            crl(features, logits, labels, backend, "class", "relative", distance="score")
+    else:
+        assert torch.isnan(crl(features, logits, labels, backend, "class", "relative", distance="score",
+                               validate=False))
