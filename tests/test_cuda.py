@@ -335,15 +335,14 @@ def _op_samples():
         (ops.mine_instance.default, (x.detach(), batch.logits.detach(), batch.labels, classes, active, 20, 10, 30,
                                      True)),
     ]
-    for form in FORMS:
-        args = (x, batch.logits.detach(), batch.labels, classes, margins, "instance", form, 20, 1.0, 10, 0.5,
-                "pooled", True)
-        samples.append((ops.crl_loss.default, args))
-        loss, _, _, _, _, partners, counts, d, sums, hist = ops.crl_loss(*args)
-        grad = torch.ones((), device="cuda")
-        samples.append((ops.crl_loss_backward.default, (grad, loss.detach(), x.detach(), partners, d,
-                                                         margins.detach(), counts, sums, hist, form, 1.0, 10,
-                                                         "pooled", True)))
+    # The distribution form: every output of the loss op has entries (the histograms too).
+    args = (x, batch.logits.detach(), batch.labels, classes, margins, "instance", "distribution", 20, 1.0, 10, 0.5,
+            "pooled", True)
+    samples.append((ops.crl_loss.default, args))
+    loss, _, _, _, _, partners, counts, d, sums, hist = ops.crl_loss(*args)
+    grad = torch.ones((), device="cuda")
+    samples.append((ops.crl_loss_backward.default, (grad, loss.detach(), x.detach(), partners, d, margins.detach(),
+                                                     counts, sums, hist, "distribution", 1.0, 10, "pooled", True)))
     return samples
 
 

@@ -26,7 +26,7 @@ FORMS = ("relative", "absolute", "distribution")
 
 # (name, batch, num_classes, dim, logits format, dtype, k, bins, reduction)
 FULL = [
-    ("b1100-bfloat16-k20", 1100, (2, 5, 3), 20, "list", torch.bfloat16, 20, 100, "pooled"),
+    ("b1100-bfloat16-k20", 1100, (2, 5), 8, "list", torch.bfloat16, 20, 100, "pooled"),
     ("b300-float32-k64-binary", 300, (2, 2, 2, 2), 9, "binary", torch.float32, 64, 7, "attribute"),
     ("b200-float64-k100-bins600", 200, (3, 3), 6, "tensor3d", torch.float64, 100, 600, "pooled"),
     ("b150-float16-k5", 150, (4, 2), 33, "list", torch.float16, 5, 100, "attribute"),
