@@ -58,12 +58,10 @@ def label_mixes(batch_size, device, count=3):
 
 
 def crl_on_pairs(features, partners, form):
-    if form == "relative":
-        margins = torch.tensor([2 * math.pi / c for c in NUM_CLASSES], device=features.device)
-        return reference.relative_loss(features, partners, margins)
-    if form == "absolute":
-        return reference.absolute_loss(features, partners, 1.0)
-    return reference.distribution_loss(features, partners, BINS)
+    """The reference's l_crl of float32 features on given mined pairs (default margins)."""
+    d, _ = reference.pair_distances(features, partners)
+    margins = torch.tensor([2 * math.pi / c for c in NUM_CLASSES], device=features.device)
+    return reference.reduce_sums(form, reference.form_sums(form, d, partners, margins, 1.0, BINS), "pooled")
 
 
 def check(backend, dtype, mode, form, device, compiler):
@@ -91,7 +89,9 @@ def check(backend, dtype, mode, form, device, compiler):
         finite &= all(bool(torch.isfinite(p.grad).all()) for p in model.parameters())
         anchors += criterion.last_stats.summary()["anchors"]
         # The float32 model on the pairs mined under autocast (rounding may change the mining).
-        partners = criterion.crl._last.partners
+        with torch.no_grad(), torch.autocast(device.type, dtype):
+            mined = crl_ops.mine(*model(x), labels, mode, k=3, backend=backend)
+        partners = torch.cat([mined.positives, mined.negatives], -1)
         with torch.no_grad():
             features32, logits32 = model(x)
             want = (crl_on_pairs(features32, partners, form), crl_ops.cross_entropy(logits32, labels))
