@@ -67,12 +67,11 @@ __device__ __forceinline__ void write_empty_rows(bool empty, int64_t row, const 
 }
 
 // The argmax of predicted_class (common/crl_math.h) and, with_softmax, the normaliser of
-// Softmax::of over one row, by a warp in one pass over the logits: lane l scans classes l, l + 32,
-// ... keeping its argmax and its sum of exp(z - its running maximum), rescaled when the maximum
-// grows. Partial argmaxes merge in the sequential scan's terms (the highest value, the lowest class
-// on a tie; NaN is skipped except at class 0, where the sequential scan keeps it); the sums, moved
-// to the row's maximum, add in a fixed tree. The sum rounds differently from the CPU's sequential
-// one (the keys agree to rounding); any NaN makes it NaN, as there.
+// Softmax::of over one row, by a warp: lane l scans classes l, l + 32, ... for its argmax, the
+// partial argmaxes merge in the sequential scan's terms (the highest value, the lowest class on a
+// tie; NaN is skipped except at class 0, where the sequential scan keeps it); then each lane sums
+// exp(z - max) over its classes in order and the lanes add by the butterfly that Softmax::of
+// defines, so the normaliser is bitwise the CPU's.
 template <typename Acc>
 struct WarpArgmax {
   Acc value;
@@ -93,20 +92,10 @@ __device__ void warp_row_statistics(const LogitsRow<T>& row, bool with_softmax, 
                                     Softmax<Acc>& softmax) {
   const int lane = lane_index();
   WarpArgmax<Acc> best{Acc(0), -1};
-  Acc sum = Acc(0);  // of exp(z - best.value) over the lane's classes so far
-  bool nan_seen = false;
   for (int64_t c = lane; c < row.classes; c += kWarp) {
     const Acc z = row.template logit<Acc>(c);
-    nan_seen |= isnan(z);
-    if (best.index < 0 ? (c == 0 || !isnan(z)) : z > best.value) {
-      if (with_softmax) sum = (best.index < 0 ? Acc(0) : sum * std::exp(best.value - z)) + Acc(1);
-      best = {z, c};
-    } else if (with_softmax && best.index >= 0) {
-      sum += std::exp(z - best.value);
-    }
+    if (best.index < 0 ? (c == 0 || !isnan(z)) : z > best.value) best = {z, c};
   }
-  const Acc lane_top = best.value;
-  const bool lane_has = best.index >= 0;
   for (int offset = kWarp / 2; offset > 0; offset /= 2) {
     const WarpArgmax<Acc> other{__shfl_xor_sync(kFullMask, best.value, offset),
                                 __shfl_xor_sync(kFullMask, best.index, offset)};
@@ -114,10 +103,11 @@ __device__ void warp_row_statistics(const LogitsRow<T>& row, bool with_softmax, 
   }
   predicted = best.index < 0 ? 0 : best.index;
   if (!with_softmax) return;
-  const Acc moved = lane_has ? sum * std::exp(lane_top - best.value) : Acc(0);
-  Acc total = __shfl_sync(kFullMask, warp_reduce(moved, Sum()), 0);
-  if (__any_sync(kFullMask, nan_seen)) total = NAN;
-  softmax = {best.value, total};
+  static_assert(Softmax<Acc>::kLanes == kWarp, "the softmax sum's lanes are a warp's");
+  Acc sum = Acc(0);
+  for (int64_t c = lane; c < row.classes; c += kWarp) sum += exp_nonpositive(row.template logit<Acc>(c) - best.value);
+  for (int offset = kWarp / 2; offset > 0; offset /= 2) sum = sum + __shfl_xor_sync(kFullMask, sum, offset);
+  softmax = {best.value, sum};
 }
 
 // ---- the rows kernel -------------------------------------------------------------------------------------
