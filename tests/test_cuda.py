@@ -53,7 +53,8 @@ class Case(NamedTuple):
 # Every feature dtype, binary, [B, A, C] and list logits (padded: entries past C_j unread), the
 # register lists of the mining (K <= 64) and the general path (K > 64), B > 1024, more
 # attributes than a block has threads (the loops over attributes), histograms staged in shared
-# memory (bins <= 512) and not, features shared by the attributes (stride 0).
+# memory (bins <= 512) and not, features shared by the attributes (stride 0), and more than 32
+# classes (a warp per row computes the softmax).
 CASES = [
     Case("binary-float32-k5", 300, (2,) * 6, 16, "binary", torch.float32, 5),
     Case("tensor3d-float64-k3-bins7", 200, (4,) * 3, 7, "tensor3d", torch.float64, 3, bins=7),
@@ -62,6 +63,8 @@ CASES = [
     Case("b1500-float32-k20", 1500, (2, 3), 40, "list", torch.float32, 20),
     Case("a700-float32-k4", 40, (2,) * 700, 3, "binary", torch.float32, 4),
     Case("shared-float64-k64", 260, (2, 3, 2), 12, "list", torch.float64, 64, shared_features=True),
+    # more than 32 classes: the class softmax of a warp per row, bitwise the CPU's
+    Case("many-classes-float32-k5", 600, (40, 70), 8, "list", torch.float32, 5),
 ]
 
 # (loss, sums and histograms; gradients): the sums differ from the CPU's only in their order;
