@@ -47,11 +47,12 @@ from torch import Tensor
 from . import _backends, reference
 from ._inputs import Batch, accumulation_dtype
 
-BATCH_SIZES = ("gathered", "equal")
-
-# torch 2.14 renamed the functional collectives (the old names warn); torch 2.4 has the old ones.
+# torch 2.14 renamed the collectives (the old names warn); torch 2.4 has the old ones.
 _ALL_GATHER = getattr(fc, "all_gather_single", None) or fc.all_gather_tensor
 _REDUCE_SCATTER = getattr(fc, "reduce_scatter_single", None) or fc.reduce_scatter_tensor
+_ALL_GATHER_INTO = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_REDUCE_SCATTER_INTO = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+_REDUCE_OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}
 
 
 def check_process_group() -> None:
@@ -67,22 +68,37 @@ def _group():
     return dist.group.WORLD
 
 
-# Every collective of this module goes through these three (tools/ddp_scaling.py wraps them to count
-# bytes). Functional collectives: traceable by torch.compile.
+# Every collective of this module goes through these three (tools/ddp_scaling.py times them).
+# Eagerly they write into preallocated outputs (on gloo a third of the functional collectives'
+# cost); under torch.compile they are functional collectives, which trace into the graph.
 
 
 def _all_gather(tensor: Tensor) -> Tensor:
     """[W * n, ...]: every rank's [n, ...] tensor, in rank order."""
-    return fc.wait_tensor(_ALL_GATHER(tensor.contiguous(), 0, _group()))
+    tensor = tensor.contiguous()
+    if torch.compiler.is_compiling():
+        return fc.wait_tensor(_ALL_GATHER(tensor, 0, _group()))
+    out = tensor.new_empty((dist.get_world_size() * tensor.shape[0], *tensor.shape[1:]))
+    _ALL_GATHER_INTO(out, tensor)
+    return out
 
 
 def _reduce_scatter(tensor: Tensor) -> Tensor:
     """This rank's [n, ...] block of the sum over the ranks of their [W * n, ...] tensors."""
-    return fc.wait_tensor(_REDUCE_SCATTER(tensor.contiguous(), "sum", 0, _group()))
+    tensor = tensor.contiguous()
+    if torch.compiler.is_compiling():
+        return fc.wait_tensor(_REDUCE_SCATTER(tensor, "sum", 0, _group()))
+    out = tensor.new_empty((tensor.shape[0] // dist.get_world_size(), *tensor.shape[1:]))
+    _REDUCE_SCATTER_INTO(out, tensor)
+    return out
 
 
 def _all_reduce(tensor: Tensor, op: str) -> Tensor:
-    return fc.wait_tensor(fc.all_reduce(tensor.contiguous(), op, _group()))
+    if torch.compiler.is_compiling():
+        return fc.wait_tensor(fc.all_reduce(tensor.contiguous(), op, _group()))
+    out = tensor.clone(memory_format=torch.contiguous_format)  # all_reduce works in place
+    dist.all_reduce(out, op=_REDUCE_OPS[op])
+    return out
 
 
 def _shares_features(features: Tensor) -> bool:
