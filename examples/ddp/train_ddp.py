@@ -6,8 +6,14 @@
 Each rank draws `--batch-size` samples per step. A minority class with a 1:30 prior has about one
 sample in a rank's batch of 32, too few for CRL to mine; `BalancedLoss(distributed=True)`
 profiles and mines over the samples of all ranks together, and each step's parameter gradient is
-that of one process training on the concatenated batch. The last batch of an epoch is smaller;
-ranks may also hold different numbers of samples in a step.
+that of one process training on the concatenated batch.
+
+DistributedSampler gives every rank the same number of samples, so in every step, the short last
+batch of an epoch included, the ranks' batch sizes agree: `batch_sizes="equal"` declares it, and
+the loss then runs without a host synchronisation (the sizes are checked on the first step and
+when they change). Where ranks may hold different numbers of samples in a step, leave the default
+`batch_sizes="gathered"`. The loop reads the loss and the mining statistics on the host once per
+epoch, not every step.
 """
 import argparse
 import os
@@ -73,11 +79,13 @@ def main():
     torch.manual_seed(0)
     model = nn.parallel.DistributedDataParallel(AttributeNet().to(device), device_ids=[device] if on_gpu else None)
     optimiser = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    criterion = crl_ops.BalancedLoss(mode="instance", form="relative", backend=args.backend, distributed=True)
+    criterion = crl_ops.BalancedLoss(mode="instance", form="relative", backend=args.backend, distributed=True,
+                                     batch_sizes="equal")
 
     for epoch in range(args.epochs):
         sampler.set_epoch(epoch)
-        total_loss, anchors = 0.0, 0
+        total_loss = torch.zeros((), device=device)
+        anchors = torch.zeros((), dtype=torch.long, device=device)
         for x, labels in loader:
             x, labels = x.to(device), labels.to(device)
             with torch.autocast(device.type, torch.bfloat16, enabled=args.amp):
@@ -86,10 +94,10 @@ def main():
             optimiser.zero_grad()
             loss.backward()
             optimiser.step()
-            total_loss += loss.item()
-            anchors += criterion.last_stats.summary()["anchors"]
+            total_loss += loss.detach()
+            anchors += criterion.last_stats.num_anchors.sum()
         if rank == 0:
-            print(f"epoch {epoch}: mean loss {total_loss / len(loader):.4f}; {anchors} minority anchors "
+            print(f"epoch {epoch}: mean loss {total_loss.item() / len(loader):.4f}; {anchors.item()} minority anchors "
                   f"mined in {len(loader)} global batches of {world_size} ranks")
 
     if rank == 0:
