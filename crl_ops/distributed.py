@@ -5,10 +5,11 @@ samples, so `distributed=True` profiles and mines over the samples of all ranks 
 process group. The result equals one process on the concatenated batch (ranks in order, uneven
 batch sizes allowed), but each rank only does its share of the work:
 
-- forward: one all-gather of every rank's labels, one of its CRL vectors (features, normalised
-  features or class scores) and logits; every rank profiles the global batch (cheap), then mines
-  only its own anchors against the candidates of all ranks and reduces its anchors' pairs to
-  per-attribute sums and counts (`crl_ops.reference`); one all-reduce of those small vectors gives
+- forward: one all-gather each of every rank's labels, logits (for the mining) and CRL vectors
+  (features or normalised features; with distance="score" the logits themselves, which then
+  carry the gradient); every rank profiles the global batch (cheap), then mines only its own
+  anchors against the candidates of all ranks and reduces its anchors' pairs to per-attribute
+  sums and counts (`crl_ops.reference`); one all-reduce of those small vectors gives
   the global loss and statistics on every rank. The histogram form all-reduces each attribute's
   longest distance R (a max) before its histograms. Ranks with fewer samples pad to the largest
   batch: padded rows are unannotated (label -1), which no profile, anchor or candidate counts.
