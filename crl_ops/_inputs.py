@@ -28,6 +28,7 @@ FORMS = ("relative", "absolute", "distribution")
 REDUCTIONS = ("pooled", "attribute")
 DISTANCES = ("feature", "score")
 BACKENDS = ("auto", "native", "reference")
+BATCH_SIZES = ("gathered", "equal")
 
 FEATURE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 MAX_K = 1024

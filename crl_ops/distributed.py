@@ -300,7 +300,7 @@ def class_rectification_loss(options, margin, batch: Batch):
     vectors = batch.logits if score_space else crl_features(options, batch)
     shared = not score_space and _shares_features(vectors)
     own = batch.labels.shape[0]
-    sizes = _rank_sizes(_layout(options, batch, vectors), own, getattr(options, "batch_sizes", "gathered"),
+    sizes = _rank_sizes(_layout(options, batch, vectors), own, options.batch_sizes,
                         batch.labels.device)
     rows = max(sizes)
     first = dist.get_rank() * rows  # this rank's first row in the padded global batch

@@ -15,6 +15,7 @@ from torch import Tensor
 
 from . import _backends, reference
 from ._inputs import (
+    BATCH_SIZES,
     DISTANCES,
     FORMS,
     MODES,
@@ -71,7 +72,12 @@ OPTIONS_DOC = """\
         checks: a label outside -1..C_j-1 counts as not annotated, and non-finite values give a
         NaN loss and NaN gradients (section 6).
     distributed: mine over the global batch of all ranks of the default process group
-        (crl_ops.distributed, docs/scaling.md)."""
+        (crl_ops.distributed, docs/scaling.md).
+    batch_sizes: with distributed=True, "gathered" learns every rank's batch size each step (one
+        small all-gather read on the host: a host synchronisation; sizes may differ); "equal"
+        declares that every rank passes the same batch size at each step (as with
+        DistributedSampler), checked on the first step and when this rank's size changes, with
+        no host synchronisation otherwise (docs/scaling.md)."""
 
 RAISES_DOC = """\
     TypeError, ValueError: an argument of the wrong type, shape, dtype, device or value; the
@@ -146,11 +152,12 @@ class Options:
     backend: str = "auto"
     validate: bool = True
     distributed: bool = False
+    batch_sizes: str = "gathered"
 
     @staticmethod
     def checked(mode="instance", form="relative", k=5, apc_margin=1.0, bins=100, threshold=0.5,
                 normalize=False, reduction="pooled", distance="feature", backend="auto", validate=True,
-                distributed=False) -> "Options":
+                distributed=False, batch_sizes="gathered") -> "Options":
         if distance == "score" and (mode, form) != ("class", "relative"):
             raise ValueError(f'distance="score" is defined for mode="class" with form="relative" (the journal '
                              f"version's class-level triplets), got mode={mode!r}, form={form!r}")
@@ -161,6 +168,7 @@ class Options:
             reduction=check_choice("reduction", reduction, REDUCTIONS),
             distance=check_choice("distance", distance, DISTANCES), backend=_backends.check_backend(backend),
             validate=check_bool("validate", validate), distributed=check_bool("distributed", distributed),
+            batch_sizes=check_choice("batch_sizes", batch_sizes, BATCH_SIZES),
         )
 
 
@@ -244,9 +252,10 @@ def class_rectification_loss(features: Tensor, logits: LogitsLike, labels: Tenso
                              form: str = "relative", k: int = 5, margin: MarginLike = None, apc_margin: float = 1.0,
                              bins: int = 100, threshold: float = 0.5, normalize: bool = False,
                              reduction: str = "pooled", distance: str = "feature", backend: str = "auto",
-                             validate: bool = True, distributed: bool = False, return_stats: bool = False):
+                             validate: bool = True, distributed: bool = False, batch_sizes: str = "gathered",
+                             return_stats: bool = False):
     options = Options.checked(mode, form, k, apc_margin, bins, threshold, normalize, reduction, distance, backend,
-                              validate, distributed)
+                              validate, distributed, batch_sizes)
     loss, stats = _crl(options, check_margin(margin), normalise(features, logits, labels))
     return (loss, stats) if check_bool("return_stats", return_stats) else loss
 

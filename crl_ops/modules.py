@@ -13,10 +13,10 @@ class CRL(nn.Module):
     def __init__(self, mode: str = "instance", form: str = "relative", *, k: int = 5, margin: MarginLike = None,
                  apc_margin: float = 1.0, bins: int = 100, threshold: float = 0.5, normalize: bool = False,
                  reduction: str = "pooled", distance: str = "feature", backend: str = "auto", validate: bool = True,
-                 distributed: bool = False, track_stats: bool = True):
+                 distributed: bool = False, batch_sizes: str = "gathered", track_stats: bool = True):
         super().__init__()
         self.options = Options.checked(mode, form, k, apc_margin, bins, threshold, normalize, reduction, distance,
-                                       backend, validate, distributed)
+                                       backend, validate, distributed, batch_sizes)
         self.margin = check_margin(margin)  # an nn.Parameter margin becomes this module's parameter
         self.track_stats = check_bool("track_stats", track_stats)
         self.last_stats: Optional[BatchStats] = None
@@ -63,13 +63,15 @@ class BalancedLoss(nn.Module):
                  alpha: Optional[float] = None, k: int = 5, margin: MarginLike = None, apc_margin: float = 1.0,
                  bins: int = 100, threshold: float = 0.5, normalize: bool = False, reduction: str = "pooled",
                  distance: str = "feature", backend: str = "auto", validate: bool = True, distributed: bool = False,
+                 batch_sizes: str = "gathered",
                  track_stats: bool = True):
         super().__init__()
         self.weight = check_float("weight", weight, minimum=0.0)
         self.alpha = None if alpha is None else check_float("alpha", alpha, minimum=0.0, maximum=1.0)
         self.crl = CRL(mode, form, k=k, margin=margin, apc_margin=apc_margin, bins=bins, threshold=threshold,
                        normalize=normalize, reduction=reduction, distance=distance, backend=backend,
-                       validate=validate, distributed=distributed, track_stats=track_stats)
+                       validate=validate, distributed=distributed, batch_sizes=batch_sizes,
+                       track_stats=track_stats)
         self.last_ce: Optional[Tensor] = None
         self.last_crl: Optional[Tensor] = None
 
@@ -111,7 +113,7 @@ Args:
     alpha: None, or the journal version's alpha = eta * Omega_imb in [0, 1] (`crl_ops.imbalance_measure`
         gives Omega_imb from the training labels; eta is a hyper-parameter).
     k, margin, apc_margin, bins, threshold, normalize, reduction, distance, backend, validate,
-        distributed, track_stats: as for `CRL`.
+        distributed, batch_sizes, track_stats: as for `CRL`.
 
 Raises:
 {RAISES_DOC}

@@ -9,7 +9,6 @@ single-process gradient itself, and DDP's average over the ranks must give exact
 single-process parameter gradients.
 """
 import collections
-import dataclasses
 import datetime
 import math
 
@@ -21,7 +20,6 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import crl_ops
-from crl_ops.functional import Options
 
 from .problems import CPU_BACKENDS, FORMS, MODES, AttributeNet, make_problem
 
@@ -41,19 +39,6 @@ OPTION_CASES = {
     "margin-tensor": dict(mode="instance", form="relative"),  # with a margin that requires grad
     "score-margin-tensor": dict(mode="class", form="relative", distance="score"),
 }
-
-
-@dataclasses.dataclass(frozen=True)
-class _EqualBatchOptions(Options):
-    batch_sizes: str = "equal"
-
-
-def _declare_equal_batches(loss_fn):
-    """batch_sizes="equal" on a CRL or BalancedLoss: the Options field read by crl_ops.distributed
-    (set here on the module's options, as the constructor argument would)."""
-    crl = getattr(loss_fn, "crl", loss_fn)
-    crl.options = _EqualBatchOptions(**{**vars(crl.options), "batch_sizes": "equal"})
-    return loss_fn
 
 
 def _balanced_case(mode, form, backend, reduction="pooled"):
@@ -215,8 +200,8 @@ def _compiled_steps(world_size, rank, backend):
     def train(compiled):
         torch.manual_seed(0)
         model = Heads().double()
-        loss_fn = _declare_equal_batches(crl_ops.BalancedLoss(mode="instance", k=3, backend=backend,
-                                                              distributed=True))
+        loss_fn = crl_ops.BalancedLoss(mode="instance", k=3, backend=backend,
+                                                              distributed=True, batch_sizes="equal")
         run = torch.compile(step, backend="aot_eager") if compiled else step
         out = []
         for inputs, labels in batches:
@@ -254,8 +239,8 @@ def _rank_results(world_size, rank):
                 local = crl_ops.BalancedLoss(mode=mode, form=form, k=3, bins=7, reduction=reduction, backend=backend)
                 result["local_loss"] = _run_loss(local, problem, rows)["loss"]
                 results[_balanced_case(mode, form, backend, reduction)] = result
-            equal = _declare_equal_batches(crl_ops.BalancedLoss(mode=mode, form=form, k=3, bins=7, backend=backend,
-                                                                distributed=True))
+            equal = crl_ops.BalancedLoss(mode=mode, form=form, k=3, bins=7, backend=backend,
+                                                                distributed=True, batch_sizes="equal")
             results[f"equal/{mode}/{form}/{backend}"] = _run_loss(
                 equal, _balanced_problem(world_size, mode, form, EQUAL_ROWS_PER_RANK), equal_rows)
         for mode in MODES:  # CRL alone, with the other input formats
@@ -279,9 +264,7 @@ def _rank_results(world_size, rank):
         problem = _balanced_problem(world_size, "instance", form, EQUAL_ROWS_PER_RANK)
         for batch_sizes in ("gathered", "equal"):
             loss_fn = crl_ops.BalancedLoss(mode="instance", form=form, k=3, backend=backend, validate=False,
-                                           distributed=True)
-            if batch_sizes == "equal":
-                _declare_equal_batches(loss_fn)
+                                           distributed=True, batch_sizes=batch_sizes)
             results[f"collectives/{batch_sizes}/{form}"] = _collectives_of_one_step(loss_fn, problem, equal_rows,
                                                                                     _CountingTolist)
     results["compiled"] = _compiled_steps(world_size, rank, backend)
@@ -304,9 +287,9 @@ def _error_messages(world_size, rank):
         "feature size": (crl_ops.CRL(backend="reference", distributed=True), wider if last else features, labels),
         "nan": (crl_ops.CRL(backend="reference", distributed=True), with_nan if last else features, labels),
         "label": (crl_ops.CRL(backend="reference", distributed=True), features, bad_label if last else labels),
-        "equal/feature size": (_declare_equal_batches(crl_ops.CRL(backend="reference", distributed=True)),
+        "equal/feature size": (crl_ops.CRL(backend="reference", distributed=True, batch_sizes="equal"),
                                wider if last else features, labels),
-        "equal/uneven sizes": (_declare_equal_batches(crl_ops.CRL(backend="reference", distributed=True)),
+        "equal/uneven sizes": (crl_ops.CRL(backend="reference", distributed=True, batch_sizes="equal"),
                                features, labels),
     }
     messages = {}
@@ -322,7 +305,7 @@ def _error_messages(world_size, rank):
     (grad,) = torch.autograd.grad(loss, nan_features)
     messages["unchecked nan"] = {"loss": loss.detach(), "grad": grad}
     # After errors on every rank, the ranks still agree: a good equal-size step works.
-    equal = _declare_equal_batches(crl_ops.CRL(backend="reference", distributed=True))
+    equal = crl_ops.CRL(backend="reference", distributed=True, batch_sizes="equal")
     messages["after errors"] = equal(equal_features, equal_logits, equal_labels).detach()
     return messages
 

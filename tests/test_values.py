@@ -125,6 +125,7 @@ OPTION_ROWS = [
     ("validate-string", {"validate": "no"}, TypeError, "validate must be True or False"),
     ("validate-int", {"validate": 0}, TypeError, "validate must be True or False"),
     ("distributed-type", {"distributed": 1}, TypeError, "distributed must be True or False"),
+    ("batch-sizes", {"batch_sizes": "same"}, ValueError, "batch_sizes must be one of"),
 ]
 
 FORWARD_OPTION_ROWS = [  # options that are checked against the batch, at the first forward

@@ -21,7 +21,6 @@ with distributed=False (the fused native op). Per rank and step (forward + backw
   the first CRL step to the end: the largest step's tensors and the allocator's cache.
 """
 import argparse
-import dataclasses
 import datetime
 import importlib.util
 import json
@@ -40,7 +39,6 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from tqdm import tqdm
 
 import crl_ops
-from crl_ops.functional import Options
 
 VARIANTS = {  # name: (CRL arguments, batch_sizes)
     "instance-relative": (dict(mode="instance", form="relative"), "equal"),
@@ -57,16 +55,9 @@ COLLECTIVES = {"all_gather_into_tensor": ("all_gather", 0), "_allgather_base_": 
                "allreduce_": ("all_reduce", (0, 0))}
 
 
-@dataclasses.dataclass(frozen=True)
-class _EqualBatchOptions(Options):
-    batch_sizes: str = "equal"
-
-
 def make_crl(arguments, batch_sizes, distributed, backend):
-    crl = crl_ops.CRL(backend=backend, validate=False, distributed=distributed, **arguments)
-    if batch_sizes == "equal":  # the Options field read by crl_ops.distributed
-        crl.options = _EqualBatchOptions(**{**vars(crl.options), "batch_sizes": "equal"})
-    return crl
+    return crl_ops.CRL(backend=backend, validate=False, distributed=distributed, batch_sizes=batch_sizes,
+                       **arguments)
 
 
 def global_batch(size, attributes, dim):
