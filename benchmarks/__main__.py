@@ -20,7 +20,7 @@ import torch
 
 import crl_ops
 
-from . import report
+from . import floor, report
 from .implementations import IMPLEMENTATIONS, VARIANTS, Variant
 from .plan import build_plan
 from .runner import Runner, Settings
@@ -214,6 +214,10 @@ def main(argv=None) -> int:
         results["load_average"] = {"start": load_at_start, "end": os.getloadavg()}  # others' work on the machine
         return report.write(out, results, plots=plots)
 
+    # The plain loops' rates for the floors, at the start and again at the end (the machine's load
+    # changes); the report uses the faster of the two, the stricter floor.
+    rates_at_start = floor.measure_rates(device)
+    results["rates"] = {"start": rates_at_start and rates_at_start.as_dict()}
     runner = Runner(settings)
     total = len(plan) + 1
     progress = tqdm(total=total, unit="case", dynamic_ncols=True) if tqdm else _PrintedProgress(total)
@@ -234,9 +238,12 @@ def main(argv=None) -> int:
     if not results["training_step"]:
         training_step()
     progress.close()
+    rates_at_end = floor.measure_rates(device)
+    results["rates"]["end"] = rates_at_end and rates_at_end.as_dict()
     paths = save(plots=True)
     print("\n" + report.headline_table(results))
     print(report.training_table(results))
+    print(report.floor_summary(results))
     print(report.noise_summary(results))
     print(f"{results['elapsed_seconds']:.0f} s; wrote " + ", ".join(paths))
     return 0

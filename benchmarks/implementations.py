@@ -34,9 +34,11 @@ IMPLEMENTATIONS = ("native", "reference", "loop", "pml")
 LABELS = {"native": "native", "reference": "reference", "loop": "loops", "pml": "PML"}
 
 COVERAGE = {  # what each implementation is, for the report
-    "native": "crl-ops' C++/CUDA kernels, `crl_ops.CRL(mode, form, backend=\"native\", validate=False)`.",
-    "reference": "crl-ops' pure-PyTorch reference, `crl_ops.CRL(mode, form, backend=\"reference\", "
-                 "validate=False)`, vectorised over samples, classes and attributes.",
+    "native": "crl-ops' C++/CUDA kernels, `crl_ops.CRL(mode, form, backend=\"native\")` with its default settings "
+              "(validate=True: the value checks run inside the ops); its mining alone is `crl_ops.mine(..., "
+              "backend=\"native\")`.",
+    "reference": "crl-ops' pure-PyTorch reference, `crl_ops.CRL(mode, form, backend=\"reference\")` with its "
+                 "default settings, vectorised over samples, classes and attributes.",
     "loop": "CRL written without a library, `benchmarks/loop_crl.py`: the paper step by step, Python loops "
             "over attributes and minority classes, vectorised within one class; all six variants.",
     "pml": "pytorch-metric-learning on crl-ops' mining, `benchmarks/pml_crl.py`: `crl_ops.mine` (PML has no "
@@ -72,7 +74,7 @@ def unavailable(impl: str, device: torch.device) -> Optional[str]:
 
 def make_loss(impl: str, variant: Variant, k: int) -> LossFn:
     if impl in ("native", "reference"):
-        return crl_ops.CRL(variant.mode, variant.form, k=k, backend=impl, validate=False)
+        return crl_ops.CRL(variant.mode, variant.form, k=k, backend=impl)
     if impl == "loop":
         return LoopCRL(variant.mode, variant.form, k=k)
     from .pml_crl import PMLCRL  # optional dependency

@@ -40,7 +40,7 @@ class Shape:
 
     def as_dict(self) -> dict:
         return {"labels": self.labels, "B": self.batch_size, "A": self.num_attributes,
-                "num_classes": list(self.num_classes), "D": self.dim, "K": self.k}
+                "num_classes": list(self.num_classes), "C": max(self.num_classes), "D": self.dim, "K": self.k}
 
 
 def binary_shape(batch_size: int = 128, num_attributes: int = 40, dim: int = 64, k: int = 5) -> Shape:

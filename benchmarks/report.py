@@ -6,11 +6,12 @@ import os
 from collections import defaultdict
 from typing import Dict, List, Optional
 
+from . import floor
 from .implementations import COVERAGE, IMPLEMENTATIONS, LABELS, RELATIVE_TOLERANCE, VARIANTS
 
 CONFIG_ORDER = ("celeba", "xdomain", "large")
 CONFIG_TITLES = {"celeba": "CelebA-like", "xdomain": "X-Domain-like", "large": "large"}
-SWEPT = ("B", "A", "D", "K")
+SWEPT = ("B", "A", "D", "K", "C")
 STATUS_CELLS = {
     "oom": "OOM",
     "oom-estimate": "OOM (est.)",
@@ -101,6 +102,87 @@ def _variants(results: dict) -> List[str]:
     return [v.name for v in VARIANTS if v.name in results["settings"]["variants"]]
 
 
+# ---- arithmetic floors ------------------------------------------------------------------------------
+
+def rates(results: dict) -> Optional[floor.Rates]:
+    """The plain loops' rates of the run: the faster of its start and end measurements (the stricter floor)."""
+    measured = [r for r in (results.get("rates") or {}).values() if r]
+    if not measured:
+        return None
+    fastest = {key: max(r[key] for r in measured) for key in ("distance_terms", "exps", "read_bytes")}
+    return floor.Rates(**fastest, method=measured[0]["method"])
+
+
+def floors(record: Optional[dict], run_rates: Optional[floor.Rates]) -> Optional[dict]:
+    """A native record's floors (seconds), its measured times and their fractions of the floors."""
+    if not (record and run_rates and record["status"] == "ok" and "work" in record):
+        return None
+    work = floor.Work(**record["work"])
+    out = floor.floors(work, run_rates, record.get("distance_terms_rate"))
+    out["step_fraction"] = out["step"] / record["total"]["median"]
+    if "mining" in record and out["mining"] > 0:
+        out["mining_seconds"] = record["mining"]["median"]
+        out["mining_fraction"] = out["mining"] / out["mining_seconds"]
+        if work.mining_terms:
+            out["mining_terms_per_second"] = work.mining_terms / out["mining_seconds"]
+    return out
+
+
+def format_fraction(value: Optional[float]) -> str:
+    return "-" if value is None else f"{100 * value:.3g}%"
+
+
+def _rates_line(results: dict) -> str:
+    run_rates = rates(results)
+    if run_rates is None:
+        return "The plain loops' rates could not be measured (no C compiler), so no floors are given.\n"
+    measured = {when: r for when, r in (results.get("rates") or {}).items() if r}
+    spread = ", ".join(f"{when}: {r['distance_terms'] / 1e9:.3g}" for when, r in measured.items())
+    next_to = sorted(r["distance_terms_rate"] for r in results["records"] if "distance_terms_rate" in r)
+    beside = (f"; next to the cases (median per case) {next_to[0] / 1e9:.3g} to {next_to[-1] / 1e9:.3g} G/s"
+              if next_to else "")
+    return (f"Rates of the plain loops ({run_rates.method}), best of a quiet moment at the start and the end: "
+            f"{run_rates.distance_terms / 1e9:.3g} G distance terms/s ({spread}{beside}), "
+            f"{run_rates.exps / 1e6:.3g} M exponentials/s, {run_rates.read_bytes / 1e9:.3g} GB/s read.\n")
+
+
+def _floor_table(results: dict) -> str:
+    run_rates = rates(results)
+    rows = []
+    for config, variant, impl, r in _config_records(results):
+        f = floors(r, run_rates) if impl == "native" else None
+        if f is None:
+            continue
+        rows.append([CONFIG_TITLES[config], variant, format_seconds(r["total"]["median"]), format_seconds(f["step"]),
+                     format_fraction(f["step_fraction"]),
+                     format_seconds(f["mining_seconds"]) if "mining_seconds" in f else "-",
+                     format_seconds(f["mining"]), format_fraction(f.get("mining_fraction")),
+                     f"{f['mining_terms_per_second'] / 1e9:.3g} G/s" if "mining_terms_per_second" in f else "-"])
+    header = ["config", "variant", "native fwd+bwd", "step floor", "of floor", "mining", "mining floor", "of floor",
+              "mining distance terms"]
+    return _table(header, rows)
+
+
+def floor_summary(results: dict) -> str:
+    """The range of the native kernels' fractions of their floors, for steps and for instance mining."""
+    run_rates = rates(results)
+    steps, instance = [], []
+    for r in results["records"]:
+        f = floors(r, run_rates) if r["impl"] == "native" else None
+        if f is None:
+            continue
+        steps.append(f["step_fraction"])
+        if r["variant"].startswith("instance") and "mining_fraction" in f:
+            instance.append(f["mining_fraction"])
+    if not steps:
+        return "No floors (no native case timed, or no rates)."
+    text = f"Native steps reach {format_fraction(min(steps))} to {format_fraction(max(steps))} of their floors"
+    if instance:
+        text += (f"; instance mining {format_fraction(min(instance))} to {format_fraction(max(instance))} "
+                 f"(within {1 / min(instance):.2f}x of its floor in every case)")
+    return text + "."
+
+
 # ---- markdown ---------------------------------------------------------------------------------------
 
 def headline_table(results: dict) -> str:
@@ -189,19 +271,26 @@ def _equality_table(results: dict) -> str:
 def _sweep_tables(results: dict, parameter: str) -> str:
     table = _sweep(results["records"], parameter)
     impls = _impls(results)
+    run_rates = rates(results)
     text = ""
     for variant in _variants(results):
         if variant not in table:
             continue
         values = sorted({v for per_impl in table[variant].values() for v in per_impl})
-        header = [parameter] + [f"{LABELS[i]} time" for i in impls] + [f"{LABELS[i]} peak" for i in impls]
+        header = ([parameter] + [f"{LABELS[i]} time" for i in impls] + [f"{LABELS[i]} peak" for i in impls]
+                  + ["native of floor", "native mining", "mining of floor"])
         rows = []
         for value in values:
             cells = [table[variant][i].get(value) for i in impls]
+            f = floors(table[variant].get("native", {}).get(value), run_rates) or {}
             rows.append([str(value)] + [_cell(c) for c in cells]
                         + [format_bytes(c.get("peak_memory_bytes")) if c and c["status"] == "ok" else "-"
-                           for c in cells])
-        text += f"\n**{variant}**, forward + backward median and peak memory:\n\n" + _table(header, rows)
+                           for c in cells]
+                        + [format_fraction(f.get("step_fraction")),
+                           format_seconds(f["mining_seconds"]) if "mining_seconds" in f else "-",
+                           format_fraction(f.get("mining_fraction"))])
+        text += (f"\n**{variant}**, forward + backward median, peak memory, and the native kernels' fraction of "
+                 "their floors:\n\n" + _table(header, rows))
     return text
 
 
@@ -255,6 +344,15 @@ def markdown(results: dict) -> str:
         + noise_summary(results) + "\n",
         "## Forward + backward, median (speedup of the native kernels)\n",
         headline_table(results),
+        "\n## Arithmetic floors\n",
+        "A case's floor is the time its operations would take at the rates of plain vectorised loops measured in "
+        "this run (benchmarks/floor.py): instance mining's anchors x B x D distance terms, class mining's "
+        "exponentials, the loss's 3 x pairs x D distance terms, and the bytes the step must read and write; "
+        "the fraction is floor / measured time. Mining is `crl_ops.mine` (the native kernels, default settings), "
+        "timed in the same rounds, and so is the plain distance loop, whose median rate next to a case gives that "
+        "case's floors (the machine's load then weighs on both alike). " + _rates_line(results),
+        _floor_table(results),
+        "\n" + floor_summary(results) + "\n",
         "\n## Peak memory of one forward + backward\n",
         _memory_table(results),
         "\n## Training step: a DeepID2-sized network (40 x 64-d features, binary logits), batch 128, SGD\n",
@@ -290,8 +388,48 @@ def draw_plots(out_dir: str, results: dict) -> List[str]:
             path = _sweep_plot(plt, out_dir, results, parameter, quantity)
             if path:
                 written.append(path)
-    path = _speedup_plot(plt, out_dir, results)
-    return written + ([path] if path else [])
+    paths = [_speedup_plot(plt, out_dir, results), _floor_plot(plt, out_dir, results)]
+    return written + [p for p in paths if p]
+
+
+def _floor_plot(plt, out_dir, results) -> Optional[str]:
+    """The native kernels' fraction of their floors along each sweep: steps solid, mining dashed."""
+    run_rates = rates(results)
+    panels = []
+    for parameter in SWEPT:
+        lines = []
+        for variant, per_impl in sorted(_sweep(results["records"], parameter).items()):
+            points = sorted((value, floors(r, run_rates)) for value, r in per_impl.get("native", {}).items())
+            points = [(value, f) for value, f in points if f]
+            if points:
+                lines.append((variant, points))
+        if lines:
+            panels.append((parameter, lines))
+    if not panels:
+        return None
+    figure, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
+    for ax, (parameter, lines) in zip(axes.flat, panels):
+        for variant, points in lines:
+            values = [v for v, _ in points]
+            line, = ax.plot(values, [100 * f["step_fraction"] for _, f in points], "o-", label=f"{variant} step")
+            mined = [(v, f["mining_fraction"]) for v, f in points if "mining_fraction" in f]
+            if mined:
+                ax.plot([v for v, _ in mined], [100 * m for _, m in mined], "s--", color=line.get_color(),
+                        label=f"{variant} mining")
+        ax.set_xscale("log", base=2 if parameter != "C" else 10)
+        ax.set_yscale("log")
+        ax.axhline(100 / 3, color="grey", linewidth=0.8, linestyle=":")
+        ax.set_xlabel(parameter)
+        ax.set_ylabel("% of the arithmetic floor")
+        ax.grid(True, which="both", alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    figure.suptitle(f"Native kernels against their floors ({results['settings']['device']}; dotted: 1/3)")
+    figure.tight_layout()
+    path = os.path.join(out_dir, "floor_fraction.png")
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
 
 
 def _first_failure(per_value: Dict[int, dict]) -> str:
@@ -323,7 +461,8 @@ def _sweep_plot(plt, out_dir, results, parameter: str, quantity: str) -> Optiona
         ax.set_xlabel(parameter)
         ax.set_ylabel("forward + backward (s)" if quantity == "time" else "peak memory (bytes)")
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
     for ax in list(axes.flat)[len(variants):]:
         ax.set_visible(False)
     figure.suptitle(f"CRL {quantity} vs {parameter} ({results['settings']['device']})")
@@ -357,7 +496,8 @@ def _speedup_plot(plt, out_dir, results) -> Optional[str]:
         ax.set_xticklabels(variants, rotation=30, ha="right", fontsize=8)
         ax.set_ylabel("speedup of native (forward + backward)")
         ax.set_title(CONFIG_TITLES[config])
-        ax.legend(fontsize=7)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
     figure.suptitle(f"Native kernels' speedup ({results['settings']['device']})")
     figure.tight_layout()
     path = os.path.join(out_dir, "speedup.png")

@@ -3,7 +3,9 @@
 Each group (one shape and variant) is measured in four passes over its implementations: a first
 call (warm-up, and the loss value, checked against the reference's), one call for the peak
 memory, then two timing rounds. The second round repeats the first, so the difference between
-the two shows the noise of the machine.
+the two shows the noise of the machine. In each round the native kernels' mining alone
+(`crl_ops.mine`) is timed too, and the native step's operation counts (from its BatchStats) are
+recorded for the case's arithmetic floors (benchmarks/floor.py).
 
 Cost is extrapolated from smaller batches of the same shape family (quadratically in B, an
 upper bound for every implementation here): on the CPU a case whose estimated peak memory is
@@ -21,11 +23,12 @@ import torch
 
 import crl_ops
 
+from . import floor
 from . import implementations as impls_
 from .implementations import Variant
 from .plan import Group
 from .problems import CONFIGS, DeepID2Sized, Shape, make_inputs
-from .timing import Clock, Samples, measure_memory, run_step, summary, time_step
+from .timing import Clock, Samples, measure_memory, run_step, summary, time_call, time_step
 
 SAFE_BATCH = 512  # at or below this batch size every implementation fits and runs in seconds
 TRAINING_BATCH = 128
@@ -105,6 +108,7 @@ class Runner:
         self.clock = Clock(settings.device)
         self.costs = CostModel()
         self.deadline = time.perf_counter() + settings.budget_seconds
+        self.distance_loop = floor.distance_loop(settings.device)  # after floor.measure_rates, if at all
 
     def seconds_left(self) -> float:
         return self.deadline - time.perf_counter()
@@ -193,10 +197,12 @@ class Runner:
         shape, variant = group.shape, group.variant
         inputs = make_inputs(shape, self.device, self.settings.seed)
         leaves = [inputs.features]
-        steps = {}
+        steps, losses = {}, {}
         for impl in runnable:
-            loss = impls_.make_loss(impl, variant, shape.k)
+            loss = losses[impl] = impls_.make_loss(impl, variant, shape.k)
             steps[impl] = lambda loss=loss: loss(inputs.features, inputs.logits, inputs.labels)
+        mine = lambda: crl_ops.mine(inputs.features.detach(), inputs.logits, inputs.labels, variant.mode,  # noqa: E731
+                                    shape.k, backend="native")
 
         # Pass 1: warm-up, and the loss value of every implementation.
         values = {}
@@ -217,6 +223,9 @@ class Runner:
                 records[impl].update(status="mismatch", reason=f"loss {value:.7g} vs {baseline} {values[baseline]:.7g}")
             else:
                 agreeing.append(impl)
+        if "native" in values:
+            work = floor.step_work(shape, variant.mode, losses["native"].last_stats)
+            records["native"]["work"] = vars(work)
 
         # Pass 2: peak memory (one more call, also the per-call cost estimate for larger batches).
         timed = []
@@ -230,8 +239,9 @@ class Runner:
             records[impl].update(peak_memory_bytes=peak, call_seconds=seconds)
             timed.append(impl)
 
-        # Passes 3 and 4: two interleaved timing rounds.
+        # Passes 3 and 4: two interleaved timing rounds (and the native mining right after the native step).
         samples = {impl: [] for impl in timed}
+        mining, loop_rates = [], []
         for _ in range(2):
             for impl in timed:
                 call = records[impl]["call_seconds"]
@@ -242,6 +252,13 @@ class Runner:
                     samples[impl].append(self._call(lambda: time_step(
                         steps[impl], leaves, self.clock, self.settings.min_seconds, repeats,
                         self.settings.max_repeats)))
+                    if impl == "native":
+                        mining.append(self._call(lambda: time_call(mine, self.clock, self.settings.min_seconds,
+                                                                   repeats, self.settings.max_repeats)))
+                        if self.distance_loop is not None:
+                            loop = time_call(self.distance_loop, self.clock, self.settings.min_seconds / 2,
+                                             self.settings.min_repeats, self.settings.max_repeats)
+                            loop_rates.append(self.distance_loop.terms / summary(loop)["median"])
                 except CaseFailed as failure:
                     self._failed(impl, variant, shape, records[impl], failure)
         for impl in timed:
@@ -251,7 +268,12 @@ class Runner:
                 records[impl].update(status="budget", reason="time budget spent before timing")
                 continue
             records[impl].update(status="ok", **_timing_fields(samples[impl]))
-        del steps, inputs
+            if impl == "native" and mining:
+                records[impl]["mining"] = summary([s for r in mining for s in r])
+                records[impl]["mining_round_medians"] = [summary(r)["median"] for r in mining]
+            if impl == "native" and loop_rates:
+                records[impl]["distance_terms_rate"] = summary(loop_rates)["median"]
+        del steps, losses, inputs
         _release(self.device)
 
     # ---- training step ---------------------------------------------------------------------------
@@ -279,7 +301,7 @@ class Runner:
             if backend == "ce":
                 criterion = lambda features, logits, labels: crl_ops.cross_entropy(logits, labels)  # noqa: E731
             else:
-                criterion = crl_ops.BalancedLoss(variant.mode, variant.form, backend=backend, validate=False)
+                criterion = crl_ops.BalancedLoss(variant.mode, variant.form, backend=backend)
             steps[objective] = lambda criterion=criterion: criterion(*model(images), inputs.labels)
             records[objective] = _training_record(objective, "budget", "time budget spent before timing")
 

@@ -101,6 +101,21 @@ def time_step(step: Step, leaves, clock: Clock, min_seconds: float, min_repeats:
     return samples
 
 
+def time_call(fn: Callable[[], object], clock: Clock, min_seconds: float, min_repeats: int,
+              max_repeats: int) -> List[float]:
+    """Seconds per call of fn (no backward), repeated as time_step repeats."""
+    times: List[float] = []
+    clock.sync()
+    started = time.perf_counter()
+    while len(times) < max_repeats and (len(times) < min_repeats or time.perf_counter() - started < min_seconds):
+        start = clock.mark()
+        fn()
+        end = clock.mark()
+        clock.sync()
+        times.append(clock.seconds(start, end))
+    return times
+
+
 # ---- peak memory ----------------------------------------------------------------------------------
 
 def _libc():

@@ -8,11 +8,11 @@ import pytest
 import torch
 
 import crl_ops
-from benchmarks import implementations, runner
+from benchmarks import floor, implementations, report, runner
 from benchmarks.__main__ import main
-from benchmarks.implementations import VARIANTS, Variant
+from benchmarks.implementations import IMPLEMENTATIONS, VARIANTS, Variant
 from benchmarks.loop_crl import LoopCRL
-from benchmarks.plan import Group
+from benchmarks.plan import Group, build_plan
 from benchmarks.problems import LONG_TAIL, Shape, binary_shape, make_inputs
 
 SMALL_SHAPES = [binary_shape(batch_size=48, num_attributes=6, dim=8),
@@ -145,10 +145,58 @@ def test_a_spent_budget_skips_cleanly():
 def test_a_short_run_writes_json_markdown_and_plots(tmp_path):
     pytest.importorskip("matplotlib")
     assert main(["--device", "cpu", "--out", str(tmp_path), "--impl", "native", "reference",
-                 "--variants", "class-relative", "--budget-seconds", "1", "--min-seconds", "0"]) == 0
+                 "--variants", "class-relative", "--budget-seconds", "5", "--min-seconds", "0"]) == 0
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["metadata"]["torch"] == torch.__version__ and results["metadata"]["threads"] >= 1
     assert {r["status"] for r in results["records"]} <= {"ok", "budget", "too-slow"}
-    assert "| CelebA-like | class-relative |" in (tmp_path / "results.md").read_text()
+    text = (tmp_path / "results.md").read_text()
+    assert "| CelebA-like | class-relative |" in text and "## Arithmetic floors" in text
     assert {s["status"] for s in results["training_step"]} <= {"ok", "budget"}
     assert (tmp_path / "speedup.png").stat().st_size > 0
+    native = next(r for r in results["records"] if r["impl"] == "native" and r["status"] == "ok")
+    assert native["work"]["mining_exps"] > 0 and native["mining"]["median"] > 0
+    if results["rates"]["start"] is not None:  # a C compiler was found
+        assert 0 < report.floors(native, report.rates(results))["step_fraction"]
+
+
+def test_the_plans_cover_every_regime():
+    quick = build_plan(False, False, list(IMPLEMENTATIONS), list(VARIANTS))
+    full = build_plan(True, False, list(IMPLEMENTATIONS), list(VARIANTS))
+    for plan in (quick, full):
+        swept = lambda p: {g.shape.as_dict()[p] for g in plan if f"sweep:{p}" in g.tags}  # noqa: E731
+        assert {5, 16, 32, 64} <= swept("K") and max(swept("C")) == 100_000 and min(swept("B")) == 128
+    assert max(g.shape.batch_size for g in full) == 16384
+    # The quick run's K and C sweeps time the native kernels alone, but a shared case keeps every implementation.
+    shared = next(g for g in quick if {"sweep:B", "sweep:K"} <= g.tags)
+    assert shared.impls == tuple(IMPLEMENTATIONS)
+    assert all(g.impls == ("native",) for g in quick if g.tags == {"sweep:C"})
+
+
+def test_floor_work_counts_the_operations_of_a_step():
+    shape = binary_shape(batch_size=64, num_attributes=3, dim=8, k=4)
+    inputs = make_inputs(shape, "cpu", seed=2)
+    for mode in ("instance", "class"):
+        crl = crl_ops.CRL(mode, "relative", k=shape.k, backend="reference")
+        crl(inputs.features, inputs.logits, inputs.labels)
+        counts = crl.last_stats.pair_counts
+        work = floor.step_work(shape, mode, crl.last_stats)
+        assert work.loss_terms == 3 * int(counts[:, 1:3].sum()) * shape.dim
+        if mode == "instance":
+            assert work.mining_terms == int(counts[:, 0].sum()) * shape.batch_size * shape.dim > 0
+            assert work.mining_exps == 0
+        else:
+            active = crl.last_stats.active.sum(1)
+            assert work.mining_terms == 0
+            assert work.mining_exps == int(((2 + active) * (active > 0)).sum()) * shape.batch_size > 0
+    rates = floor.Rates(distance_terms=1e9, exps=1e8, read_bytes=1e10, method="test")
+    floors = floor.floors(work, rates)
+    assert floors["step"] == max(floors["arithmetic"], floors["memory"]) and floors["mining"] > 0
+
+
+def test_the_plain_loops_are_measured_where_a_compiler_is():
+    rates = floor.measure_rates(torch.device("cpu"), seconds=0.2)
+    if rates is None:
+        pytest.skip("no C compiler")
+    assert rates.distance_terms > 1e8 and rates.exps > 1e6 and rates.read_bytes > 1e8
+    loop = floor.distance_loop(torch.device("cpu"))
+    assert loop.terms > 0 and math.isfinite(loop())
