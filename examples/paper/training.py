@@ -380,8 +380,8 @@ def fit(model: nn.Module, train_set: Dataset, train_labels: Tensor, num_classes:
 
     `train_labels` [N, A] are the labels of `train_set` (for the class frequencies the samplers
     and cost-sensitive weights need). After every epoch `out_dir/last.pt` is saved; `resume`
-    continues from it. `out_dir/log.csv` gets the mean loss (and its CE and CRL parts) every
-    `config.log_every` steps and at the end of each epoch.
+    continues from it. `out_dir/log.csv` gets the mean loss (and its classification and CRL parts)
+    every `config.log_every` steps and at the end of each epoch.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
