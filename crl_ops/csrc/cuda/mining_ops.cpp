@@ -6,26 +6,12 @@
 #include <c10/cuda/CUDAStream.h>
 
 #include "cuda/mining.h"
+#include "cuda/dtype_of.h"
 #include "cuda/stages.h"
 
 namespace crl {
 namespace cuda {
 namespace {
-
-Dtype dtype_of(at::ScalarType type) {
-  switch (type) {
-    case at::kHalf:
-      return Dtype::Half;
-    case at::kBFloat16:
-      return Dtype::BFloat16;
-    case at::kFloat:
-      return Dtype::Float;
-    case at::kDouble:
-      return Dtype::Double;
-    default:
-      TORCH_CHECK(false, "crl_ops: internal error: no CUDA kernels for ", type);
-  }
-}
 
 // features [B, A, D], or logits [B, A, Cmax]; binary logits [B, A] as [B, A, 1] with a zero stride.
 Values view_of(const Tensor& t) {

@@ -6,26 +6,13 @@
 #include <vector>
 
 #include "cuda/kernels.h"
+#include "cuda/dtype_of.h"
 #include "cuda/stages.h"
 
 namespace crl {
 namespace cuda {
 
 namespace {
-
-Dtype dtype_of(at::ScalarType type) {
-  switch (type) {
-    case at::kHalf:
-      return Dtype::Half;
-    case at::kBFloat16:
-      return Dtype::BFloat16;
-    case at::kFloat:
-      return Dtype::Float;
-    default:
-      TORCH_CHECK(type == at::kDouble, "crl_ops: internal error: unexpected dtype ", type);
-      return Dtype::Double;
-  }
-}
 
 // The distinct entries of features [B, A, D] as at most three (size, stride) dimensions: a
 // broadcast dimension (stride 0: [B, D] features shared by the attributes) or one of size 1 is
