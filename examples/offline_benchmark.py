@@ -74,7 +74,8 @@ PAPER_VARIANTS = [f"crl-{mode[0]}-{form[0]}" for mode in MODES for form in FORMS
 # default CRL and the two options that change its answer; --full runs every method.
 DEMO_METHODS = ["ce", "oversample", "logitadjust", "crl-i-r", "crl-i-r-norm", "logitadjust+crl-i-r@0.3"]
 # Figures 5/6: the strongest baselines and the CRL variants the question is about.
-PLOTTED = ["oversample", "downsample", "logitadjust", "ldam-drw", "crl-i-r", "crl-i-r-norm", "logitadjust+crl-i-r@0.3"]
+PLOTTED = ["oversample", "downsample", "logitadjust", "ldam-drw", "crl-i-r", "crl-i-r-norm", "logitadjust+crl-i-r@0.3",
+           "logitadjust+crl-i-r-norm@0.3"]
 DIAGNOSED = ["ce", "logitadjust", "crl-i-r", "crl-i-r-norm", "logitadjust+crl-i-r"]
 SWEEP_METHODS = ["ce", "logitadjust", "crl-i-r"]  # CE at every factor; the others without the last one
 SWEEP_FACTORS = (1, 2, 4, 8, 16)  # times BASE_STEPS
@@ -220,6 +221,7 @@ class RunCache:
 
     def __init__(self, folder, config: dict, quick: bool):
         self.folder = Path(folder) if folder else None
+        self.hits = 0  # runs read instead of trained: their time is not in this invocation's
         self.context = {"config": {k: v for k, v in config.items() if k != "mode"}, "quick": quick,
                         "crl_ops": crl_ops.__version__, "torch": torch.__version__,
                         "cpu_capability": torch.backends.cpu.get_cpu_capability()}
@@ -236,7 +238,10 @@ class RunCache:
         if not path.is_file():
             return None
         stored = json.loads(path.read_text())
-        return stored["result"] if stored["key"] == json.loads(json.dumps(key)) else None
+        if stored["key"] != json.loads(json.dumps(key)):
+            return None
+        self.hits += 1
+        return stored["result"]
 
     def put(self, task, result) -> None:
         if self.folder is not None:
@@ -348,7 +353,9 @@ def write_outputs(out: Path, datasets: dict, ratios: dict, record: dict) -> str:
              + "SGD steps per run: " + ", ".join(f"{config['steps'][n]} on {n}" for n in datasets)
              + f". Wall time {record['wall_seconds'] / 60:.1f} min on {record['machine']['cpus']} CPU cores "
              + f"({record['cpu_seconds'] / 60:.1f} CPU-minutes; load average {record['load_average'][0]:.1f} "
-             + f"at the start, {record['load_average'][1]:.1f} at the end).", ""]
+             + f"at the start, {record['load_average'][1]:.1f} at the end)"
+             + (f"; {record['runs_from_cache']} runs were read from --cache, trained by earlier invocations whose "
+                "time is not counted here" if record.get("runs_from_cache") else "") + ".", ""]
     if "convergence" in record:
         lines += _convergence_lines(record["convergence"], datasets)
         reporting.plot_convergence(str(out / "convergence.png"), record["convergence"],
@@ -566,7 +573,7 @@ def main(argv=None):
         "datasets": {name: {"description": d.description, "attributes": d.attributes, "num_classes": d.num_classes,
                             "train_imbalance_ratios": ratios[name], "train_size": len(d.train_labels),
                             "test_size": len(d.test_labels)} for name, d in datasets.items()},
-        "runs": runs, "summary": summary,
+        "runs": runs, "summary": summary, "runs_from_cache": cache.hits,
     })
     text = write_outputs(out, datasets, ratios, record)
     print(text)
