@@ -424,13 +424,20 @@ def _floor_plot(plt, out_dir, results) -> Optional[str]:
         ax.grid(True, which="both", alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
-    figure.suptitle(f"Native kernels against their floors ({results['settings']['device']}; dotted: 1/3)")
+    return _save(figure, f"Native kernels against their floors ({results['settings']['device']}; dotted: 1/3)",
+                 os.path.join(out_dir, "floor_fraction.png"))
+
+
+
+def _save(figure, title: str, path: str) -> str:
+    """Titles, lays out, writes and closes a figure; returns its path."""
+    import matplotlib.pyplot as plt  # imported already by the caller, which made the figure
+
+    figure.suptitle(title)
     figure.tight_layout()
-    path = os.path.join(out_dir, "floor_fraction.png")
     figure.savefig(path, dpi=110)
     plt.close(figure)
     return path
-
 
 def _first_failure(per_value: Dict[int, dict]) -> str:
     for value in sorted(per_value):
@@ -465,12 +472,8 @@ def _sweep_plot(plt, out_dir, results, parameter: str, quantity: str) -> Optiona
             ax.legend(fontsize=7)
     for ax in list(axes.flat)[len(variants):]:
         ax.set_visible(False)
-    figure.suptitle(f"CRL {quantity} vs {parameter} ({results['settings']['device']})")
-    figure.tight_layout()
-    path = os.path.join(out_dir, f"{quantity}_vs_{parameter}.png")
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-    return path
+    return _save(figure, f"CRL {quantity} vs {parameter} ({results['settings']['device']})",
+                 os.path.join(out_dir, f"{quantity}_vs_{parameter}.png"))
 
 
 def _speedup_plot(plt, out_dir, results) -> Optional[str]:
@@ -498,9 +501,5 @@ def _speedup_plot(plt, out_dir, results) -> Optional[str]:
         ax.set_title(CONFIG_TITLES[config])
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
-    figure.suptitle(f"Native kernels' speedup ({results['settings']['device']})")
-    figure.tight_layout()
-    path = os.path.join(out_dir, "speedup.png")
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-    return path
+    return _save(figure, f"Native kernels' speedup ({results['settings']['device']})",
+                 os.path.join(out_dir, "speedup.png"))
