@@ -83,6 +83,24 @@ def _register_fake_kernels() -> None:
     def _(features, logits, labels, num_classes, active, k, first_anchor, num_anchors, validate):
         return mined(labels, k, num_anchors)
 
+    @torch.library.register_fake("crl_ops::pair_distances")
+    def _(vectors, partners, first_anchor):
+        return (vectors.new_empty(partners.shape, dtype=accumulation_dtype(vectors.dtype)),
+                vectors.new_empty((), dtype=torch.bool))
+
+    @torch.library.register_fake("crl_ops::pair_distances_backward")
+    def _(grad, vectors, partners, distances, first_anchor):
+        return torch.empty_like(vectors, memory_format=torch.contiguous_format)
+
+    @torch.library.register_fake("crl_ops::pair_sums")
+    def _(distances, partners, margins, longest, form, apc_margin, bins):
+        num_attributes = partners.shape[1]
+        return distances.new_empty((num_attributes, 2, bins) if form == "distribution" else (num_attributes, 2))
+
+    @torch.library.register_fake("crl_ops::pair_sums_backward")
+    def _(grad, distances, partners, margins, longest, form, apc_margin, bins, margins_grad):
+        return torch.empty_like(distances), margins.new_empty(margins.shape if margins_grad else (0,))
+
     @torch.library.register_fake("crl_ops::crl_loss")
     def _(features, logits, labels, num_classes, margins, mode, form, k, apc_margin, bins, threshold, reduction,
           validate):
@@ -122,6 +140,15 @@ def mine_instance(features: Tensor, logits: Tensor, labels: Tensor, num_classes:
                   first_anchor: int, num_anchors: int, validate: bool):
     return torch.ops.crl_ops.mine_instance.default(features.detach(), logits.detach(), labels, num_classes, active,
                                                    k, first_anchor, num_anchors, validate)
+
+
+def pair_distances(features: Tensor, partners: Tensor, first_anchor: int = 0):
+    return torch.ops.crl_ops.pair_distances.default(features, partners, first_anchor)
+
+
+def pair_sums(d: Tensor, partners: Tensor, margins: Tensor, longest: Optional[Tensor], form: str, apc_margin: float,
+              bins: int) -> Tensor:
+    return torch.ops.crl_ops.pair_sums.default(d, partners, margins, longest, form, apc_margin, bins)
 
 
 def crl_loss(features: Tensor, logits: Tensor, labels: Tensor, num_classes: Tensor, margins: Tensor, mode: str,

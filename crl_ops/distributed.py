@@ -46,7 +46,7 @@ import torch.distributed._functional_collectives as fc
 from torch import Tensor
 
 from . import _backends, reference
-from ._inputs import Batch, accumulation_dtype
+from ._inputs import Batch
 
 # torch 2.14 renamed the collectives (the old names warn); torch 2.4 has the old ones.
 _ALL_GATHER = getattr(fc, "all_gather_single", None) or fc.all_gather_tensor
@@ -203,58 +203,6 @@ class _Replicated(torch.autograd.Function):
         return _all_reduce(grad, "sum")
 
 
-class _AnchorDistances(torch.autograd.Function):
-    """reference.pair_distances of this rank's anchor rows from the gathered vectors [N, A or 1, D]
-    (1: shared by the attributes): (d [R, A, 2K], overflow).
-
-    Works on a list of (anchor, partner) slots: on the CPU in eager mode only the slots that hold
-    a pair (most are empty: only minority samples are anchors; the host holds the mask anyway),
-    elsewhere all R * A * 2K slots (static shapes, no host synchronisation). The backward is two
-    index_adds into the vectors' gradient."""
-
-    @staticmethod
-    def forward(ctx, vectors: Tensor, partners: Tensor, first_anchor: int):
-        rows, num_attributes, width = partners.shape
-        acc = accumulation_dtype(vectors.dtype)
-        is_pair = (partners >= 0).flatten()
-        slot = is_pair.nonzero().squeeze(1) if reference._host_checks_possible(partners) else None
-        partner = partners.flatten() if slot is None else partners.flatten()[slot]
-        slot_ids = torch.arange(is_pair.numel(), device=partners.device) if slot is None else slot
-        anchor = first_anchor + slot_ids // (num_attributes * width)
-        per_attribute = vectors.shape[1]
-        attribute = (slot_ids // width) % num_attributes if per_attribute > 1 else 0
-        anchor_index = anchor * per_attribute + attribute
-        partner_index = partner.clamp_min(0) * per_attribute + attribute
-        flat = vectors.reshape(-1, vectors.shape[-1])
-        diff = flat.index_select(0, anchor_index).to(acc)
-        diff -= flat.index_select(0, partner_index).to(acc)  # [S, D]
-        squared = diff.square().sum(-1)
-        valid = partner >= 0
-        tiny = torch.finfo(acc).tiny
-        distance = torch.where(valid & (squared > 0), squared.clamp_min(tiny).sqrt(), 0.0)
-        if slot is None:
-            d = distance.view(partners.shape)
-        else:
-            d = distance.new_zeros(partners.shape).flatten().index_put_((slot,), distance).view(partners.shape)
-        overflow = (torch.isinf(squared) & valid).any()
-        ctx.mark_non_differentiable(overflow)
-        # clamp_min passes the gradient where squared >= tiny, as in the reference
-        ctx.save_for_backward(diff, distance, valid & (squared >= tiny), anchor_index, partner_index, slot)
-        ctx.shape, ctx.dtype = vectors.shape, vectors.dtype
-        return d, overflow
-
-    @staticmethod
-    def backward(ctx, grad: Tensor, _):
-        diff, distance, has_gradient, anchor_index, partner_index, slot = ctx.saved_tensors
-        grad = grad.flatten() if slot is None else grad.flatten()[slot]
-        pair_grad = diff.mul_(torch.where(has_gradient, grad / distance, 0.0)[:, None])  # d(d)/d(anchor) = diff/d
-        grad_vectors = pair_grad.new_zeros(ctx.shape)
-        flat = grad_vectors.view(-1, ctx.shape[-1])
-        flat.index_add_(0, anchor_index, pair_grad)
-        flat.index_add_(0, partner_index, pair_grad, alpha=-1)
-        return grad_vectors.to(ctx.dtype), None, None
-
-
 # ---- the loss ---------------------------------------------------------------------------------------------
 
 
@@ -265,29 +213,21 @@ def _unpadded(gathered: Tensor, sizes: tuple, rows: int) -> Tensor:
     return torch.cat([gathered[q * rows: q * rows + size] for q, size in enumerate(sizes)])
 
 
-def _global_sums(options, d: Tensor, partners: Tensor, margins: Tensor, pair_counts: Tensor, overflow: Tensor):
-    """(PairSums, pair_counts [A, 4], overflow) of the global batch from this rank's anchors.
+def _global_sums(options, backend, d: Tensor, partners: Tensor, margins: Tensor, pair_counts: Tensor,
+                 flags: Tensor):
+    """(PairSums, pair_counts [A, 4], any flag set) of the global batch from this rank's anchors.
 
-    Sums and counts travel as one float64 vector (counts stay exact to 2^53)."""
-    num_attributes = d.shape[1]
-    if options.form == "distribution":
-        longest = _all_reduce(reference.longest_distance(d, partners), "max")
-        hist, counts = reference.histograms(d, partners, longest, options.bins)
-        parts = [hist.flatten(), counts.flatten()]
-    else:
-        sums = reference.form_sums(options.form, d, partners, margins, options.apc_margin, options.bins)
-        parts = list(sums)
-    parts += [pair_counts.flatten(), overflow.reshape(1)]
+    The sums of this rank's pairs (backend.pair_sums), its pair counts and flags travel as one
+    float64 vector (counts stay exact to 2^53); the histogram form all-reduces each attribute's
+    longest distance (a max) first."""
+    longest = _all_reduce(reference.longest_distance(d, partners), "max") if options.form == "distribution" else None
+    partial = backend.pair_sums(d, partners, margins, longest, options.form, options.apc_margin, options.bins)
+    parts = [partial.flatten(), pair_counts.flatten(), flags]
     total = _SumOverRanks.apply(torch.cat([p.double() for p in parts]), 1)
-    pieces = total.split([p.numel() for p in parts])
-    acc = d.dtype
-    if options.form == "distribution":
-        hist = pieces[0].to(acc).view(num_attributes, 2, options.bins)
-        sums = reference.histogram_overlap(hist, pieces[1].long().view(num_attributes, 2))
-    else:
-        first, second, first_count, second_count = pieces[:4]
-        sums = reference.PairSums(first.to(acc), second.to(acc), first_count.long(), second_count.long())
-    return sums, pieces[-2].long().view(num_attributes, 4), pieces[-1][0] > 0
+    sums, counts, flags = total.split([p.numel() for p in parts])
+    counts = counts.long().view(pair_counts.shape)
+    return reference.pair_sums_with_counts(options.form, sums.to(d.dtype).view(partial.shape), counts), counts, \
+        (flags > 0).any()
 
 
 def class_rectification_loss(options, margin, batch: Batch):
@@ -317,8 +257,10 @@ def class_rectification_loss(options, margin, batch: Batch):
         scores = reference.class_scores(gathered, num_classes)
         reference.check_finite(None, logits, num_classes, validate)
         finite = torch.isfinite(scores).all()
-    else:
-        finite = reference.check_finite(gathered, logits, num_classes, validate)
+    elif validate:  # every rank checks the same gathered values and raises the same error
+        finite = reference.check_finite(gathered, logits, num_classes, True)
+    else:  # each rank its own rows; the flag travels with the sums
+        finite = reference.check_finite(vectors, batch.logits.detach(), num_classes, False)
 
     backend = _backends.resolve(options.backend, labels.device)
     counts, minority, active = backend.profile(labels, num_classes, batch.max_classes, options.threshold, False)
@@ -335,16 +277,17 @@ def class_rectification_loss(options, margin, batch: Batch):
         d = reference.score_distances(scores, reference.check_labels(labels, num_classes, False), partners)
         overflow = torch.zeros((), dtype=torch.bool, device=d.device)
     else:
-        d, overflow = _AnchorDistances.apply(gathered, partners, first)
+        d, overflow = backend.pair_distances(gathered, partners, first)
     margins = margins_tensor(margin, batch.num_classes, d.dtype, d.device)
     if margins.requires_grad:
         margins = _Replicated.apply(margins)
-    sums, pair_counts, overflow = _global_sums(options, d, partners, margins, pair_counts, overflow)
+    flags = torch.stack([overflow, ~finite])  # summed over the ranks: any rank's
+    sums, pair_counts, failed = _global_sums(options, backend, d, partners, margins, pair_counts, flags)
     loss = reference.reduce_sums(options.form, sums, options.reduction)
-    if validate:
-        reference._fail(~overflow, reference.overflow_error(d.dtype))
+    if validate:  # only an overflow can fail here: the values were checked above
+        reference._fail(~failed, reference.overflow_error(d.dtype))
     else:
-        loss = reference.poison(loss, vectors, finite & ~overflow)
+        loss = reference.poison(loss, vectors, ~failed)
     return loss, BatchStats(counts, minority, active, pair_counts)
 
 

@@ -236,8 +236,9 @@ def _mine_instance(features: Tensor, logits: Tensor, labels: Tensor, num_classes
 
 def pair_distances(features: Tensor, partners: Tensor, first_anchor: int = 0) -> tuple[Tensor, Tensor]:
     """(d [R, A, 2K], overflow): the L2 distance from anchor row first_anchor + r to its partners, 0
-    (and a zero gradient) where empty or equal; and whether a pair's squared distance overflowed."""
-    x = features.to(accumulation_dtype(features.dtype))
+    (and a zero gradient) where empty or equal; and whether a pair's squared distance overflowed.
+    features [N, A, D], or [N, 1, D]: one vector shared by the attributes."""
+    x = features.to(accumulation_dtype(features.dtype)).expand(-1, partners.shape[1], -1)
     rows = partners.shape[0]
     attribute = torch.arange(x.shape[1], device=x.device)[None, :, None]
     others = x[partners.clamp_min(0), attribute]  # [R, A, 2K, D]
@@ -386,6 +387,27 @@ def form_sums(form: str, d: Tensor, partners: Tensor, margins: Tensor, apc_margi
     if form == "absolute":
         return absolute_sums(d, partners, apc_margin)
     return distribution_sums(d, partners, bins)
+
+
+def pair_sums(d: Tensor, partners: Tensor, margins: Tensor, longest: Optional[Tensor], form: str, apc_margin: float,
+              bins: int) -> Tensor:
+    """The per-attribute sums of a form, which add over disjoint sets of anchors (the op
+    crl_ops::pair_sums): [A, 2] for relative (hinge sums, 0) and absolute (sums of positive d^2 and
+    of negative hinge^2); for distribution the unnormalised histograms [A, 2, bins] on the nodes over
+    [0, longest_j]."""
+    if form == "distribution":
+        return histograms(d, partners, longest, bins)[0]
+    sums = relative_sums(d, partners, margins) if form == "relative" else absolute_sums(d, partners, apc_margin)
+    return torch.stack([sums.first, sums.second], dim=1)
+
+
+def pair_sums_with_counts(form: str, sums: Tensor, pair_counts: Tensor) -> PairSums:
+    """PairSums from pair_sums' output and the pair counts [A, 4] of the same anchors."""
+    if form == "distribution":
+        return histogram_overlap(sums, pair_counts[:, 1:3])
+    if form == "relative":
+        return PairSums(sums[:, 0], sums[:, 1], pair_counts[:, 3], torch.zeros_like(pair_counts[:, 3]))
+    return PairSums(sums[:, 0], sums[:, 1], pair_counts[:, 1], pair_counts[:, 2])
 
 
 def pair_counts(anchors: Tensor, partners: Tensor) -> Tensor:

@@ -319,11 +319,65 @@ def test_validate_is_a_device_side_assertion(case, assertion_runs):
     assert ASSERTIONS[case] in output, output[-2000:]
 
 
+# ---- the pair ops of distributed=True ---------------------------------------------------------------------
+
+
+def _pair_ops(vectors, partners, first, margins, form, bins, weights):
+    """distances, overflow, sums and the gradients of (sums * weights).sum() w.r.t. vectors and margins."""
+    ops = torch.ops.crl_ops
+    d, overflow = ops.pair_distances(vectors, partners, first)
+    longest = crl_ops.reference.longest_distance(d, partners) if form == "distribution" else None
+    sums = ops.pair_sums(d, partners, margins, longest, form, 1.5, bins)
+    grads = torch.autograd.grad((sums * weights.to(sums)).sum(), (vectors, margins))
+    return [t.detach().cpu() for t in (d, overflow, sums, *grads)]
+
+
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("case", [c for c in CASES if c.k <= 64 and len(c.num_classes) <= 6], ids=lambda c: c.name)
+def test_pair_ops_match_cpu_kernels(case, form):
+    """A rank's own anchors (rows 10..10 + B/2) against gathered vectors, [N, A, D] or shared [N, 1, D]:
+    bitwise the CPU's distances and sums (same order), gradients equal to rounding."""
+    problem = problem_of(case, seed=3)
+    results = []
+    for device in ("cpu", "cuda"):
+        features, logits, labels, _, _ = problem.inputs(case.dtype, device)
+        batch = normalise(features, logits, labels)
+        classes = batch.classes_tensor()
+        _, _, active = torch.ops.crl_ops.profile(batch.labels, classes, batch.max_classes, 0.5, True)
+        rows = case.batch // 2
+        partners = torch.ops.crl_ops.mine_instance(batch.features.detach(), batch.logits.detach(), batch.labels,
+                                                   classes, active, case.k, 10, rows, True)[1]
+        vectors = (batch.features[:, :1] if case.shared_features else batch.features).detach().requires_grad_()
+        margins = torch.linspace(0.5, 2.0, len(case.num_classes), device=device,
+                                 dtype=accumulation_dtype(case.dtype)).requires_grad_()
+        shape = (len(case.num_classes), 2, case.bins) if form == "distribution" else (len(case.num_classes), 2)
+        weights = torch.linspace(-1.0, 2.0, math.prod(shape), dtype=torch.float64).view(shape).to(device)
+        results.append((partners.cpu(), _pair_ops(vectors, partners, 10, margins, form, case.bins, weights)))
+    (cpu_partners, want), (cuda_partners, got) = results
+    assert torch.equal(cuda_partners, cpu_partners)
+    assert torch.equal(got[0], want[0]), "pair distances"
+    assert torch.equal(got[1], want[1]), "overflow flag"
+    assert torch.equal(got[2], want[2]), "sums (the same order of additions)"
+    value_tol, grad_tol = TOLERANCE[case.dtype]
+    for got_grad, want_grad in zip(got[3:], want[3:]):
+        scale = max(want_grad.abs().max().item(), 1e-30)
+        torch.testing.assert_close(got_grad.double(), want_grad.double(), rtol=grad_tol, atol=grad_tol * scale)
+
+
+def test_pair_distances_backward_refuses_deterministic_mode():
+    vectors = torch.randn(8, 2, 3, device="cuda", requires_grad=True)
+    partners = torch.tensor([[[1, 2], [3, -1]]], device="cuda")
+    d, _ = torch.ops.crl_ops.pair_distances(vectors, partners, 0)
+    torch.use_deterministic_algorithms(True)
+    with pytest.raises(RuntimeError, match="pair_distances_backward"):
+        d.sum().backward()
+
+
 # ---- op registration, CUDA graphs, torch.compile --------------------------------------------------------
 
 
 def _op_samples():
-    """One call of each of the five ops on CUDA: bfloat16 features, binary logits, K in 17..64."""
+    """One call of each op on CUDA: bfloat16 features, binary logits, K in 17..64."""
     problem = make_problem(50, 60, (2, 2), 5, False, "binary", skew=2.0)
     features, logits, labels, _, _ = problem.inputs(torch.bfloat16, "cuda")
     batch = normalise(features, logits, labels)
@@ -346,6 +400,18 @@ def _op_samples():
     grad = torch.ones((), device="cuda")
     samples.append((ops.crl_loss_backward.default, (grad, loss.detach(), x.detach(), partners, d, margins.detach(),
                                                      counts, sums, hist, "distribution", 1.0, 10, "pooled", True)))
+    own = ops.mine_instance(x.detach(), batch.logits.detach(), batch.labels, classes, active, 20, 10, 30, True)[1]
+    pair_d, _ = ops.pair_distances(x, own, 10)
+    samples += [(ops.pair_distances.default, (x, own, 10)),
+                (ops.pair_distances_backward.default, (torch.randn_like(pair_d), x.detach(), own, pair_d.detach(), 10))]
+    longest = crl_ops.reference.longest_distance(pair_d, own)
+    for form in FORMS:
+        args = (pair_d.detach().requires_grad_(), own, margins, longest if form == "distribution" else None, form, 1.0,
+                10)
+        samples.append((ops.pair_sums.default, args))
+        upstream = torch.randn_like(ops.pair_sums(*args))
+        samples.append((ops.pair_sums_backward.default,
+                        (upstream, *[a.detach() if isinstance(a, torch.Tensor) else a for a in args], True)))
     return samples
 
 

@@ -226,6 +226,20 @@ def _op_samples(device):
         grad = torch.ones((), dtype=torch.float64, device=device)
         samples.append((ops.crl_loss_backward.default, (grad, loss.detach(), x.detach(), partners, d, margins.detach(),
                                                          counts, sums, hist, form, 1.0, 10, "pooled", True)))
+    vectors = torch.randn(40, 2, 5, dtype=torch.float64, device=device, requires_grad=True)
+    partners = ops.mine_instance(vectors.detach(), batch.logits, batch.labels, classes, active, 3, 10, 25, True)[1]
+    d, _ = ops.pair_distances(vectors, partners, 10)
+    samples += [(ops.pair_distances.default, (vectors, partners, 10)),
+                (ops.pair_distances.default, (vectors[:, :1], partners, 10)),
+                (ops.pair_distances_backward.default, (torch.randn_like(d), vectors.detach(), partners, d.detach(), 10))]
+    longest = reference.longest_distance(d, partners)
+    for form in FORMS:
+        args = (d.detach().requires_grad_(), partners, margins, longest if form == "distribution" else None, form,
+                1.0, 10)
+        samples.append((ops.pair_sums.default, args))
+        grad = torch.randn_like(ops.pair_sums(*args))
+        samples.append((ops.pair_sums_backward.default, (grad, *[a.detach() if isinstance(a, torch.Tensor) else a
+                                                                for a in args], True)))
     return samples
 
 
@@ -303,6 +317,101 @@ def test_cpu_op_rejects_bad_indices_and_class_counts():
                               out[9], "relative", 1.0, 10, "pooled", False)
     with pytest.raises(ValueError, match=r"num_classes\[0\] = 3 must be between 2 and the 2 classes"):
         ops.profile(torch.tensor([[0], [1]]), torch.tensor([3]), 2, 0.5, True)
+
+
+# ---- the pair ops (a rank's own anchors under distributed=True) ---------------------------------------------
+
+
+def _pair_problem(device, dtype, shared, first=9, rows=24):
+    """Gathered-like vectors [N, A or 1, D], the partners of anchor rows first..first + rows mined
+    against all N, and margins that require grad."""
+    problem = make_problem(7, 48, (2, 3, 2), 6, shared, "list", skew=2.0, duplicates=2)
+    features, logits, labels, _, _ = problem.inputs(torch.float64, device)
+    batch = crl_ops._inputs.normalise(features, logits, labels)
+    classes = batch.classes_tensor()
+    _, _, active = torch.ops.crl_ops.profile(batch.labels, classes, 3, 0.5, True)
+    vectors = batch.features[:, :1] if shared else batch.features
+    partners = torch.ops.crl_ops.mine_instance(batch.features.detach(), batch.logits, batch.labels, classes, active,
+                                               3, first, rows, True)[1]
+    assert (partners >= 0).sum() > 20  # enough pairs to test something
+    margins = torch.tensor([0.5, 1.0, 2.0], dtype=torch.float64, device=device, requires_grad=True)
+    return vectors.detach().to(dtype).requires_grad_(), partners, margins
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shared", [False, True])
+@pytest.mark.parametrize("form", FORMS)
+def test_pair_ops_match_the_reference(device, dtype, shared, form):
+    vectors, partners, margins = _pair_problem(device, dtype, shared)
+    first = 9
+    results = []
+    for backend in (_native, reference):
+        d, overflow = backend.pair_distances(vectors, partners, first)
+        longest = reference.longest_distance(d, partners) if form == "distribution" else None
+        sums = backend.pair_sums(d, partners, margins, longest, form, 1.5, 12)
+        weights = torch.linspace(-1.0, 2.0, sums.numel(), dtype=sums.dtype, device=device).view(sums.shape)
+        grads = torch.autograd.grad((sums * weights).sum(), (vectors, margins), allow_unused=True)
+        results.append((d, overflow, sums, grads))
+    (d, overflow, sums, grads), (d_ref, overflow_ref, sums_ref, grads_ref) = results
+    tolerance = LOW_PRECISION[torch.float32 if dtype != torch.float64 else dtype]
+    assert d.dtype == d_ref.dtype and not overflow and not overflow_ref
+    torch.testing.assert_close(d, d_ref, rtol=tolerance, atol=tolerance)
+    torch.testing.assert_close(sums, sums_ref, rtol=tolerance, atol=tolerance)
+    assert grads[0].shape == vectors.shape and grads[0].dtype == vectors.dtype
+    torch.testing.assert_close(grads[0].double(), grads_ref[0].double(), rtol=LOW_PRECISION[dtype] * 10,
+                               atol=LOW_PRECISION[dtype] * 10)
+    if form == "relative":
+        torch.testing.assert_close(grads[1], grads_ref[1], rtol=tolerance, atol=tolerance)
+    else:
+        assert grads_ref[1] is None and not grads[1].any()  # unused: zeros, as the fused op's
+
+
+@pytest.mark.parametrize("shared", [False, True])
+@pytest.mark.parametrize("form", FORMS)
+def test_pair_ops_gradcheck(device, shared, form):
+    vectors, partners, margins = _pair_problem(device, torch.float64, shared)
+    d = torch.ops.crl_ops.pair_distances(vectors, partners, 9)[0]
+    longest = reference.longest_distance(d, partners) if form == "distribution" else None
+    assert torch.autograd.gradcheck(lambda v: torch.ops.crl_ops.pair_distances(v, partners, 9)[0], (vectors,))
+    inputs = (d.detach().requires_grad_(), margins)
+    assert torch.autograd.gradcheck(
+        lambda dist, m: torch.ops.crl_ops.pair_sums(dist, partners, m, longest, form, 1.5, 12), inputs)
+
+
+def test_pair_op_argument_errors(device):
+    ops = torch.ops.crl_ops
+    vectors = torch.randn(6, 2, 3, device=device)
+    partners = torch.full((2, 2, 4), -1, dtype=torch.long, device=device)
+    margins = torch.ones(2, device=device)
+    with pytest.raises(ValueError, match=r"vectors must have shape \[N < 2\^31, A, D >= 1\] or \[N, 1, D\]"):
+        ops.pair_distances(torch.randn(6, 3, 3, device=device), partners, 0)
+    with pytest.raises(TypeError, match="vectors must be float16"):
+        ops.pair_distances(vectors.long(), partners, 0)
+    with pytest.raises(ValueError, match="partners must have shape"):
+        ops.pair_distances(vectors, partners[..., :3], 0)
+    with pytest.raises(ValueError, match="anchor rows"):
+        ops.pair_distances(vectors, partners, 5)
+    d, _ = ops.pair_distances(vectors, partners, 4)
+    with pytest.raises(ValueError, match="grad must be float32"):
+        ops.pair_distances_backward(d.double(), vectors, partners, d, 4)
+    with pytest.raises(ValueError, match="the distribution form needs longest"):
+        ops.pair_sums(d, partners, margins, None, "distribution", 1.0, 10)
+    with pytest.raises(ValueError, match="margins must have shape"):
+        ops.pair_sums(d, partners, margins[:1], None, "relative", 1.0, 10)
+    with pytest.raises(ValueError, match="distances must be float32"):
+        ops.pair_sums(d[:1], partners, margins, None, "relative", 1.0, 10)
+    with pytest.raises(ValueError, match="form must be"):
+        ops.pair_sums(d, partners, margins, None, "hinge", 1.0, 10)
+    with pytest.raises(ValueError, match=r"grad must be a floating tensor \[2, 2, 10\]"):
+        ops.pair_sums_backward(torch.ones(2, 2, device=device), d, partners, margins, torch.ones(2, device=device),
+                               "distribution", 1.0, 10, False)
+
+
+def test_cpu_pair_op_rejects_partners_outside_the_vectors():
+    _native.require(torch.device("cpu"))
+    partners = torch.tensor([[[6, -1]]])
+    with pytest.raises(ValueError, match="partner index 6 is outside -1..5"):
+        torch.ops.crl_ops.pair_distances(torch.randn(6, 1, 2), partners, 0)
 
 
 # ---- the ops of one step --------------------------------------------------------------------------------

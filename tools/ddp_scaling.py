@@ -110,11 +110,11 @@ class CollectiveTimer:
 
 def formula_bytes(world, rows, attributes, dim, form, bins, batch_sizes, dtype_size=4):
     """Payload per rank and step of crl_ops.distributed (docs/scaling.md), by collective kind."""
-    sums = attributes * 2 * bins + 2 * attributes if form == "distribution" else 4 * attributes
+    sums = attributes * 2 * bins if form == "distribution" else 2 * attributes
     return {
         "all_gather": rows * attributes * 8 + rows * attributes * dtype_size
         + rows * attributes * dim * dtype_size + (16 if batch_sizes == "gathered" else 0),
-        "all_reduce": (sums + 4 * attributes + 1) * 8 + (attributes * dtype_size if form == "distribution" else 0),
+        "all_reduce": (sums + 4 * attributes + 2) * 8 + (attributes * dtype_size if form == "distribution" else 0),
         "reduce_scatter": world * rows * attributes * dim * dtype_size,
     }
 
@@ -300,7 +300,8 @@ def plot(out_dir, rows, args):
     axes[0].set_xticks([j + 0.4 - width / 2 for j in range(len(worlds))], [f"W={w}" for w in worlds])
     axes[0].set_ylabel("CPU ms per step, slowest rank")
     axes[0].set_title("per-rank CPU time (hatched: in collectives;\nblack: one process / W)")
-    axes[0].legend(fontsize=7)
+    axes[0].set_ylim(0, 1.45 * axes[0].get_ylim()[1])  # room for the legend above the bars
+    axes[0].legend(fontsize=7, loc="upper left")
     for ax, label, title in ((axes[1], "KiB per rank and step", "bytes (solid: payload, dashed: sent, ring)"),
                              (axes[2], "MiB", "peak RSS growth per rank")):
         ax.set_xlabel("ranks W")

@@ -1,6 +1,7 @@
-// Autograd of crl_ops::crl_loss, in C++: one node per step whose backward is one op call, without
-// the Python function calls a torch.library.register_autograd formula costs on every step. The
-// other ops give no gradient (their outputs are indices and masks) and have no double backward.
+// Autograd of crl_ops::crl_loss, pair_distances and pair_sums, in C++: one node per op whose
+// backward is one op call, without the Python function calls a torch.library.register_autograd
+// formula costs on every step. The other ops give no gradient (their outputs are indices and
+// masks) and have no double backward.
 #include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
@@ -66,6 +67,85 @@ class CrlLoss : public torch::autograd::Function<CrlLoss> {
   }
 };
 
+class PairDistances : public torch::autograd::Function<PairDistances> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const Tensor& vectors, const Tensor& partners,
+                               c10::SymInt first_anchor) {
+    static const auto op = c10::Dispatcher::singleton()
+                               .findSchemaOrThrow("crl_ops::pair_distances", "")
+                               .typed<std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, c10::SymInt)>();
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    auto [distances, overflow] = op.call(vectors, partners, first_anchor);
+    ctx->saved_data["first_anchor"] = first_anchor;
+    ctx->save_for_backward({vectors, partners, distances});
+    ctx->mark_non_differentiable({overflow});
+    ctx->set_materialize_grads(false);
+    return {distances, overflow};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    variable_list result(3);
+    if (!grads[0].defined() || !ctx->needs_input_grad(0)) return result;
+    static const auto op = c10::Dispatcher::singleton()
+                               .findSchemaOrThrow("crl_ops::pair_distances_backward", "")
+                               .typed<Tensor(const Tensor&, const Tensor&, const Tensor&, const Tensor&, c10::SymInt)>();
+    const auto saved = ctx->get_saved_variables();
+    result[0] = op.call(grads[0], saved[0], saved[1], saved[2], ctx->saved_data["first_anchor"].toSymInt());
+    return result;
+  }
+};
+
+constexpr int kDistancesInput = 0, kPairMarginsInput = 2;
+
+class PairSums : public torch::autograd::Function<PairSums> {
+ public:
+  static Tensor forward(AutogradContext* ctx, const Tensor& distances, const Tensor& partners, const Tensor& margins,
+                        const c10::optional<Tensor>& longest, c10::string_view form, double apc_margin, int64_t bins) {
+    static const auto op = c10::Dispatcher::singleton()
+                               .findSchemaOrThrow("crl_ops::pair_sums", "")
+                               .typed<Tensor(const Tensor&, const Tensor&, const Tensor&, const c10::optional<Tensor>&,
+                                             c10::string_view, double, int64_t)>();
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    Tensor sums = op.call(distances, partners, margins, longest, form, apc_margin, bins);
+    ctx->saved_data["form"] = std::string(form);
+    ctx->saved_data["apc_margin"] = apc_margin;
+    ctx->saved_data["bins"] = bins;
+    ctx->saved_data["has_longest"] = longest.has_value();
+    ctx->save_for_backward({distances, partners, margins, longest.value_or(Tensor())});
+    return sums;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    variable_list result(7);
+    static const auto op = c10::Dispatcher::singleton()
+                               .findSchemaOrThrow("crl_ops::pair_sums_backward", "")
+                               .typed<std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&,
+                                                                 const Tensor&, const c10::optional<Tensor>&,
+                                                                 c10::string_view, double, int64_t, bool)>();
+    const auto saved = ctx->get_saved_variables();
+    const c10::optional<Tensor> longest =
+        ctx->saved_data["has_longest"].toBool() ? c10::optional<Tensor>(saved[3]) : c10::nullopt;
+    auto [grad_distances, grad_margins] =
+        op.call(grads[0], saved[0], saved[1], saved[2], longest, ctx->saved_data["form"].toStringRef(),
+                ctx->saved_data["apc_margin"].toDouble(), ctx->saved_data["bins"].toInt(),
+                ctx->needs_input_grad(kPairMarginsInput));
+    if (ctx->needs_input_grad(kDistancesInput)) result[kDistancesInput] = grad_distances;
+    if (ctx->needs_input_grad(kPairMarginsInput)) result[kPairMarginsInput] = grad_margins;
+    return result;
+  }
+};
+
+std::tuple<Tensor, Tensor> pair_distances_autograd(const Tensor& vectors, const Tensor& partners,
+                                                   c10::SymInt first_anchor) {
+  auto out = PairDistances::apply(vectors, partners, std::move(first_anchor));
+  return {out[0], out[1]};
+}
+
+Tensor pair_sums_autograd(const Tensor& distances, const Tensor& partners, const Tensor& margins,
+                          const c10::optional<Tensor>& longest, c10::string_view form, double apc_margin, int64_t bins) {
+  return PairSums::apply(distances, partners, margins, longest, form, apc_margin, bins);
+}
+
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> crl_loss_autograd(
     const Tensor& features, const Tensor& logits, const Tensor& labels, const Tensor& num_classes,
     const Tensor& margins, c10::string_view mode, c10::string_view form, int64_t k, double apc_margin, int64_t bins,
@@ -80,7 +160,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tenso
 
 TORCH_LIBRARY_IMPL(crl_ops, Autograd, m) {
   m.impl("crl_loss", &crl::crl_loss_autograd);
-  for (const char* op : {"profile", "mine_class", "mine_instance", "crl_loss_backward"}) {
+  m.impl("pair_distances", &crl::pair_distances_autograd);
+  m.impl("pair_sums", &crl::pair_sums_autograd);
+  for (const char* op : {"profile", "mine_class", "mine_instance", "crl_loss_backward", "pair_distances_backward",
+                         "pair_sums_backward"}) {
     m.impl(op, torch::autograd::autogradNotImplementedFallback());
   }
 }

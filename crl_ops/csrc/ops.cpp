@@ -20,6 +20,23 @@ TORCH_LIBRARY(crl_ops, m) {
         "SymInt num_anchors, bool validate) -> (Tensor anchors, Tensor partners)");
   m.def("mine_instance(Tensor features, Tensor logits, Tensor labels, Tensor num_classes, Tensor active, int k, "
         "SymInt first_anchor, SymInt num_anchors, bool validate) -> (Tensor anchors, Tensor partners)");
+  // Section 3 on given pairs, in two differentiable steps whose sums add over disjoint sets of
+  // anchors (crl_ops.distributed: a rank's own anchors against the gathered batch).
+  // pair_distances: for the anchor rows first_anchor..first_anchor + R of vectors[N, Ax, D] (Ax = A,
+  // or 1: one vector shared by the attributes) and their partners[R, A, 2K] (rows of vectors), the
+  // distances[R, A, 2K] in the accumulation dtype (0 where empty) and overflow (0-dim bool: a
+  // pair's squared distance is infinite). Differentiable w.r.t. vectors.
+  m.def("pair_distances(Tensor vectors, Tensor partners, SymInt first_anchor) -> (Tensor distances, Tensor overflow)");
+  m.def("pair_distances_backward(Tensor grad, Tensor vectors, Tensor partners, Tensor distances, SymInt first_anchor) "
+        "-> Tensor");
+  // pair_sums: per attribute, relative [A, 2] (hinge sum, 0); absolute [A, 2] (sums of positive d^2
+  // and of negative hinge(apc_margin - d)^2); distribution [A, 2, bins] (the unnormalised histograms
+  // of positives and negatives on the nodes over [0, longest_j]; longest [A] required).
+  // Differentiable w.r.t. distances and margins.
+  m.def("pair_sums(Tensor distances, Tensor partners, Tensor margins, Tensor? longest, str form, float apc_margin, "
+        "int bins) -> Tensor");
+  m.def("pair_sums_backward(Tensor grad, Tensor distances, Tensor partners, Tensor margins, Tensor? longest, "
+        "str form, float apc_margin, int bins, bool margins_grad) -> (Tensor grad_distances, Tensor grad_margins)");
   // The whole loss of sections 1-3 in one op (one dispatch and one autograd node per step):
   // loss; counts, minority, active; anchors[B, A], partners[B, A, 2K]; pair_counts[A, 4] (anchors,
   // positive pairs, negative pairs, triplets); and for the backward: distances[B, A, 2K], sums[A, 2]

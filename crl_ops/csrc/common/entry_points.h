@@ -10,6 +10,12 @@
 //   mine_instance(features, logits, labels, num_classes, active, k, first, rows) -> (anchors, partners, Flag overflow)
 //   check_overflow(Flag overflow, dtype)       the error (or assertion) of an overflowing distance
 //   pair_counts(anchors, partners) -> [A, 4]
+//   pair_distances(vectors, partners, first) -> (distances, Flag overflow)
+//   pair_distances_backward(grad, vectors, partners, distances, first) -> grad_vectors
+//   pair_sums(distances, partners, margins, longest or undefined, form, apc_margin, bins) -> sums
+//   pair_sums_backward(grad, distances, partners, margins, longest or undefined, form, apc_margin, bins,
+//                      margins_grad) -> (grad_distances, grad_margins)
+//   as_tensor(Flag, like) -> a 0-dim bool tensor on like's device
 //   loss(features, partners, margins, pair_counts, form, apc_margin, bins, reduction, validate, Flag finite)
 //       -> {loss, distances, sums, histograms}
 //   loss_backward(grad, loss, features, partners, distances, margins, pair_counts, sums, histograms, form,
@@ -63,6 +69,43 @@ struct EntryPoints {
     return {anchors, partners};
   }
 
+  static std::tuple<Tensor, Tensor> pair_distances(const Tensor& vectors, const Tensor& partners,
+                                                   int64_t first_anchor) {
+    check_pair_distances_args(vectors, partners, first_anchor);
+    typename Device::Guard guard(vectors);
+    auto [distances, overflow] = Device::pair_distances(vectors, partners.contiguous(), first_anchor);
+    return {distances, Device::as_tensor(overflow, vectors)};
+  }
+
+  static Tensor pair_distances_backward(const Tensor& grad, const Tensor& vectors, const Tensor& partners,
+                                        const Tensor& distances, int64_t first_anchor) {
+    check_pair_distances_backward_args(grad, vectors, partners, distances, first_anchor);
+    typename Device::Guard guard(vectors);
+    return Device::pair_distances_backward(grad.contiguous(), vectors, partners.contiguous(), distances.contiguous(),
+                                           first_anchor);
+  }
+
+  static Tensor pair_sums(const Tensor& distances, const Tensor& partners, const Tensor& margins,
+                          const c10::optional<Tensor>& longest, c10::string_view form, double apc_margin,
+                          int64_t bins) {
+    const Form loss_form = parse_form(form);
+    check_pair_sums_args(distances, partners, margins, longest, loss_form, apc_margin, bins);
+    typename Device::Guard guard(distances);
+    return Device::pair_sums(distances.contiguous(), partners.contiguous(), margins, longest.value_or(Tensor()),
+                             loss_form, apc_margin, bins);
+  }
+
+  static std::tuple<Tensor, Tensor> pair_sums_backward(const Tensor& grad, const Tensor& distances,
+                                                       const Tensor& partners, const Tensor& margins,
+                                                       const c10::optional<Tensor>& longest, c10::string_view form,
+                                                       double apc_margin, int64_t bins, bool margins_grad) {
+    const Form loss_form = parse_form(form);
+    check_pair_sums_backward_args(grad, distances, partners, margins, longest, loss_form, apc_margin, bins);
+    typename Device::Guard guard(distances);
+    return Device::pair_sums_backward(grad, distances.contiguous(), partners.contiguous(), margins,
+                                      longest.value_or(Tensor()), loss_form, apc_margin, bins, margins_grad);
+  }
+
   static std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> crl_loss(
       const Tensor& features, const Tensor& logits, const Tensor& labels_in, const Tensor& num_classes_in,
       const Tensor& margins, c10::string_view mode, c10::string_view form, int64_t k, double apc_margin, int64_t bins,
@@ -111,6 +154,10 @@ void register_entry_points(torch::Library& m) {
   m.impl("profile", &EntryPoints<Device>::profile);
   m.impl("mine_class", &EntryPoints<Device>::mine_class);
   m.impl("mine_instance", &EntryPoints<Device>::mine_instance);
+  m.impl("pair_distances", &EntryPoints<Device>::pair_distances);
+  m.impl("pair_distances_backward", &EntryPoints<Device>::pair_distances_backward);
+  m.impl("pair_sums", &EntryPoints<Device>::pair_sums);
+  m.impl("pair_sums_backward", &EntryPoints<Device>::pair_sums_backward);
   m.impl("crl_loss", &EntryPoints<Device>::crl_loss);
   m.impl("crl_loss_backward", &EntryPoints<Device>::crl_loss_backward);
 }

@@ -8,6 +8,7 @@
 
 #include <cmath>
 #include <string>
+#include <vector>
 
 #include "common/crl_math.h"
 
@@ -177,6 +178,86 @@ inline void check_crl_loss_args(const at::Tensor& features, const at::Tensor& lo
   check_threshold(threshold);
   TORCH_CHECK_VALUE(std::isfinite(apc_margin) && apc_margin >= 0.0, "crl_ops: apc_margin must be finite and >= 0, got ",
                     apc_margin);
+}
+
+// partners [R, A, 2K >= 2] int64 on the device of `like`.
+inline void check_partners(const at::Tensor& partners, const at::Tensor& like, const char* like_name) {
+  check_int64(partners, "partners", 3, "[R, A, 2K]");
+  TORCH_CHECK_VALUE(partners.size(1) >= 1 && partners.size(2) >= 2 && partners.size(2) % 2 == 0,
+                    "crl_ops: partners must have shape [R, A >= 1, 2K >= 2], got ", partners.sizes());
+  check_same_device(partners, "partners", like, like_name);
+}
+
+// vectors [N, A or 1, D >= 1] (1: shared by the attributes), partners [R, A, 2K] of the anchor rows
+// first_anchor..first_anchor + R of vectors.
+inline void check_pair_distances_args(const at::Tensor& vectors, const at::Tensor& partners, int64_t first_anchor) {
+  TORCH_CHECK_TYPE(is_feature_type(vectors.scalar_type()), "crl_ops: vectors must be float16, bfloat16, float32 or "
+                   "float64, got ", vectors.scalar_type());
+  check_partners(partners, vectors, "vectors");
+  TORCH_CHECK_VALUE(vectors.dim() == 3 && (vectors.size(1) == partners.size(1) || vectors.size(1) == 1) &&
+                        vectors.size(2) >= 1 && vectors.size(0) < (int64_t(1) << 31),
+                    "crl_ops: vectors must have shape [N < 2^31, A, D >= 1] or [N, 1, D] with A = ", partners.size(1),
+                    " (the partners' attributes), got ", vectors.sizes());
+  check_anchor_rows(first_anchor, partners.size(0), vectors.size(0));
+}
+
+// `name` [shape of partners] in the accumulation dtype of `type`.
+inline void check_pair_values(const at::Tensor& t, const char* name, const at::Tensor& partners, at::ScalarType type) {
+  const auto acc = accumulation_type(type);
+  TORCH_CHECK_VALUE(t.sizes() == partners.sizes() && t.scalar_type() == acc, "crl_ops: ", name, " must be ",
+                    accumulation_name(type), " ", partners.sizes(), " (the shape of partners), got ", t.scalar_type(),
+                    " ", t.sizes());
+  check_same_device(t, name, partners, "partners");
+}
+
+inline void check_pair_distances_backward_args(const at::Tensor& grad, const at::Tensor& vectors,
+                                               const at::Tensor& partners, const at::Tensor& distances,
+                                               int64_t first_anchor) {
+  check_pair_distances_args(vectors, partners, first_anchor);
+  check_pair_values(distances, "distances", partners, vectors.scalar_type());
+  check_pair_values(grad, "grad", partners, vectors.scalar_type());
+}
+
+// distances [R, A, 2K] float32 or float64, partners, margins [A]; longest [A] for the distribution form.
+inline void check_pair_sums_args(const at::Tensor& distances, const at::Tensor& partners, const at::Tensor& margins,
+                                 const c10::optional<at::Tensor>& longest, Form form, double apc_margin,
+                                 int64_t bins) {
+  TORCH_CHECK_TYPE(distances.scalar_type() == at::kFloat || distances.scalar_type() == at::kDouble,
+                   "crl_ops: distances must be float32 or float64, got ", distances.scalar_type());
+  check_partners(partners, distances, "distances");
+  check_pair_values(distances, "distances", partners, distances.scalar_type());
+  const int64_t attributes = partners.size(1);
+  TORCH_CHECK_VALUE(margins.dim() == 1 && margins.size(0) == attributes, "crl_ops: margins must have shape [A] = [",
+                    attributes, "], got ", margins.sizes());
+  TORCH_CHECK_TYPE(margins.is_floating_point(), "crl_ops: margins must be floating point, got ", margins.scalar_type());
+  check_same_device(margins, "margins", distances, "distances");
+  if (form == Form::Distribution) {
+    TORCH_CHECK_VALUE(longest.has_value() && longest->dim() == 1 && longest->size(0) == attributes &&
+                          longest->is_floating_point(),
+                      "crl_ops: the distribution form needs longest, a floating tensor [A] = [", attributes, "]");
+    check_same_device(*longest, "longest", distances, "distances");
+  }
+  check_bins(bins);
+  TORCH_CHECK_VALUE(std::isfinite(apc_margin) && apc_margin >= 0.0, "crl_ops: apc_margin must be finite and >= 0, got ",
+                    apc_margin);
+}
+
+// The shape of pair_sums' output: [A, 2], or [A, 2, bins] for the distribution form.
+inline std::vector<int64_t> pair_sums_shape(Form form, int64_t attributes, int64_t bins) {
+  if (form == Form::Distribution) return {attributes, 2, bins};
+  return {attributes, 2};
+}
+
+inline void check_pair_sums_backward_args(const at::Tensor& grad, const at::Tensor& distances,
+                                          const at::Tensor& partners, const at::Tensor& margins,
+                                          const c10::optional<at::Tensor>& longest, Form form, double apc_margin,
+                                          int64_t bins) {
+  check_pair_sums_args(distances, partners, margins, longest, form, apc_margin, bins);
+  const auto shape = pair_sums_shape(form, partners.size(1), bins);
+  TORCH_CHECK_VALUE(grad.sizes() == at::IntArrayRef(shape) && grad.is_floating_point(),
+                    "crl_ops: grad must be a floating tensor ", at::IntArrayRef(shape), " (pair_sums' output), got ",
+                    grad.sizes());
+  check_same_device(grad, "grad", distances, "distances");
 }
 
 // The forward's outputs handed back to crl_loss_backward.

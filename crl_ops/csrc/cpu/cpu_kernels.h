@@ -44,6 +44,19 @@ std::tuple<Tensor, Tensor, bool> mine_instance(const Tensor& features, const Ten
 // pair_counts [A, 4] of anchors [B, A] and partners [B, A, 2K].
 Tensor pair_counts(const Tensor& anchors, const Tensor& partners);
 
+// Section 3 on given pairs (the ops of ops.cpp): distances from the anchor rows first..first + R of
+// vectors [N, Ax, D] to their partners [R, A, 2K], and whether a squared distance overflowed.
+std::tuple<Tensor, bool> pair_distances(const Tensor& vectors, const Tensor& partners, int64_t first);
+Tensor pair_distances_backward(const Tensor& grad, const Tensor& vectors, const Tensor& partners,
+                               const Tensor& distances, int64_t first);
+// The per-attribute sums of a form (relative, absolute [A, 2]; distribution [A, 2, bins] on the
+// nodes over [0, longest_j]) and the backward of a gradient of them.
+Tensor pair_sums(const Tensor& distances, const Tensor& partners, const Tensor& margins, const Tensor& longest,
+                 Form form, double apc_margin, int64_t bins);
+std::tuple<Tensor, Tensor> pair_sums_backward(const Tensor& grad, const Tensor& distances, const Tensor& partners,
+                                              const Tensor& margins, const Tensor& longest, Form form,
+                                              double apc_margin, int64_t bins, bool margins_grad);
+
 struct LossOutputs {
   Tensor loss, distances, sums, histograms;
 };

@@ -19,8 +19,16 @@ struct Cpu {
   static constexpr auto mine_class = &cpu::mine_class;
   static constexpr auto mine_instance = &cpu::mine_instance;
   static constexpr auto pair_counts = &cpu::pair_counts;
+  static constexpr auto pair_distances = &cpu::pair_distances;
+  static constexpr auto pair_distances_backward = &cpu::pair_distances_backward;
+  static constexpr auto pair_sums = &cpu::pair_sums;
+  static constexpr auto pair_sums_backward = &cpu::pair_sums_backward;
   static constexpr auto loss = &cpu::loss;
   static constexpr auto loss_backward = &cpu::loss_backward;
+
+  static at::Tensor as_tensor(bool flag, const at::Tensor& like) {
+    return at::scalar_tensor(flag, like.options().dtype(at::kBool));
+  }
 
   static void check_overflow(bool overflow, at::ScalarType type) {
     TORCH_CHECK_VALUE(!overflow, overflow_message(type));

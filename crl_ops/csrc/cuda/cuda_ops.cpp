@@ -23,7 +23,13 @@ struct Cuda {
   static constexpr auto mine_instance = &cuda::mine_instance;
   static constexpr auto check_overflow = &cuda::check_overflow;
   static constexpr auto pair_counts = &cuda::pair_counts;
+  static constexpr auto pair_distances = &cuda::pair_distances;
+  static constexpr auto pair_distances_backward = &cuda::pair_distances_backward;
+  static constexpr auto pair_sums = &cuda::pair_sums;
+  static constexpr auto pair_sums_backward = &cuda::pair_sums_backward;
   static constexpr auto loss = &cuda::loss;
+
+  static const at::Tensor& as_tensor(const at::Tensor& flag, const at::Tensor&) { return flag; }
   static constexpr auto loss_backward = &cuda::loss_backward;
 };
 

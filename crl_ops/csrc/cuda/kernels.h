@@ -16,6 +16,11 @@
 
 #include "common/crl_math.h"
 
+// The explicit instantiations of the templated launchers, in the .cu files: M(T, Acc) for every
+// feature dtype with its accumulation type, M(Acc) for every accumulation type.
+#define CRL_FOR_EACH_FEATURE_TYPE(M) M(float, float) M(double, double) M(c10::Half, float) M(c10::BFloat16, float)
+#define CRL_FOR_EACH_ACCUMULATION_TYPE(M) M(float) M(double)
+
 namespace crl {
 namespace cuda {
 
@@ -147,6 +152,47 @@ void loss_backward_scales(const BackwardArgs<T, Acc>& args, Acc* scales, void* w
 template <typename T, typename Acc>
 void loss_backward_gather(const BackwardArgs<T, Acc>& args, const Acc* scales, const int64_t* incoming,
                           const int64_t* offsets, T* grad_features, cudaStream_t stream);
+
+// ---- the pair ops (pairs.cu): cpu::pair_distances, pair_sums and their backward -------------------------
+// Anchor row r of partners [R, A, W] is sample first + r of vectors [N, Ax, D] (x: any element
+// strides), Ax = A or 1 (one vector shared by the attributes).
+
+template <typename T>
+struct PairVectors {
+  Features<T> x;
+  int64_t samples, per_sample;  // N, Ax
+};
+
+// distances [R, A, W] (contiguous, Acc) and overflow[0] (a squared distance is infinite).
+// A partner outside -1..N-1 is a device-side assertion. One kernel and one cudaMemsetAsync.
+template <typename T, typename Acc>
+void pair_distances(const PairVectors<T>& v, const int64_t* partners, int64_t rows, int64_t attributes,
+                    int64_t width, int64_t first, Acc* distances, bool* overflow, cudaStream_t stream);
+// grad_vectors [N, Ax, D] contiguous in Acc, zero-filled by the caller: float atomics.
+template <typename T, typename Acc>
+void pair_distances_backward(const PairVectors<T>& v, const int64_t* partners, const Acc* distances,
+                             const Acc* grad, int64_t rows, int64_t attributes, int64_t width, int64_t first,
+                             Acc* grad_vectors, cudaStream_t stream);
+
+struct PairRows {
+  int64_t rows, attributes, width;
+};
+
+// The scratch pair_sums needs: one pair of partial sums per row.
+template <typename Acc>
+size_t pair_sums_workspace(const PairRows& rows);
+// sums [A, 2] (relative, absolute) or [A, 2, bins] (distribution, on the nodes of longest [A]),
+// each attribute summed in row order as on the CPU. Two kernels, or one for the distribution form.
+template <typename Acc>
+void pair_sums(const Acc* distances, const int64_t* partners, const PairRows& rows, const Acc* margins,
+               const Acc* longest, Form form, Acc apc_margin, int64_t bins, Acc* sums, void* workspace,
+               cudaStream_t stream);
+// grad_distances [R, A, W] from grad (pair_sums' shape), and the open hinges of each attribute
+// open [A] (relative; zero-filled by the caller), for d / d margins.
+template <typename Acc>
+void pair_sums_backward(const Acc* grad, const Acc* distances, const int64_t* partners, const PairRows& rows,
+                        const Acc* margins, const Acc* longest, Form form, Acc apc_margin, int64_t bins,
+                        Acc* grad_distances, unsigned long long* open, cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace crl

@@ -766,12 +766,8 @@ void loss_backward_gather(const BackwardArgs<T, Acc>& args, const Acc* scales, c
   template void loss_backward_gather<T, Acc>(const BackwardArgs<T, Acc>&, const Acc*, const int64_t*,              \
                                              const int64_t*, T*, cudaStream_t);
 
-CRL_INSTANTIATE_ACC(float)
-CRL_INSTANTIATE_ACC(double)
-CRL_INSTANTIATE_FEATURES(float, float)
-CRL_INSTANTIATE_FEATURES(double, double)
-CRL_INSTANTIATE_FEATURES(c10::Half, float)
-CRL_INSTANTIATE_FEATURES(c10::BFloat16, float)
+CRL_FOR_EACH_ACCUMULATION_TYPE(CRL_INSTANTIATE_ACC)
+CRL_FOR_EACH_FEATURE_TYPE(CRL_INSTANTIATE_FEATURES)
 
 }  // namespace cuda
 }  // namespace crl

@@ -40,6 +40,18 @@ void check_overflow(const Tensor& overflow, at::ScalarType accumulation);
 // 0-dim bool tensor.
 Tensor pair_counts(const Tensor& anchors, const Tensor& partners);
 
+// The pair ops (pairs.cu, pairs_ops.cpp): as cpu::pair_distances (the overflow flag a 0-dim bool
+// tensor), pair_distances_backward (float atomics: refused under deterministic algorithms),
+// pair_sums and pair_sums_backward.
+std::tuple<Tensor, Tensor> pair_distances(const Tensor& vectors, const Tensor& partners, int64_t first);
+Tensor pair_distances_backward(const Tensor& grad, const Tensor& vectors, const Tensor& partners,
+                               const Tensor& distances, int64_t first);
+Tensor pair_sums(const Tensor& distances, const Tensor& partners, const Tensor& margins, const Tensor& longest,
+                 Form form, double apc_margin, int64_t bins);
+std::tuple<Tensor, Tensor> pair_sums_backward(const Tensor& grad, const Tensor& distances, const Tensor& partners,
+                                              const Tensor& margins, const Tensor& longest, Form form,
+                                              double apc_margin, int64_t bins, bool margins_grad);
+
 struct LossOutputs {
   Tensor loss, distances, sums, histograms;
 };
