@@ -5,12 +5,12 @@ samples, so `distributed=True` profiles and mines over the samples of all ranks 
 process group. The result equals one process on the concatenated batch (ranks in order, uneven
 batch sizes allowed), but each rank only does its share of the work:
 
-- forward: one all-gather each of every rank's labels, logits (for the mining) and CRL vectors
-  (features or normalised features; with distance="score" the logits themselves, which then
-  carry the gradient); every rank profiles the global batch (cheap), then mines only its own
-  anchors against the candidates of all ranks and reduces its anchors' pairs to per-attribute
-  sums and counts (`crl_ops.reference`); one all-reduce of those small vectors gives
-  the global loss and statistics on every rank. The histogram form all-reduces each attribute's
+- forward: one all-gather of every rank's CRL vectors (features or normalised features; with
+  distance="score" the logits themselves, which then carry the gradient), labels and logits (for
+  the mining), packed as bytes; every rank profiles the global batch (cheap), then mines only its
+  own anchors against the candidates of all ranks and reduces its anchors' pairs to per-attribute
+  sums (backend.pair_distances, backend.pair_sums) and counts; one all-reduce of those small
+  vectors gives the global loss and statistics on every rank. The histogram form all-reduces each attribute's
   longest distance R (a max) before its histograms. Ranks with fewer samples pad to the largest
   batch: padded rows are unannotated (label -1), which no profile, anchor or candidate counts.
 - backward: the gradient of the gathered CRL vectors goes back to the ranks that own them with one
@@ -154,27 +154,45 @@ def _rank_sizes(layout: str, batch_size: int, batch_sizes: str, device: torch.de
 # ---- collectives with the gradients of the convention above -------------------------------------------
 
 
-def _gather_padded(tensor: Tensor, rows: int, fill=0) -> Tensor:
-    """[W * rows, ...]: every rank's rows of `tensor`, padded to `rows` per rank with `fill` (rank
-    q's rows start at q * rows)."""
-    own = tensor.shape[0]
-    if own < rows:
-        tensor = torch.cat([tensor, tensor.new_full((rows - own, *tensor.shape[1:]), fill)])
-    return _all_gather(tensor)
+def _gather_rows(rows: int, parts: list) -> list:
+    """[W * rows, ...] for each (tensor, fill) of `parts` (tensors with this rank's rows first): every
+    rank's rows, padded to `rows` per rank with `fill` (rank q's rows start at q * rows), in one
+    all-gather of their bytes. The first tensor comes back as a strided view of the gathered buffer
+    (the kernels read in place), the others as contiguous copies."""
+    own = parts[0][0].shape[0]
+    flat = []
+    for tensor, fill in parts:
+        if own < rows:
+            tensor = torch.cat([tensor, tensor.new_full((rows - own, *tensor.shape[1:]), fill)])
+        flat.append(tensor.reshape(rows, -1).contiguous().view(torch.uint8))
+    widths = [f.shape[1] for f in flat]
+    padding = -sum(widths) % 8  # rows of whole 8-byte words: every piece can be viewed in its dtype
+    if padding:
+        flat.append(flat[0].new_zeros((rows, padding)))
+    pieces = _all_gather(torch.cat(flat, dim=1)).split(widths + ([padding] if padding else []), dim=1)
+    out = []
+    for q, (tensor, _) in enumerate(parts):
+        piece = pieces[q] if q == 0 and widths[0] % tensor.element_size() == 0 else pieces[q].contiguous()
+        out.append(piece.view(tensor.dtype).view(-1, *tensor.shape[1:]))
+    return out
 
 
-class _GatherVectors(torch.autograd.Function):
-    """The CRL vectors of all ranks, padded. Backward: their gradient, summed over the ranks by a
-    reduce-scatter, returns to its owner, times W (the convention above)."""
+class _GatherRows(torch.autograd.Function):
+    """The rows of all ranks, padded, in one all-gather: CRL's vectors, then the tensors that only
+    steer the mining (`steering`: (tensor, fill) pairs; no gradient). Backward: the vectors'
+    gradient, summed over the ranks by a reduce-scatter, returns to its owner, times W (the
+    convention above)."""
 
     @staticmethod
-    def forward(ctx, rows: int, vectors: Tensor):
+    def forward(ctx, rows: int, vectors: Tensor, steering: tuple):
         ctx.own, ctx.world = vectors.shape[0], dist.get_world_size()
-        return _gather_padded(vectors, rows)
+        gathered = _gather_rows(rows, [(vectors, 0)] + [(t.detach(), fill) for t, fill in steering])
+        ctx.mark_non_differentiable(*gathered[1:])
+        return tuple(gathered)
 
     @staticmethod
-    def backward(ctx, grad: Tensor):
-        return None, _reduce_scatter(grad)[: ctx.own] * ctx.world
+    def backward(ctx, grad: Tensor, *_):
+        return None, _reduce_scatter(grad)[: ctx.own] * ctx.world, None
 
 
 class _SumOverRanks(torch.autograd.Function):
@@ -246,9 +264,9 @@ def class_rectification_loss(options, margin, batch: Batch):
     first = dist.get_rank() * rows  # this rank's first row in the padded global batch
     num_classes = batch.classes_tensor()
 
-    labels = _gather_padded(batch.labels, rows, fill=-1)
-    gathered = _GatherVectors.apply(rows, vectors[:, :1] if shared else vectors)
-    logits = gathered.detach() if score_space else _gather_padded(batch.logits.detach(), rows)  # for the mining
+    steering = ((batch.labels, -1),) if score_space else ((batch.labels, -1), (batch.logits, 0))
+    gathered, labels, *logits = _GatherRows.apply(rows, vectors[:, :1] if shared else vectors, steering)
+    logits = gathered.detach() if score_space else logits[0]  # for the mining
 
     validate = options.validate
     if validate:  # on the concatenated batch: the messages name its rows, as for one process

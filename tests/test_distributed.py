@@ -417,10 +417,10 @@ def test_ddp_step_gives_single_process_gradients(ranks, mode, form, backend):
 @pytest.mark.parametrize("form", ("relative", "distribution"))
 def test_a_step_with_equal_batches_declared_has_no_host_synchronisation(ranks, form):
     _, per_rank = ranks
-    # Forward: labels, logits and CRL vectors gathered; the sums (and the histogram form's R)
-    # and the cross-entropy all-reduced. Backward: one reduce-scatter of the vectors' gradient.
-    equal = {"all-gather": 3, "all-reduce": 3 if form == "distribution" else 2, "reduce-scatter": 1}
-    gathered = {**equal, "all-gather": 4, "host read": 1}  # + the batch sizes, read on the host
+    # Forward: CRL vectors, labels and logits in one all-gather; the sums (and the histogram form's
+    # R) and the cross-entropy all-reduced. Backward: one reduce-scatter of the vectors' gradient.
+    equal = {"all-gather": 1, "all-reduce": 3 if form == "distribution" else 2, "reduce-scatter": 1}
+    gathered = {**equal, "all-gather": 2, "host read": 1}  # + the batch sizes, read on the host
     for result in per_rank:
         assert result[f"collectives/equal/{form}"] == equal
         assert result[f"collectives/gathered/{form}"] == gathered
