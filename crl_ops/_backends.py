@@ -1,7 +1,7 @@
 """Backend selection: the native kernels (when they can run on the tensors' device) or the reference.
 
-A backend is a module with the functions of `crl_ops.reference` (profile, mine_class,
-mine_instance, pair_distances, pair_sums, crl_loss) and the same signatures; `crl_ops._native`
+A backend is a module with the functions of `crl_ops.reference` (profile, class_lists,
+mine_class, mine_instance, pair_distances, pair_sums, crl_loss) and the same signatures; `crl_ops._native`
 wraps the compiled ops behind that interface.
 """
 from __future__ import annotations

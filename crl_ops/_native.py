@@ -75,6 +75,11 @@ def _register_fake_kernels() -> None:
         return (labels.new_empty((rows, num_attributes), dtype=torch.bool),
                 labels.new_empty((rows, num_attributes, 2 * k)))
 
+    @torch.library.register_fake("crl_ops::class_lists")
+    def _(logits, labels, num_classes, active, k, validate):
+        shape = (labels.shape[1], logits.shape[2] if logits.dim() == 3 else 2, 2 * k)
+        return logits.new_empty(shape, dtype=accumulation_dtype(logits.dtype)), labels.new_empty(shape)
+
     @torch.library.register_fake("crl_ops::mine_class")
     def _(logits, labels, num_classes, active, k, first_anchor, num_anchors, validate):
         return mined(labels, k, num_anchors)
@@ -128,6 +133,11 @@ def _register_fake_kernels() -> None:
 
 def profile(labels: Tensor, num_classes: Tensor, max_classes: int, threshold: float, validate: bool):
     return torch.ops.crl_ops.profile(labels, num_classes, max_classes, threshold, validate)
+
+
+def class_lists(logits: Tensor, labels: Tensor, num_classes: Tensor, active: Optional[Tensor], k: int,
+                validate: bool):
+    return torch.ops.crl_ops.class_lists.default(logits.detach(), labels, num_classes, active, k, validate)
 
 
 def mine_class(logits: Tensor, labels: Tensor, num_classes: Tensor, active: Tensor, k: int, first_anchor: int,

@@ -248,6 +248,35 @@ def _global_sums(options, backend, d: Tensor, partners: Tensor, margins: Tensor,
         (flags > 0).any()
 
 
+def _merge_class_lists(keys: Tensor, indices: Tensor) -> Tensor:
+    """The class lists [A, C, 2K] of the global batch from those of each rank's own rows, keys and
+    (global) indices [W, A, C, 2K]: on each side the K best of all ranks' candidates by (key, then
+    index), the lowest keys first for positives and the highest for negatives, as one process
+    selects them. Empty slots (index -1, key +inf or -inf) sort last.
+
+    One stable sort by key suffices: in rank order, candidates of equal keys already stand in
+    index order (a rank's list is ordered by (key, index), and rank q's rows precede rank q+1's)."""
+    k = keys.shape[-1] // 2
+    sides = []
+    for side, descending in ((slice(0, k), False), (slice(k, None), True)):
+        key = keys[..., side].permute(1, 2, 0, 3).flatten(2)  # [A, C, W K], rank by rank
+        best = torch.sort(key, dim=-1, descending=descending, stable=True).indices[..., :k]
+        sides.append(indices[..., side].permute(1, 2, 0, 3).flatten(2).gather(-1, best))
+    return torch.cat(sides, dim=-1)
+
+
+def _mine_class(backend, batch: Batch, num_classes: Tensor, active: Tensor, k: int, first: int):
+    """Class-level mining of this rank's rows: each rank selects the class lists of its own rows,
+    one all-gather of the lists (a few rows per class), and the merged lists give the anchors'
+    partners, as backend.mine_class on the concatenated batch would."""
+    keys, lists = backend.class_lists(batch.logits, batch.labels, num_classes, active, k, False)
+    lists = torch.where(lists >= 0, lists + first, -1)  # rows of the padded global batch
+    all_keys, all_lists = _gather_rows(keys.shape[0], [(keys, 0), (lists, -1)])
+    world = dist.get_world_size()
+    merged = _merge_class_lists(all_keys.view(world, *keys.shape), all_lists.view(world, *keys.shape))
+    return reference.class_rows(merged, reference.check_labels(batch.labels, num_classes, False), active, first)
+
+
 def class_rectification_loss(options, margin, batch: Batch):
     """l_crl of the global batch on every rank, and its statistics (the entry of crl_ops.functional)."""
     from .functional import BatchStats, crl_features, margins_tensor
@@ -264,11 +293,14 @@ def class_rectification_loss(options, margin, batch: Batch):
     first = dist.get_rank() * rows  # this rank's first row in the padded global batch
     num_classes = batch.classes_tensor()
 
-    steering = ((batch.labels, -1),) if score_space else ((batch.labels, -1), (batch.logits, 0))
-    gathered, labels, *logits = _GatherRows.apply(rows, vectors[:, :1] if shared else vectors, steering)
-    logits = gathered.detach() if score_space else logits[0]  # for the mining
-
     validate = options.validate
+    # The logits of all ranks steer instance mining and are checked with validate; class mining
+    # merges the ranks' class lists instead.
+    gather_logits = not score_space and (options.mode == "instance" or validate)
+    steering = ((batch.labels, -1), (batch.logits, 0)) if gather_logits else ((batch.labels, -1),)
+    gathered, labels, *logits = _GatherRows.apply(rows, vectors[:, :1] if shared else vectors, steering)
+    logits = gathered.detach() if score_space else (logits[0] if logits else None)
+
     if validate:  # on the concatenated batch: the messages name its rows, as for one process
         reference.check_labels(_unpadded(labels, sizes, rows), num_classes, True)
     if score_space:
@@ -283,7 +315,7 @@ def class_rectification_loss(options, margin, batch: Batch):
     backend = _backends.resolve(options.backend, labels.device)
     counts, minority, active = backend.profile(labels, num_classes, batch.max_classes, options.threshold, False)
     if options.mode == "class":
-        anchors, partners = backend.mine_class(logits, labels, num_classes, active, options.k, first, own, False)
+        anchors, partners = _mine_class(backend, batch, num_classes, active, options.k, first)
     else:
         anchors, partners = backend.mine_instance(
             gathered.expand(-1, batch.labels.shape[1], -1) if shared else gathered, logits, labels, num_classes,

@@ -177,23 +177,50 @@ def mine_class(logits: Tensor, labels: Tensor, num_classes: Tensor, active: Tens
 
 
 def _mine_class(logits: Tensor, labels: Tensor, num_classes: Tensor, active: Tensor, k: int, rows: slice):
+    lists = _class_lists(logits, labels, num_classes, active, k)[1]
+    return class_rows(lists, labels[rows], active, rows.start)
+
+
+def class_lists(logits: Tensor, labels: Tensor, num_classes: Tensor, active: Optional[Tensor], k: int,
+                validate: bool) -> tuple[Tensor, Tensor]:
+    """Class level, before any anchor: for every (attribute j, class c < C_j; only the active
+    classes where active [A, Cmax] is given) its K hardest positives (the lowest p(c) in class c)
+    and negatives (the highest p(c) among the other annotated samples) among the B rows, best
+    first: (keys p(c) [A, Cmax, 2K], indices [A, Cmax, 2K]); index -1 and key +inf (positives) or
+    -inf (negatives) where there are fewer."""
+    check_finite(None, logits, num_classes, validate)
+    return _class_lists(logits, check_labels(labels, num_classes, validate=False), num_classes, active, k)
+
+
+def _class_lists(logits: Tensor, labels: Tensor, num_classes: Tensor, active: Optional[Tensor],
+                 k: int) -> tuple[Tensor, Tensor]:
     scores = class_scores(logits.detach(), num_classes)
-    num_attributes, max_classes = scores.shape[1:]
-    device = scores.device
+    max_classes = scores.shape[2]
     keys = scores.permute(1, 2, 0)  # [A, C, B]
     labels_t = labels.t()[:, None, :]  # [A, 1, B]
-    of_class = labels_t == torch.arange(max_classes, device=device)[None, :, None]
-    hard_pos = _select(keys, of_class, k, largest=False)  # [A, C, K]: lowest p(c) in class c
-    hard_neg = _select(keys, (labels_t >= 0) & ~of_class, k, largest=True)  # highest p(c) elsewhere
-    attribute = torch.arange(num_attributes, device=device)[None, :]
-    own = labels[rows].clamp_min(0)
-    positives = hard_pos[attribute, own]  # [R, A, K]
-    negatives = hard_neg[attribute, own]
-    sample = torch.arange(labels.shape[0], device=device)[rows, None, None]
-    positives = torch.where(positives == sample, -1, positives)  # an anchor is not its own positive
-    anchors = _anchors(labels[rows], active)
-    partners = torch.cat([positives, negatives], dim=-1)
-    partners = torch.where(anchors[..., None], partners, -1)
+    of_class = labels_t == torch.arange(max_classes, device=scores.device)[None, :, None]
+    real = _class_mask(num_classes, max_classes)[..., None]  # [A, C, 1]: classes c < C_j
+    if active is not None:
+        real = real & active[..., None]
+    hard_pos = _select(keys, of_class & real, k, largest=False)  # [A, C, K]: lowest p(c) in class c
+    hard_neg = _select(keys, (labels_t >= 0) & ~of_class & real, k, largest=True)  # highest p(c) elsewhere
+    indices = torch.cat([hard_pos, hard_neg], dim=-1)
+    empty = torch.cat([torch.full_like(hard_pos, 1), torch.full_like(hard_neg, -1)], dim=-1) * math.inf
+    chosen = keys.gather(-1, indices.clamp_min(0))
+    return torch.where(indices >= 0, chosen, empty.to(chosen.dtype)), indices
+
+
+def class_rows(lists: Tensor, labels: Tensor, active: Tensor, first_anchor: int) -> tuple[Tensor, Tensor]:
+    """Class level: (anchors [R, A], partners [R, A, 2K]) of samples first_anchor.. with labels [R, A]
+    (-1: not annotated), from the lists [A, Cmax, 2K] of class_lists: a sample of an active class
+    takes its class's positives (without itself) and negatives."""
+    k = lists.shape[-1] // 2
+    attribute = torch.arange(labels.shape[1], device=labels.device)[None, :]
+    rows = lists[attribute, labels.clamp_min(0)]  # [R, A, 2K]
+    sample = torch.arange(first_anchor, first_anchor + labels.shape[0], device=labels.device)[:, None, None]
+    positives = torch.where(rows[..., :k] == sample, -1, rows[..., :k])  # an anchor is not its own positive
+    anchors = _anchors(labels, active)
+    partners = torch.where(anchors[..., None], torch.cat([positives, rows[..., k:]], dim=-1), -1)
     return anchors, partners
 
 

@@ -364,6 +364,21 @@ def test_pair_ops_match_cpu_kernels(case, form):
         torch.testing.assert_close(got_grad.double(), want_grad.double(), rtol=grad_tol, atol=grad_tol * scale)
 
 
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_class_lists_match_cpu_kernels(case):
+    """distributed=True, class mode: the class lists of a rank's rows, bitwise the CPU's."""
+    problem = problem_of(case, seed=5)
+    results = []
+    for device in ("cpu", "cuda"):
+        features, logits, labels, _, _ = problem.inputs(case.dtype, device)
+        batch = normalise(features, logits, labels)
+        results.append([t.cpu() for t in torch.ops.crl_ops.class_lists(batch.logits.detach(), batch.labels,
+                                                                         batch.classes_tensor(), None, case.k, True)])
+    (want_keys, want_lists), (got_keys, got_lists) = results
+    assert torch.equal(got_lists, want_lists)
+    assert torch.equal(got_keys, want_keys)
+
+
 def test_pair_distances_backward_refuses_deterministic_mode():
     vectors = torch.randn(8, 2, 3, device="cuda", requires_grad=True)
     partners = torch.tensor([[[1, 2], [3, -1]]], device="cuda")
@@ -400,6 +415,7 @@ def _op_samples():
     grad = torch.ones((), device="cuda")
     samples.append((ops.crl_loss_backward.default, (grad, loss.detach(), x.detach(), partners, d, margins.detach(),
                                                      counts, sums, hist, "distribution", 1.0, 10, "pooled", True)))
+    samples.append((ops.class_lists.default, (batch.logits.detach(), batch.labels, classes, active, 20, True)))
     own = ops.mine_instance(x.detach(), batch.logits.detach(), batch.labels, classes, active, 20, 10, 30, True)[1]
     pair_d, _ = ops.pair_distances(x, own, 10)
     samples += [(ops.pair_distances.default, (x, own, 10)),

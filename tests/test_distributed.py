@@ -30,6 +30,7 @@ NUM_CLASSES = (2, 3, 4)
 INPUT_SIZE = 5
 REDUCTIONS = ("pooled", "attribute")
 VARIANTS = [(m, f) for m in MODES for f in FORMS]
+COLLECTIVE_VARIANTS = [("instance", "relative"), ("instance", "distribution"), ("class", "relative")]
 # CRL alone with options that change what is gathered or where the gradient goes.
 OPTION_CASES = {
     "normalize": dict(mode="instance", form="relative", normalize=True),
@@ -184,13 +185,13 @@ class _CountingTolist:
         torch.Tensor.tolist = self.original
 
 
-def _compiled_steps(world_size, rank, backend):
+def _compiled_steps(world_size, rank, backend, mode):
     """A model and BalancedLoss (batch_sizes="equal") compiled with aot_eager against eager: losses,
     gradients and where dynamo breaks the graph."""
     rows = _rows(world_size, rank, EQUAL_ROWS_PER_RANK)
     x, _ = _ddp_problem(world_size)
     batches = [(x[: sum(EQUAL_ROWS_PER_RANK[world_size])][rows],
-                _balanced_problem(world_size, "instance", form, EQUAL_ROWS_PER_RANK).labels[rows])
+                _balanced_problem(world_size, mode, form, EQUAL_ROWS_PER_RANK).labels[rows])
                for form in ("relative", "absolute")]
 
     def step(model, loss_fn, inputs, labels):
@@ -200,8 +201,7 @@ def _compiled_steps(world_size, rank, backend):
     def train(compiled):
         torch.manual_seed(0)
         model = Heads().double()
-        loss_fn = crl_ops.BalancedLoss(mode="instance", k=3, backend=backend,
-                                                              distributed=True, batch_sizes="equal")
+        loss_fn = crl_ops.BalancedLoss(mode=mode, k=3, backend=backend, distributed=True, batch_sizes="equal")
         run = torch.compile(step, backend="aot_eager") if compiled else step
         out = []
         for inputs, labels in batches:
@@ -260,14 +260,15 @@ def _rank_results(world_size, rank):
             results[f"ddp/{mode}/{form}/{backend}"] = _train_step_grads(model, loss_fn, x[rows], labels[rows])
 
     backend = _available_backends()[-1]
-    for form in ("relative", "distribution"):
-        problem = _balanced_problem(world_size, "instance", form, EQUAL_ROWS_PER_RANK)
+    for mode, form in COLLECTIVE_VARIANTS:
+        problem = _balanced_problem(world_size, mode, form, EQUAL_ROWS_PER_RANK)
         for batch_sizes in ("gathered", "equal"):
-            loss_fn = crl_ops.BalancedLoss(mode="instance", form=form, k=3, backend=backend, validate=False,
+            loss_fn = crl_ops.BalancedLoss(mode=mode, form=form, k=3, backend=backend, validate=False,
                                            distributed=True, batch_sizes=batch_sizes)
-            results[f"collectives/{batch_sizes}/{form}"] = _collectives_of_one_step(loss_fn, problem, equal_rows,
-                                                                                    _CountingTolist)
-    results["compiled"] = _compiled_steps(world_size, rank, backend)
+            results[f"collectives/{batch_sizes}/{mode}-{form}"] = _collectives_of_one_step(
+                loss_fn, problem, equal_rows, _CountingTolist)
+    for mode in MODES:
+        results[f"compiled/{mode}"] = _compiled_steps(world_size, rank, backend, mode)
     results["errors"] = _error_messages(world_size, rank)
     return results
 
@@ -414,21 +415,24 @@ def test_ddp_step_gives_single_process_gradients(ranks, mode, form, backend):
             torch.testing.assert_close(result["grads"][f"module.{name}"], grad, rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize("form", ("relative", "distribution"))
-def test_a_step_with_equal_batches_declared_has_no_host_synchronisation(ranks, form):
+@pytest.mark.parametrize("mode, form", COLLECTIVE_VARIANTS)
+def test_a_step_with_equal_batches_declared_has_no_host_synchronisation(ranks, mode, form):
     _, per_rank = ranks
-    # Forward: CRL vectors, labels and logits in one all-gather; the sums (and the histogram form's
-    # R) and the cross-entropy all-reduced. Backward: one reduce-scatter of the vectors' gradient.
-    equal = {"all-gather": 1, "all-reduce": 3 if form == "distribution" else 2, "reduce-scatter": 1}
-    gathered = {**equal, "all-gather": 2, "host read": 1}  # + the batch sizes, read on the host
+    # Forward: CRL vectors, labels and (instance mode) logits in one all-gather, plus (class mode)
+    # one of the class lists of each rank's rows; the sums (and the histogram form's R) and the
+    # cross-entropy all-reduced. Backward: one reduce-scatter of the vectors' gradient.
+    equal = {"all-gather": 1 if mode == "instance" else 2, "all-reduce": 3 if form == "distribution" else 2,
+             "reduce-scatter": 1}
+    gathered = {**equal, "all-gather": equal["all-gather"] + 1, "host read": 1}  # + the batch sizes, read on the host
     for result in per_rank:
-        assert result[f"collectives/equal/{form}"] == equal
-        assert result[f"collectives/gathered/{form}"] == gathered
+        assert result[f"collectives/equal/{mode}-{form}"] == equal
+        assert result[f"collectives/gathered/{mode}-{form}"] == gathered
 
 
-def test_compiled_step_breaks_the_graph_only_at_the_batch_sizes(ranks):
+@pytest.mark.parametrize("mode", MODES)
+def test_compiled_step_breaks_the_graph_only_at_the_batch_sizes(ranks, mode):
     _, per_rank = ranks
-    for result in (r["compiled"] for r in per_rank):
+    for result in (r[f"compiled/{mode}"] for r in per_rank):
         # One place: the host-side batch sizes. Dynamo splits each enclosing frame there (the step,
         # BalancedLoss.forward, the distributed loss): the model, the input normalisation, the
         # rest of CRL with its collectives, and the cross-entropy each trace into one graph.

@@ -1,6 +1,7 @@
 """The native kernels (CPU, and CUDA where a GPU is present) against the reference at larger sizes
 and every dtype; gradcheck, determinism, op registration, the ops a step dispatches, and memory.
 The comparison with the float64 oracle on random batches is in test_properties.py."""
+import math
 import os
 import subprocess
 import sys
@@ -13,7 +14,7 @@ from hypothesis import strategies as st
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import crl_ops
-from crl_ops import _native, reference
+from crl_ops import _native, distributed, reference
 
 from .checks import gradcheck_crl
 from .problems import FORMS, MODES, make_problem
@@ -226,6 +227,8 @@ def _op_samples(device):
         grad = torch.ones((), dtype=torch.float64, device=device)
         samples.append((ops.crl_loss_backward.default, (grad, loss.detach(), x.detach(), partners, d, margins.detach(),
                                                          counts, sums, hist, form, 1.0, 10, "pooled", True)))
+    samples += [(ops.class_lists.default, (batch.logits.detach(), batch.labels, classes, None, 3, True)),
+                (ops.class_lists.default, (batch.logits.detach(), batch.labels, classes, active, 3, True))]
     vectors = torch.randn(40, 2, 5, dtype=torch.float64, device=device, requires_grad=True)
     partners = ops.mine_instance(vectors.detach(), batch.logits, batch.labels, classes, active, 3, 10, 25, True)[1]
     d, _ = ops.pair_distances(vectors, partners, 10)
@@ -317,6 +320,57 @@ def test_cpu_op_rejects_bad_indices_and_class_counts():
                               out[9], "relative", 1.0, 10, "pooled", False)
     with pytest.raises(ValueError, match=r"num_classes\[0\] = 3 must be between 2 and the 2 classes"):
         ops.profile(torch.tensor([[0], [1]]), torch.tensor([3]), 2, 0.5, True)
+
+
+# ---- class lists (class mining of a rank's own rows under distributed=True) ---------------------------------
+
+
+def _class_problem(device, logit_format="list"):
+    num_classes = (2, 2, 2) if logit_format == "binary" else (2, 3, 4)
+    problem = make_problem(11, 60, num_classes, 4, False, logit_format, skew=2.0, duplicates=4, tied_logits=3)
+    features, logits, labels, _, _ = problem.inputs(torch.float64, device)
+    batch = crl_ops._inputs.normalise(features, logits, labels)
+    return batch, batch.classes_tensor()
+
+
+@pytest.mark.parametrize("logit_format", ["list", "binary"])
+@pytest.mark.parametrize("backend", [_native, reference], ids=["native", "reference"])
+def test_class_lists_give_the_rows_of_mine_class(device, backend, logit_format):
+    batch, classes = _class_problem(device, logit_format)
+    counts, _, active = backend.profile(batch.labels, classes, batch.max_classes, 0.5, True)
+    keys, lists = backend.class_lists(batch.logits, batch.labels, classes, None, 4, True)
+    assert keys.shape == lists.shape == (3, batch.logits.shape[2] if batch.logits.dim() == 3 else 2, 8)
+    assert keys.dtype == torch.float64
+    assert (lists >= 0).sum() > 40 and active.any()
+    k = 4
+    assert torch.all(torch.where(lists[..., :k] < 0, keys[..., :k] == math.inf, keys[..., :k] <= 1))
+    assert torch.all(torch.where(lists[..., k:] < 0, keys[..., k:] == -math.inf, keys[..., k:] >= 0))
+    active_lists = backend.class_lists(batch.logits, batch.labels, classes, active, 4, True)[1]
+    assert torch.equal(active_lists, torch.where(active[..., None], lists, -1))  # only the active classes' lists
+    for first, rows in ((0, 60), (17, 25)):
+        want = backend.mine_class(batch.logits, batch.labels, classes, active, k, first, rows, True)
+        for class_level in (lists, active_lists):
+            got = reference.class_rows(class_level, batch.labels[first:first + rows], active, first)
+            assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+@pytest.mark.parametrize("backend", [_native, reference], ids=["native", "reference"])
+def test_merged_class_lists_of_parts_are_the_lists_of_the_whole(device, backend):
+    """distributed=True, class mode: the lists of each rank's rows, merged, equal the lists of the
+    concatenated batch (ties between duplicates and tied logits go to the lower global index)."""
+    batch, classes = _class_problem(device)
+    whole = backend.class_lists(batch.logits, batch.labels, classes, None, 4, True)
+    bounds = [(0, 13), (13, 40), (40, 60)]  # uneven parts, each padded to 27 rows
+    parts = [backend.class_lists(batch.logits[a:b], batch.labels[a:b], classes, None, 4, True) for a, b in bounds]
+    padded_rows = 27
+    keys = torch.stack([keys for keys, _ in parts])
+    lists = torch.stack([torch.where(lists >= 0, lists + q * padded_rows, -1) for q, (_, lists) in enumerate(parts)])
+    merged = distributed._merge_class_lists(keys, lists)
+    # back from padded global rows to rows of the concatenated batch
+    start = torch.tensor([a for a, _ in bounds], device=device)
+    rank = merged.clamp_min(0) // padded_rows
+    unpadded = torch.where(merged >= 0, start[rank] + merged.clamp_min(0) % padded_rows, -1)
+    assert torch.equal(unpadded, whole[1])
 
 
 # ---- the pair ops (a rank's own anchors under distributed=True) ---------------------------------------------

@@ -108,12 +108,15 @@ class CollectiveTimer:
         return timed
 
 
-def formula_bytes(world, rows, attributes, dim, form, bins, batch_sizes, dtype_size=4):
-    """Payload per rank and step of crl_ops.distributed (docs/scaling.md), by collective kind."""
+def formula_bytes(world, rows, attributes, dim, mode, form, bins, k, batch_sizes, dtype_size=4):
+    """Payload per rank and step of crl_ops.distributed (docs/scaling.md), by collective kind, for
+    binary attributes (C = 2) and validate=False: class mode gathers the class lists of each
+    rank's rows (a key and an index per entry) instead of the logits."""
     sums = attributes * 2 * bins if form == "distribution" else 2 * attributes
+    steering = rows * attributes * dtype_size if mode == "instance" else attributes * 2 * 2 * k * (dtype_size + 8)
     return {
-        "all_gather": rows * attributes * 8 + rows * attributes * dtype_size
-        + rows * attributes * dim * dtype_size + (16 if batch_sizes == "gathered" else 0),
+        "all_gather": rows * attributes * 8 + steering + rows * attributes * dim * dtype_size
+        + (16 if batch_sizes == "gathered" else 0),
         "all_reduce": (sums + 4 * attributes + 2) * 8 + (attributes * dtype_size if form == "distribution" else 0),
         "reduce_scatter": world * rows * attributes * dim * dtype_size,
     }
@@ -193,8 +196,8 @@ def run(args):
         arguments, batch_sizes = VARIANTS[variant]
         rows.append({"variant": variant, "world": "single process", **worlds.pop(0)[0]})
         for world, ranks in worlds.items():
-            formula = formula_bytes(world, args.batch // world, args.attributes, args.dim, arguments["form"],
-                                    args.bins, batch_sizes)
+            formula = formula_bytes(world, args.batch // world, args.attributes, args.dim, arguments["mode"],
+                                    arguments["form"], args.bins, args.k, batch_sizes)
             measured = ranks[0]["payload_bytes"]
             rows.append({
                 "variant": variant, "world": world,

@@ -162,8 +162,8 @@ TORCH_LIBRARY_IMPL(crl_ops, Autograd, m) {
   m.impl("crl_loss", &crl::crl_loss_autograd);
   m.impl("pair_distances", &crl::pair_distances_autograd);
   m.impl("pair_sums", &crl::pair_sums_autograd);
-  for (const char* op : {"profile", "mine_class", "mine_instance", "crl_loss_backward", "pair_distances_backward",
-                         "pair_sums_backward"}) {
+  for (const char* op : {"profile", "class_lists", "mine_class", "mine_instance", "crl_loss_backward",
+                         "pair_distances_backward", "pair_sums_backward"}) {
     m.impl(op, torch::autograd::autogradNotImplementedFallback());
   }
 }

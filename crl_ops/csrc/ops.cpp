@@ -14,6 +14,14 @@ TORCH_LIBRARY(crl_ops, m) {
   // Section 1: counts[A, Cmax] int64, minority[A, Cmax] bool, active[A, Cmax] bool.
   m.def("profile(Tensor labels, Tensor num_classes, int max_classes, float threshold, bool validate) -> "
         "(Tensor counts, Tensor minority, Tensor active)");
+  // Section 2, class level, before any anchor: for every (attribute j, class c < C_j; with active
+  // [A, Cmax], only its active classes, the other lists empty) its K hardest
+  // positives (the lowest p(c) in class c) and negatives (the highest p(c) among the other annotated
+  // samples) among the B rows, best first: keys p(c) [A, Cmax, 2K] in the accumulation dtype and
+  // indices [A, Cmax, 2K] int64 (-1, key +inf for positives and -inf for negatives, where fewer).
+  // crl_ops.distributed merges the lists of the ranks' own rows.
+  m.def("class_lists(Tensor logits, Tensor labels, Tensor num_classes, Tensor? active, int k, bool validate) -> "
+        "(Tensor keys, Tensor indices)");
   // Section 2, for the anchor rows first_anchor..first_anchor + num_anchors against all B
   // candidates: anchors[R, A] bool, partners[R, A, 2K] int64.
   m.def("mine_class(Tensor logits, Tensor labels, Tensor num_classes, Tensor active, int k, SymInt first_anchor, "

@@ -6,6 +6,7 @@
 //   Flag                                       bool on the CPU; a 0-dim bool tensor on a GPU (no sync)
 //   profile(labels, num_classes, max_classes, threshold, validate) -> (counts, minority, active)
 //   check_finite(features or undefined, logits, num_classes, validate) -> Flag
+//   class_lists(logits, labels, num_classes, active or undefined, k) -> (keys, indices)
 //   mine_class(logits, labels, num_classes, active, k, first, rows) -> (anchors, partners)
 //   mine_instance(features, logits, labels, num_classes, active, k, first, rows) -> (anchors, partners, Flag overflow)
 //   check_overflow(Flag overflow, dtype)       the error (or assertion) of an overflowing distance
@@ -42,6 +43,20 @@ struct EntryPoints {
     check_profile_args(labels, num_classes, max_classes, threshold);
     typename Device::Guard guard(labels);
     return Device::profile(labels.contiguous(), num_classes.contiguous(), max_classes, threshold, validate);
+  }
+
+  static std::tuple<Tensor, Tensor> class_lists(const Tensor& logits, const Tensor& labels,
+                                                const Tensor& num_classes, const c10::optional<Tensor>& active,
+                                                int64_t k, bool validate) {
+    check_labels(labels, num_classes);
+    check_logits(logits, labels);
+    if (active.has_value()) check_active(*active, labels, max_classes_of(logits));
+    check_k(k);
+    typename Device::Guard guard(labels);
+    const Tensor classes = num_classes.contiguous();
+    Device::check_finite(Tensor(), logits, classes, validate);
+    return Device::class_lists(logits, labels.contiguous(), classes,
+                               active.has_value() ? active->contiguous() : Tensor(), k);
   }
 
   static std::tuple<Tensor, Tensor> mine_class(const Tensor& logits, const Tensor& labels, const Tensor& num_classes,
@@ -152,6 +167,7 @@ struct EntryPoints {
 template <typename Device>
 void register_entry_points(torch::Library& m) {
   m.impl("profile", &EntryPoints<Device>::profile);
+  m.impl("class_lists", &EntryPoints<Device>::class_lists);
   m.impl("mine_class", &EntryPoints<Device>::mine_class);
   m.impl("mine_instance", &EntryPoints<Device>::mine_instance);
   m.impl("pair_distances", &EntryPoints<Device>::pair_distances);

@@ -33,6 +33,12 @@ std::tuple<Tensor, Tensor, Tensor> profile(const Tensor& labels, const Tensor& n
 // With validate, raises ValueError naming the first of them that is not.
 bool check_finite(const Tensor& features, const Tensor& logits, const Tensor& num_classes, bool validate);
 
+// Section 2, class level, before the anchors: for every (attribute, class c < C_j; only the
+// active ones where active [A, Cmax] is defined) the K hardest
+// positives and negatives among all rows, (keys p(c) [A, Cmax, 2K], indices [A, Cmax, 2K]), best
+// first, index -1 and key +inf (positives) or -inf (negatives) where there are fewer.
+std::tuple<Tensor, Tensor> class_lists(const Tensor& logits, const Tensor& labels, const Tensor& num_classes,
+                                       const Tensor& active, int64_t k);
 // Section 2 for the anchor rows first..first + rows: (anchors [R, A], partners [R, A, 2K]).
 std::tuple<Tensor, Tensor> mine_class(const Tensor& logits, const Tensor& labels, const Tensor& num_classes,
                                       const Tensor& active, int64_t k, int64_t first, int64_t rows);

@@ -453,22 +453,24 @@ bool mine_group(const T* x, int64_t sb, int64_t sd, int64_t dim, int64_t attribu
 
 }  // namespace
 
-std::tuple<Tensor, Tensor> mine_class(const Tensor& logits, const Tensor& labels, const Tensor& num_classes,
-                                      const Tensor& active, int64_t k, int64_t first, int64_t rows) {
-  const int64_t batch = labels.size(0), attributes = labels.size(1), max_classes = active.size(1);
-  Tensor anchors = at::empty({rows, attributes}, labels.options().dtype(at::kBool));
-  Tensor partners = at::empty({rows, attributes, 2 * k}, labels.options());
-  // The K hardest positives and negatives of each (attribute, active class), shared by its anchors.
-  std::vector<int32_t> hard_pos(attributes * max_classes * k, -1), hard_neg(attributes * max_classes * k, -1);
+namespace {
+
+// Class level: for every (attribute j, class c) with wanted[j * Cmax + c], its K hardest positives
+// (the lowest p(c) in class c) and negatives (the highest p(c) among the other annotated samples)
+// over all rows, best first: list(jc, side) for side = 0 (positives) and 1 (negatives), with the
+// side's sample indices, their keys p(c) and their number.
+template <typename ListFn>
+void select_class_lists(const Tensor& logits, const Tensor& labels, const Tensor& num_classes,
+                        const std::vector<uint8_t>& wanted, int64_t k, ListFn list) {
+  const int64_t batch = labels.size(0), attributes = labels.size(1), max_classes = wanted.size() / attributes;
   const int64_t* lab = labels.data_ptr<int64_t>();
   const int64_t* classes = num_classes.data_ptr<int64_t>();
-  const bool* act = active.data_ptr<bool>();
-  std::vector<uint8_t> mined(attributes, 0);  // whether attribute j has an active class
+  std::vector<uint8_t> mined(attributes, 0);  // whether attribute j has a wanted class
   for (int64_t j = 0; j < attributes; ++j) {
-    mined[j] = std::any_of(act + j * max_classes, act + (j + 1) * max_classes, [](bool a) { return a; });
+    mined[j] = std::any_of(wanted.begin() + j * max_classes, wanted.begin() + (j + 1) * max_classes,
+                           [](uint8_t w) { return w != 0; });
   }
-
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "crl_ops::mine_class", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "crl_ops::class_lists", [&] {
     using acc = acc_t<scalar_t>;
     using Selected = selection_key_t<acc>;
     const scalar_t* z = logits.data_ptr<scalar_t>();
@@ -484,8 +486,10 @@ std::tuple<Tensor, Tensor> mine_class(const Tensor& logits, const Tensor& labels
     });
     at::parallel_for(0, attributes * max_classes, grain_for(batch), [&](int64_t begin, int64_t end) {
       std::vector<Selected> pos_items(k), neg_items(k);
+      std::vector<int32_t> index(k);
+      std::vector<acc> key(k);
       for (int64_t jc = begin; jc < end; ++jc) {
-        if (!act[jc]) continue;
+        if (!wanted[jc]) continue;
         const int64_t j = jc / max_classes, c = jc % max_classes, c_j = std::min(classes[j], max_classes);
         int64_t n_pos = 0, n_neg = 0;
         for (int64_t i = 0; i < batch; ++i) {
@@ -501,10 +505,65 @@ std::tuple<Tensor, Tensor> mine_class(const Tensor& logits, const Tensor& labels
             insert_selected(neg_items.data(), n_neg, k, selection_key<true>(key, static_cast<int32_t>(i)));
           }
         }
-        for (int64_t q = 0; q < n_pos; ++q) hard_pos[jc * k + q] = selected_index<acc>(pos_items[q]);
-        for (int64_t q = 0; q < n_neg; ++q) hard_neg[jc * k + q] = selected_index<acc>(neg_items[q]);
+        for (int q = 0; q < n_pos; ++q) {
+          index[q] = selected_index<acc>(pos_items[q]);
+          key[q] = selected_key<false, acc>(pos_items[q]);
+        }
+        list(jc, 0, index.data(), key.data(), n_pos);
+        for (int q = 0; q < n_neg; ++q) {
+          index[q] = selected_index<acc>(neg_items[q]);
+          key[q] = selected_key<true, acc>(neg_items[q]);
+        }
+        list(jc, 1, index.data(), key.data(), n_neg);
       }
     });
+  });
+}
+
+}  // namespace
+
+std::tuple<Tensor, Tensor> class_lists(const Tensor& logits, const Tensor& labels, const Tensor& num_classes,
+                                       const Tensor& active, int64_t k) {
+  const int64_t attributes = labels.size(1), max_classes = logits.dim() == 3 ? logits.size(2) : 2;
+  const auto acc_type = accumulation_type(logits.scalar_type());
+  Tensor keys = at::empty({attributes, max_classes, 2 * k}, logits.options().dtype(acc_type));
+  Tensor indices = at::full({attributes, max_classes, 2 * k}, kEmpty, labels.options());
+  const int64_t* classes = num_classes.data_ptr<int64_t>();
+  std::vector<uint8_t> wanted(attributes * max_classes);
+  const bool* act = active.defined() ? active.data_ptr<bool>() : nullptr;
+  for (int64_t jc = 0; jc < attributes * max_classes; ++jc) {
+    wanted[jc] = jc % max_classes < classes[jc / max_classes] && (act == nullptr || act[jc]);
+  }
+  int64_t* out = indices.data_ptr<int64_t>();
+  AT_DISPATCH_FLOATING_TYPES(acc_type, "crl_ops::class_lists", [&] {
+    using acc = scalar_t;
+    acc* key = keys.data_ptr<acc>();
+    for (int64_t m = 0; m < keys.numel(); ++m) key[m] = m % (2 * k) < k ? empty_key<false, acc>() : empty_key<true, acc>();
+    select_class_lists(logits, labels, num_classes, wanted, k,
+                       [&](int64_t jc, int64_t side, const int32_t* index, const auto* side_keys, int64_t count) {
+      for (int64_t q = 0; q < count; ++q) {
+        out[(jc * 2 + side) * k + q] = index[q];
+        key[(jc * 2 + side) * k + q] = static_cast<acc>(side_keys[q]);
+      }
+    });
+  });
+  return {keys, indices};
+}
+
+std::tuple<Tensor, Tensor> mine_class(const Tensor& logits, const Tensor& labels, const Tensor& num_classes,
+                                      const Tensor& active, int64_t k, int64_t first, int64_t rows) {
+  const int64_t attributes = labels.size(1), max_classes = active.size(1);
+  Tensor anchors = at::empty({rows, attributes}, labels.options().dtype(at::kBool));
+  Tensor partners = at::empty({rows, attributes, 2 * k}, labels.options());
+  // The K hardest positives and negatives of each (attribute, active class), shared by its anchors.
+  std::vector<int32_t> hard_pos(attributes * max_classes * k, -1), hard_neg(attributes * max_classes * k, -1);
+  const int64_t* lab = labels.data_ptr<int64_t>();
+  const int64_t* classes = num_classes.data_ptr<int64_t>();
+  const bool* act = active.data_ptr<bool>();
+  const std::vector<uint8_t> wanted(act, act + attributes * max_classes);
+  select_class_lists(logits, labels, num_classes, wanted, k,
+                     [&](int64_t jc, int64_t side, const int32_t* index, const auto*, int64_t count) {
+    std::copy(index, index + count, (side == 0 ? hard_pos : hard_neg).data() + jc * k);
   });
 
   bool* anchor = anchors.data_ptr<bool>();

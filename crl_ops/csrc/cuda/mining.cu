@@ -605,6 +605,44 @@ __global__ void __launch_bounds__(InstanceTile<Acc, R>::kWarps * kWarp) instance
   }
 }
 
+// ---- class lists of all rows (distributed=True, class mode: a rank's own rows) ----------------------------
+
+// One thread per list (attribute j, class c, side): the K hardest positives (side 0: the lowest
+// p(c) in class c) or negatives (side 1: the highest p(c) among the other annotated samples),
+// offered in increasing sample index as cpu::class_lists does, so the lists are the CPU's.
+template <typename T>
+__global__ void __launch_bounds__(kThreads) all_class_lists_kernel(Values logits, bool binary, const int64_t* labels,
+                                                                   const int64_t* num_classes, const bool* active,
+                                                                   int64_t batch,
+                                                                   int64_t attributes, int64_t max_classes, int64_t k,
+                                                                   acc_t<T>* keys, int32_t* scratch,
+                                                                   int64_t* indices) {
+  using Acc = acc_t<T>;
+  CRL_GRID_STRIDE(list, attributes * max_classes * 2) {
+    const int64_t side = list % 2, c = (list / 2) % max_classes, j = list / (2 * max_classes);
+    const int64_t raw = num_classes[j], c_j = raw < 0 ? 0 : (raw < max_classes ? raw : max_classes);
+    Acc* list_keys = keys + list * k;
+    int32_t* list_index = scratch + list * k;
+    int64_t count = 0;
+    const bool wanted = c < c_j && (active == nullptr || active[j * max_classes + c]);
+    for (int64_t i = 0; wanted && i < batch; ++i) {
+      const int64_t label = labels[i * attributes + j];
+      if (!is_annotated(label, c_j) || (label == c) != (side == 0)) continue;
+      const LogitsRow<T> row = logits_row<T>(logits, binary, i, j, c_j);
+      const Acc key = Softmax<Acc>::of(row).probability(row.template logit<Acc>(c));
+      if (side == 0) {
+        offer_dynamic<false>(list_keys, list_index, count, k, key, static_cast<int32_t>(i));
+      } else {
+        offer_dynamic<true>(list_keys, list_index, count, k, key, static_cast<int32_t>(i));
+      }
+    }
+    for (int64_t q = 0; q < k; ++q) {
+      indices[list * k + q] = q < count ? list_index[q] : kEmpty;
+      if (q >= count) list_keys[q] = side == 0 ? empty_key<false, Acc>() : empty_key<true, Acc>();
+    }
+  }
+}
+
 // ---- launches ---------------------------------------------------------------------------------------------
 
 template <typename F>
@@ -693,6 +731,20 @@ void launch_mine_class(const Values& logits, bool binary, const MiningRows& m, v
       launch_with_shared<class_lists_kernel<T, kR>>(m.attributes * m.max_classes, kListWarps * kWarp,
                                                     ClassLists<acc_t<T>, kR>::kShared, stream, args);
     });
+  });
+}
+
+void launch_class_lists(const Values& logits, bool binary, const int64_t* labels, const int64_t* num_classes,
+                        const bool* active, int64_t batch, int64_t attributes, int64_t max_classes, int64_t k, void* keys,
+                        int64_t* indices, void* workspace, cudaStream_t stream) {
+  const int64_t lists = attributes * max_classes * 2;
+  if (lists == 0) return;
+  dispatch_dtype(logits.dtype, [&](auto typed) {
+    using T = typename decltype(typed)::type;
+    all_class_lists_kernel<T><<<blocks_for(lists), kThreads, 0, stream>>>(
+        logits, binary, labels, num_classes, active, batch, attributes, max_classes, k, static_cast<acc_t<T>*>(keys),
+        static_cast<int32_t*>(workspace), indices);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
 

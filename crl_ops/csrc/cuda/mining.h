@@ -43,6 +43,13 @@ size_t mine_class_workspace(const MiningRows& rows, const Values& logits, bool b
 void launch_mine_class(const Values& logits, bool binary, const MiningRows& rows, void* workspace,
                        cudaStream_t stream);
 
+// cpu::class_lists: for every (attribute, class c < C_j; only the active ones unless active is
+// null) the K hardest positives and negatives among all rows: keys [A, Cmax, 2K] in the
+// accumulation type and indices [A, Cmax, 2K] int64. One launch; workspace: 4 * A * Cmax * 2K bytes.
+void launch_class_lists(const Values& logits, bool binary, const int64_t* labels, const int64_t* num_classes,
+                        const bool* active, int64_t batch, int64_t attributes, int64_t max_classes, int64_t k, void* keys,
+                        int64_t* indices, void* workspace, cudaStream_t stream);
+
 // Bytes of scratch mine_instance needs: candidate codes [A, B], anchor lists [A, R] and counts
 // [A] (int32): 4 (A B + A R + A) bytes.
 size_t mine_instance_workspace(const MiningRows& rows);

@@ -5,6 +5,7 @@
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAStream.h>
 
+#include "common/op_checks.h"
 #include "cuda/mining.h"
 #include "cuda/dtype_of.h"
 #include "cuda/stages.h"
@@ -65,6 +66,19 @@ std::tuple<Tensor, Tensor> mine_class(const Tensor& logits, const Tensor& labels
   const Tensor scratch = workspace(labels, mine_class_workspace(m, z, binary));
   launch_mine_class(z, binary, m, scratch.data_ptr(), current_stream());
   return {anchors, partners};
+}
+
+std::tuple<Tensor, Tensor> class_lists(const Tensor& logits, const Tensor& labels, const Tensor& num_classes,
+                                       const Tensor& active, int64_t k) {
+  const int64_t attributes = labels.size(1), max_classes = logits.dim() == 3 ? logits.size(2) : 2;
+  Tensor keys = at::empty({attributes, max_classes, 2 * k},
+                          logits.options().dtype(accumulation_type(logits.scalar_type())));
+  Tensor indices = at::empty({attributes, max_classes, 2 * k}, labels.options());
+  const Tensor scratch = workspace(labels, sizeof(int32_t) * keys.numel());
+  launch_class_lists(view_of(logits), logits.dim() == 2, labels.data_ptr<int64_t>(), num_classes.data_ptr<int64_t>(),
+                     active.defined() ? active.data_ptr<bool>() : nullptr, labels.size(0), attributes, max_classes, k, keys.data_ptr(), indices.data_ptr<int64_t>(),
+                     scratch.data_ptr(), current_stream());
+  return {keys, indices};
 }
 
 std::tuple<Tensor, Tensor, Tensor> mine_instance(const Tensor& features, const Tensor& logits, const Tensor& labels,
