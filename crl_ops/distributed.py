@@ -6,13 +6,15 @@ process group. The result equals one process on the concatenated batch (ranks in
 batch sizes allowed), but each rank only does its share of the work:
 
 - forward: one all-gather of every rank's CRL vectors (features or normalised features; with
-  distance="score" the logits themselves, which then carry the gradient), labels and logits (for
-  the mining), packed as bytes; every rank profiles the global batch (cheap), then mines only its
-  own anchors against the candidates of all ranks and reduces its anchors' pairs to per-attribute
-  sums (backend.pair_distances, backend.pair_sums) and counts; one all-reduce of those small
-  vectors gives the global loss and statistics on every rank. The histogram form all-reduces each attribute's
-  longest distance R (a max) before its histograms. Ranks with fewer samples pad to the largest
-  batch: padded rows are unannotated (label -1), which no profile, anchor or candidate counts.
+  distance="score" the logits themselves, which then carry the gradient), labels and, for
+  instance mining or validate=True, logits, packed as bytes; every rank profiles the global
+  batch (cheap), then mines only its own anchors against the candidates of all ranks (class
+  mode: one more all-gather, of the class lists of each rank's own rows, merged) and reduces its
+  anchors' pairs to per-attribute sums (backend.pair_distances, backend.pair_sums) and counts;
+  one all-reduce of those small vectors gives the global loss and statistics on every rank. The
+  histogram form all-reduces each attribute's longest distance R (a max) before its histograms.
+  Ranks with fewer samples pad to the largest batch: padded rows are unannotated (label -1),
+  which no profile, anchor or candidate counts.
 - backward: the gradient of the gathered CRL vectors goes back to the ranks that own them with one
   reduce-scatter. A tensor margin is replicated: its gradient is all-reduced.
 - `cross_entropy`: each rank sums its own samples; one all-reduce of (sum, batch size).

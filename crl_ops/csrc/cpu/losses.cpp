@@ -24,12 +24,11 @@ void check_partner_range(const int64_t* partners, int64_t count, int64_t batch) 
   }
 }
 
-// The vectors of attribute j: row `sample * shared_or_a + (shared ? 0 : j)` of vectors [N, Ax, D],
-// Ax = A (one vector per attribute) or 1 (one vector shared by the attributes).
-struct VectorRows {
-  int64_t per_sample;  // Ax
-  int64_t attribute(int64_t j) const { return per_sample == 1 ? 0 : j; }
-};
+// The column of vectors [N, Ax, D] that holds attribute j's vectors: j, or 0 where Ax = 1 (one
+// vector shared by the attributes).
+inline int64_t vector_column(int64_t per_sample, int64_t j) {
+  return per_sample == 1 ? 0 : j;
+}
 
 // Calls row_fn(row, first, second) for every row (sample i, attribute j) in parallel, then adds
 // the rows' two values into per-attribute sums in row order: out[2 j], out[2 j + 1].
@@ -160,7 +159,7 @@ Tensor margins_gradient(const std::vector<int64_t>& open, const Acc* grad, int64
 std::tuple<Tensor, bool> pair_distances(const Tensor& vectors, const Tensor& partners, int64_t first) {
   const int64_t rows = partners.size(0), attributes = partners.size(1), width = partners.size(2);
   const int64_t dim = vectors.size(2);
-  const VectorRows layout{vectors.size(1)};
+  const int64_t per_sample = vectors.size(1);
   Tensor distances = at::empty(partners.sizes(), vectors.options().dtype(accumulation_type(vectors.scalar_type())));
   const int64_t* p = partners.data_ptr<int64_t>();
   check_partner_range(p, partners.numel(), vectors.size(0));
@@ -173,7 +172,7 @@ std::tuple<Tensor, bool> pair_distances(const Tensor& vectors, const Tensor& par
     at::parallel_for(0, rows * attributes, grain_for(width * dim), [&](int64_t begin, int64_t end) {
       bool any = false;
       for (int64_t row = begin; row < end; ++row) {
-        const int64_t i = first + row / attributes, a = layout.attribute(row % attributes);
+        const int64_t i = first + row / attributes, a = vector_column(per_sample, row % attributes);
         for (int64_t m = 0; m < width; ++m) {
           const int64_t other = p[row * width + m];
           if (other < 0) {
@@ -204,7 +203,7 @@ Tensor pair_distances_backward(const Tensor& grad, const Tensor& vectors, const 
   // a fixed summation order.
   constexpr int64_t kDims = 16;
   const int64_t chunks = (dim + kDims - 1) / kDims;
-  const int64_t attributes_per_task = per_sample == 1 ? attributes : 1;
+  const int64_t attributes_per_task = attributes / per_sample;  // the attributes of one column
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, vectors.scalar_type(), "crl_ops::pair_distances_backward",
                                   [&] {
     using acc = acc_t<scalar_t>;
@@ -218,7 +217,7 @@ Tensor pair_distances_backward(const Tensor& grad, const Tensor& vectors, const 
         const int64_t a = task / chunks, d0 = (task % chunks) * kDims, d1 = std::min(dim, d0 + kDims);
         for (int64_t r = 0; r < rows; ++r) {
           const int64_t i = first + r;
-          for (int64_t j = per_sample == 1 ? 0 : a; j < (per_sample == 1 ? attributes : a + 1); ++j) {
+          for (int64_t j = a * attributes_per_task; j < (a + 1) * attributes_per_task; ++j) {
             const int64_t row = r * attributes + j;
             for (int64_t m = 0; m < width; ++m) {
               const int64_t other = p[row * width + m];
