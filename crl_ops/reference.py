@@ -205,9 +205,9 @@ def _class_lists(logits: Tensor, labels: Tensor, num_classes: Tensor, active: Op
     hard_pos = _select(keys, of_class & real, k, largest=False)  # [A, C, K]: lowest p(c) in class c
     hard_neg = _select(keys, (labels_t >= 0) & ~of_class & real, k, largest=True)  # highest p(c) elsewhere
     indices = torch.cat([hard_pos, hard_neg], dim=-1)
-    empty = torch.cat([torch.full_like(hard_pos, 1), torch.full_like(hard_neg, -1)], dim=-1) * math.inf
-    chosen = keys.gather(-1, indices.clamp_min(0))
-    return torch.where(indices >= 0, chosen, empty.to(chosen.dtype)), indices
+    positive_slot = torch.arange(2 * k, device=scores.device) < k
+    empty = torch.where(positive_slot, math.inf, -math.inf).to(keys.dtype)  # the worst key of each side
+    return torch.where(indices >= 0, keys.gather(-1, indices.clamp_min(0)), empty), indices
 
 
 def class_rows(lists: Tensor, labels: Tensor, active: Tensor, first_anchor: int) -> tuple[Tensor, Tensor]:

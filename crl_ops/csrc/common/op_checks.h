@@ -138,12 +138,13 @@ inline void check_anchor_rows(int64_t first_anchor, int64_t num_anchors, int64_t
                     first_anchor + num_anchors, " must lie within the batch of ", batch);
 }
 
-// margins [A], floating point, like features.
-inline void check_margins(const at::Tensor& margins, const at::Tensor& features) {
-  TORCH_CHECK_VALUE(margins.dim() == 1 && margins.size(0) == features.size(1),
-                    "crl_ops: margins must have shape [A] = [", features.size(1), "], got ", margins.sizes());
+// margins [A], floating point, on the device of `like`.
+inline void check_margins(const at::Tensor& margins, int64_t attributes, const at::Tensor& like,
+                          const char* like_name) {
+  TORCH_CHECK_VALUE(margins.dim() == 1 && margins.size(0) == attributes, "crl_ops: margins must have shape [A] = [",
+                    attributes, "], got ", margins.sizes());
   TORCH_CHECK_TYPE(margins.is_floating_point(), "crl_ops: margins must be floating point, got ", margins.scalar_type());
-  check_same_device(margins, "margins", features, "features");
+  check_same_device(margins, "margins", like, like_name);
 }
 
 // ---- one check per op, covering all its arguments -------------------------------------------------
@@ -172,7 +173,7 @@ inline void check_crl_loss_args(const at::Tensor& features, const at::Tensor& lo
   check_labels(labels, num_classes);
   check_logits(logits, labels);
   check_features(features, labels);
-  check_margins(margins, features);
+  check_margins(margins, features.size(1), features, "features");
   check_k(k);
   check_bins(bins);
   check_threshold(threshold);
@@ -227,10 +228,7 @@ inline void check_pair_sums_args(const at::Tensor& distances, const at::Tensor& 
   check_partners(partners, distances, "distances");
   check_pair_values(distances, "distances", partners, distances.scalar_type());
   const int64_t attributes = partners.size(1);
-  TORCH_CHECK_VALUE(margins.dim() == 1 && margins.size(0) == attributes, "crl_ops: margins must have shape [A] = [",
-                    attributes, "], got ", margins.sizes());
-  TORCH_CHECK_TYPE(margins.is_floating_point(), "crl_ops: margins must be floating point, got ", margins.scalar_type());
-  check_same_device(margins, "margins", distances, "distances");
+  check_margins(margins, attributes, distances, "distances");
   if (form == Form::Distribution) {
     TORCH_CHECK_VALUE(longest.has_value() && longest->dim() == 1 && longest->size(0) == attributes &&
                           longest->is_floating_point(),
@@ -279,7 +277,7 @@ inline void check_crl_loss_backward_args(const at::Tensor& grad, const at::Tenso
                     "crl_ops: distances must be ", acc, " ", partners.sizes(), ", got ", distances.scalar_type(), " ",
                     distances.sizes());
   TORCH_CHECK_VALUE(grad.numel() == 1 && loss.numel() == 1, "crl_ops: grad and loss must be scalars");
-  check_margins(margins, features);
+  check_margins(margins, features.size(1), features, "features");
   check_int64(pair_counts, "pair_counts", 2, "[A, 4]");
   TORCH_CHECK_VALUE(pair_counts.size(0) == attributes && pair_counts.size(1) == 4, "crl_ops: pair_counts must be [A, 4]");
   TORCH_CHECK_VALUE(sums.dim() == 2 && sums.size(0) == attributes && sums.size(1) == 2 && sums.scalar_type() == acc,

@@ -3,42 +3,20 @@
 // loss, its NaN rule and the backward's NaN check stay on the device.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
-#include <c10/cuda/CUDAStream.h>
 
 #include "common/op_checks.h"
 #include "cuda/kernels.h"
 #include "cuda/stages.h"
+#include "cuda/tensor_glue.h"
 
 namespace crl {
 namespace cuda {
-
-namespace {
-
-cudaStream_t current_stream() {
-  return c10::cuda::getCurrentCUDAStream().stream();
-}
-
-Tensor workspace(size_t bytes, const Tensor& like) {
-  return at::empty({static_cast<int64_t>(bytes)}, like.options().dtype(at::kByte));
-}
-
-// A tensor in dtype `type` (a copy only where it is in another one).
-Tensor as_type(const Tensor& t, at::ScalarType type) {
-  return t.scalar_type() == type ? t : t.to(type);
-}
-
-template <typename T>
-Features<T> features_of(const Tensor& features) {
-  return {features.data_ptr<T>(), features.size(2), features.stride(0), features.stride(1), features.stride(2)};
-}
-
-}  // namespace
 
 Tensor pair_counts(const Tensor& anchors, const Tensor& partners) {
   const int64_t batch = partners.size(0), attributes = partners.size(1);
   Tensor counts = at::empty({attributes, 4}, partners.options());
   if (attributes == 0) return counts;
-  const Tensor scratch = workspace(pair_counts_workspace(batch, attributes), partners);
+  const Tensor scratch = workspace(partners, pair_counts_workspace(batch, attributes));
   cuda::pair_counts(anchors.data_ptr<bool>(), partners.data_ptr<int64_t>(), batch, attributes, partners.size(2),
                     counts.data_ptr<int64_t>(), scratch.data_ptr(), current_stream());
   return counts;
@@ -59,7 +37,7 @@ LossOutputs loss(const Tensor& features, const Tensor& partners, const Tensor& m
   const RowTiles tiles = row_tiles(batch, attributes, width);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, features.scalar_type(), "crl_ops::loss", [&] {
     using acc = acc_t<scalar_t>;
-    const Tensor scratch = workspace(loss_workspace<acc>(form, tiles, bins), features);
+    const Tensor scratch = workspace(features, loss_workspace<acc>(form, tiles, bins));
     const LossArgs<scalar_t, acc> args{features_of<scalar_t>(features),
                                        partners.data_ptr<int64_t>(),
                                        tiles,
@@ -96,7 +74,7 @@ std::tuple<Tensor, Tensor> loss_backward(const Tensor& grad_in, const Tensor& lo
   Tensor grad_features;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, features.scalar_type(), "crl_ops::loss_backward", [&] {
     using acc = acc_t<scalar_t>;
-    const Tensor scratch = workspace(backward_workspace<acc>(tiles), features);
+    const Tensor scratch = workspace(features, backward_workspace<acc>(tiles));
     const BackwardArgs<scalar_t, acc> args{features_of<scalar_t>(features),
                                            partners.data_ptr<int64_t>(),
                                            distances.data_ptr<acc>(),

@@ -3,12 +3,12 @@
 // place, and the launchers of cuda/mining.h on the current stream. Nothing here reads a value
 // from the device.
 #include <ATen/ATen.h>
-#include <c10/cuda/CUDAStream.h>
 
 #include "common/op_checks.h"
 #include "cuda/mining.h"
 #include "cuda/dtype_of.h"
 #include "cuda/stages.h"
+#include "cuda/tensor_glue.h"
 
 namespace crl {
 namespace cuda {
@@ -24,10 +24,6 @@ Values view_of(const Tensor& t) {
   return v;
 }
 
-cudaStream_t current_stream() {
-  return c10::cuda::getCurrentCUDAStream().stream();
-}
-
 // Outputs anchors [R, A] and partners [R, A, 2K], and the kernels' view of the rows to mine.
 std::tuple<Tensor, Tensor, MiningRows> mining_rows(const Tensor& labels, const Tensor& num_classes,
                                                   const Tensor& active, int64_t k, int64_t first, int64_t rows) {
@@ -38,10 +34,6 @@ std::tuple<Tensor, Tensor, MiningRows> mining_rows(const Tensor& labels, const T
                      labels.size(0), attributes, active.size(1), k, first, rows, anchors.data_ptr<bool>(),
                      partners.data_ptr<int64_t>()};
   return {anchors, partners, m};
-}
-
-Tensor workspace(const Tensor& like, size_t bytes) {
-  return at::empty({static_cast<int64_t>(bytes)}, like.options().dtype(at::kByte));
 }
 
 }  // namespace
@@ -76,8 +68,8 @@ std::tuple<Tensor, Tensor> class_lists(const Tensor& logits, const Tensor& label
   Tensor indices = at::empty({attributes, max_classes, 2 * k}, labels.options());
   const Tensor scratch = workspace(labels, sizeof(int32_t) * keys.numel());
   launch_class_lists(view_of(logits), logits.dim() == 2, labels.data_ptr<int64_t>(), num_classes.data_ptr<int64_t>(),
-                     active.defined() ? active.data_ptr<bool>() : nullptr, labels.size(0), attributes, max_classes, k, keys.data_ptr(), indices.data_ptr<int64_t>(),
-                     scratch.data_ptr(), current_stream());
+                     active.defined() ? active.data_ptr<bool>() : nullptr, labels.size(0), attributes, max_classes, k,
+                     keys.data_ptr(), indices.data_ptr<int64_t>(), scratch.data_ptr(), current_stream());
   return {keys, indices};
 }
 

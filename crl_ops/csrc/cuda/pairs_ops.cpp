@@ -2,35 +2,29 @@
 // launchers of pairs.cu. No host synchronisation.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
-#include <c10/cuda/CUDAStream.h>
 
 #include "common/op_checks.h"
 #include "cuda/kernels.h"
 #include "cuda/stages.h"
+#include "cuda/tensor_glue.h"
 
 namespace crl {
 namespace cuda {
 
 namespace {
 
-cudaStream_t current_stream() {
-  return c10::cuda::getCurrentCUDAStream().stream();
-}
-
 template <typename T>
 PairVectors<T> vectors_of(const Tensor& vectors) {
-  return {{vectors.data_ptr<T>(), vectors.size(2), vectors.stride(0), vectors.stride(1), vectors.stride(2)},
-          vectors.size(0),
-          vectors.size(1)};
+  return {features_of<T>(vectors), vectors.size(0), vectors.size(1)};
 }
 
 PairRows rows_of(const Tensor& partners) {
   return {partners.size(0), partners.size(1), partners.size(2)};
 }
 
-// A contiguous copy in dtype `type` (none where it already is one).
+// A contiguous tensor in dtype `type` (a copy only where it is not one).
 Tensor contiguous_as(const Tensor& t, at::ScalarType type) {
-  return t.to(type).contiguous();
+  return as_type(t, type).contiguous();
 }
 
 }  // namespace
@@ -71,8 +65,7 @@ Tensor pair_sums(const Tensor& distances, const Tensor& partners, const Tensor& 
   const Tensor margins = contiguous_as(margins_in, type);
   const Tensor longest = form == Form::Distribution ? contiguous_as(longest_in, type) : Tensor();
   AT_DISPATCH_FLOATING_TYPES(type, "crl_ops::pair_sums", [&] {
-    const Tensor scratch = at::empty({static_cast<int64_t>(pair_sums_workspace<scalar_t>(rows))},
-                                     distances.options().dtype(at::kByte));
+    const Tensor scratch = workspace(distances, pair_sums_workspace<scalar_t>(rows));
     cuda::pair_sums<scalar_t>(distances.data_ptr<scalar_t>(), partners.data_ptr<int64_t>(), rows,
                               margins.data_ptr<scalar_t>(), longest.defined() ? longest.data_ptr<scalar_t>() : nullptr,
                               form, static_cast<scalar_t>(apc_margin), bins, sums.data_ptr<scalar_t>(),
