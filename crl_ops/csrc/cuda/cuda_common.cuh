@@ -8,6 +8,16 @@
 #include <algorithm>
 #include <cstdint>
 
+// One source, two compilers: nvcc, and the host compiler for the emulated device of the tests
+// (csrc/emulation/device.h, force-included, defines these four itself). Launches, shared-memory
+// declarations and non-inlined device functions are written with them.
+#if !defined(CRL_CUDA_EMULATION)
+#define CRL_LAUNCH(grid, block, shared, stream, ...) __VA_ARGS__<<<grid, block, shared, stream>>>
+#define CRL_SHARED(type, name, ...) __shared__ type name __VA_ARGS__
+#define CRL_DYNAMIC_SHARED(type, name) extern __shared__ __align__(16) type name[]
+#define CRL_NOINLINE __noinline__
+#endif
+
 namespace crl {
 namespace cuda {
 
@@ -52,7 +62,7 @@ __device__ V warp_reduce(V value, Op op) {
 // thread 0. blockDim.x must be a multiple of 32; `identity` fills the slots of absent warps.
 template <typename V, typename Op>
 __device__ V block_reduce(V value, Op op, V identity = V(0)) {
-  __shared__ V partial[kWarp];
+  CRL_SHARED(V, partial, [kWarp]);
   const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
   __syncthreads();  // partial may still be read by a previous call
   value = warp_reduce(value, op);
@@ -66,7 +76,7 @@ __device__ V block_reduce(V value, Op op, V identity = V(0)) {
 // values of threads 0..t-1, every thread gets the block's total. blockDim.x a multiple of 32.
 template <typename V>
 __device__ V block_exclusive_scan(V value, V& total) {
-  __shared__ V warp_totals[kWarp];
+  CRL_SHARED(V, warp_totals, [kWarp]);
   const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp, warps = blockDim.x / kWarp;
   V inclusive = value;
   for (int offset = 1; offset < kWarp; offset *= 2) {
@@ -92,7 +102,7 @@ __device__ V block_exclusive_scan(V value, V& total) {
 // may then read every other block's partials (with __ldcg: past the non-coherent L1).
 // `counter` must be zero before the launch (the launcher clears it with cudaMemsetAsync).
 __device__ inline bool arrive_last(unsigned int* counter, unsigned int expected) {
-  __shared__ bool last;
+  CRL_SHARED(bool, last);
   __threadfence();  // this block's partials are visible before it is counted
   __syncthreads();
   if (threadIdx.x == 0) last = atomicAdd(counter, 1u) == expected - 1;

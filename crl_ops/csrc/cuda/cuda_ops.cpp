@@ -1,41 +1,8 @@
-// The CUDA device of the op entry points (common/entry_points.h), bound to the stages of
-// cuda/stages.h, and its registration.
-#include <c10/cuda/CUDAGuard.h>
+// The CUDA kernels' registration: the device struct of cuda/cuda_device.h for the CUDA key.
 #include <torch/library.h>
 
 #include "common/entry_points.h"
-#include "cuda/stages.h"
-
-namespace crl {
-namespace {
-
-struct Cuda {
-  using Flag = at::Tensor;  // 0-dim bool on the device: reading it would synchronise
-
-  struct Guard {
-    explicit Guard(const at::Tensor& t) : guard(t.device()) {}
-    c10::cuda::CUDAGuard guard;
-  };
-
-  static constexpr auto profile = &cuda::profile;
-  static constexpr auto check_finite = &cuda::check_finite;
-  static constexpr auto class_lists = &cuda::class_lists;
-  static constexpr auto mine_class = &cuda::mine_class;
-  static constexpr auto mine_instance = &cuda::mine_instance;
-  static constexpr auto check_overflow = &cuda::check_overflow;
-  static constexpr auto pair_counts = &cuda::pair_counts;
-  static constexpr auto pair_distances = &cuda::pair_distances;
-  static constexpr auto pair_distances_backward = &cuda::pair_distances_backward;
-  static constexpr auto pair_sums = &cuda::pair_sums;
-  static constexpr auto pair_sums_backward = &cuda::pair_sums_backward;
-  static constexpr auto loss = &cuda::loss;
-
-  static const at::Tensor& as_tensor(const at::Tensor& flag, const at::Tensor&) { return flag; }
-  static constexpr auto loss_backward = &cuda::loss_backward;
-};
-
-}  // namespace
-}  // namespace crl
+#include "cuda/cuda_device.h"
 
 TORCH_LIBRARY_IMPL(crl_ops, CUDA, m) {
   crl::register_entry_points<crl::Cuda>(m);

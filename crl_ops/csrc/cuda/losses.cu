@@ -56,7 +56,7 @@ __device__ TermTotals block_term_totals(Form form, const int64_t* counts, int64_
   first = block_reduce(first, Sum());
   second = block_reduce(second, Sum());
   with_terms = block_reduce(with_terms, Sum());
-  __shared__ TermTotals totals;
+  CRL_SHARED(TermTotals, totals);
   if (threadIdx.x == 0) totals = {first, second, with_terms};
   __syncthreads();
   return totals;
@@ -182,8 +182,8 @@ __host__ __device__ inline LossLayout loss_layout(Form form, const RowTiles& t, 
 
 template <typename T, typename Acc, Form F>
 __global__ void __launch_bounds__(kThreads) pair_loss_kernel(LossArgs<T, Acc> args, char* workspace) {
-  __shared__ Acc tile_d[kTilePairs];  // relative: the tile's distances and partners
-  __shared__ int32_t tile_p[kTilePairs];  // B < 2^31
+  CRL_SHARED(Acc, tile_d, [kTilePairs]);  // relative: the tile's distances and partners
+  CRL_SHARED(int32_t, tile_p, [kTilePairs]);  // B < 2^31
   const RowTiles t = args.tiles;
   const int64_t width = t.width, k = width / 2;
   const LossLayout layout = loss_layout(F, t, args.bins, sizeof(Acc));
@@ -358,7 +358,7 @@ __device__ void finish_attribute(const HistogramArgs<Acc>& args, const LossLayou
 
 template <typename Acc>
 __global__ void __launch_bounds__(kThreads) histogram_kernel(HistogramArgs<Acc> args, char* workspace) {
-  extern __shared__ unsigned long long staged[];  // [2 * bins][lo, hi] where bins <= kStagedBins
+  CRL_DYNAMIC_SHARED(unsigned long long, staged);  // [2 * bins][lo, hi] where bins <= kStagedBins
   const RowTiles t = args.tiles;
   const int64_t width = t.width, k = width / 2, bins = args.bins;
   const bool staging = bins <= kStagedBins;
@@ -555,10 +555,10 @@ __device__ __forceinline__ Acc distance_gradient(const BackwardArgs<T, Acc>& arg
 // writes the pairs' scales (d loss / d distance) / distance into out [B, A, W].
 template <typename T, typename Acc, bool Scatter>
 __global__ void __launch_bounds__(kThreads) backward_kernel(BackwardArgs<T, Acc> args, char* workspace, Acc* out) {
-  __shared__ Acc tile_d[kTilePairs];
-  __shared__ Acc tile_s[kTilePairs];
-  __shared__ int32_t tile_p[kTilePairs];  // B < 2^31
-  __shared__ bool row_has_pairs[kTargetTilePairs];
+  CRL_SHARED(Acc, tile_d, [kTilePairs]);
+  CRL_SHARED(Acc, tile_s, [kTilePairs]);
+  CRL_SHARED(int32_t, tile_p, [kTilePairs]);  // B < 2^31
+  CRL_SHARED(bool, row_has_pairs, [kTargetTilePairs]);
   if (isnan(*args.loss)) return;  // prepare_backward_kernel wrote NaN gradients
   const RowTiles t = args.tiles;
   const int64_t width = t.width, dim = args.x.dim;
@@ -670,7 +670,7 @@ int grid_for(int64_t units) {
 template <typename T, typename Acc>
 void prepare_backward(const BackwardArgs<T, Acc>& args, Acc* gradient, int64_t gradient_size, void* workspace,
                       cudaStream_t stream) {
-  prepare_backward_kernel<Acc><<<blocks_for(gradient_size), kThreads, 0, stream>>>(
+  CRL_LAUNCH(blocks_for(gradient_size), kThreads, 0, stream, prepare_backward_kernel<Acc>)(
       args.form, args.reduction, args.pair_counts, args.tiles.attributes, args.loss, gradient, gradient_size,
       args.grad_margins, static_cast<char*>(workspace));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -689,7 +689,7 @@ void pair_counts(const bool* anchors, const int64_t* partners, int64_t batch, in
                  int64_t* counts, void* workspace, cudaStream_t stream) {
   const RowTiles t = count_tiles(batch, attributes);
   if (t.chunks > 1) C10_CUDA_CHECK(cudaMemsetAsync(workspace, 0, attributes * sizeof(unsigned int), stream));
-  pair_counts_kernel<<<grid_for(t.units()), kThreads, 0, stream>>>(anchors, partners, t, width, counts,
+  CRL_LAUNCH(grid_for(t.units()), kThreads, 0, stream, pair_counts_kernel)(anchors, partners, t, width, counts,
                                                                   static_cast<char*>(workspace));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -706,16 +706,16 @@ void loss(const LossArgs<T, Acc>& args, void* workspace, cudaStream_t stream) {
   char* scratch = static_cast<char*>(workspace);
   const int grid = grid_for(args.tiles.units());
   if (args.form == Form::Relative) {
-    pair_loss_kernel<T, Acc, Form::Relative><<<grid, kThreads, 0, stream>>>(args, scratch);
+    CRL_LAUNCH(grid, kThreads, 0, stream, pair_loss_kernel<T, Acc, Form::Relative>)(args, scratch);
   } else if (args.form == Form::Absolute) {
-    pair_loss_kernel<T, Acc, Form::Absolute><<<grid, kThreads, 0, stream>>>(args, scratch);
+    CRL_LAUNCH(grid, kThreads, 0, stream, pair_loss_kernel<T, Acc, Form::Absolute>)(args, scratch);
   } else {
-    pair_loss_kernel<T, Acc, Form::Distribution><<<grid, kThreads, 0, stream>>>(args, scratch);
+    CRL_LAUNCH(grid, kThreads, 0, stream, pair_loss_kernel<T, Acc, Form::Distribution>)(args, scratch);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     const HistogramArgs<Acc> histogram{args.partners, args.distances, args.tiles, args.reduction, args.bins,
                                        args.pair_counts, args.finite, args.sums, args.histograms, args.loss};
     const size_t shared = args.bins <= kStagedBins ? 4 * args.bins * sizeof(unsigned long long) : 0;
-    histogram_kernel<Acc><<<grid, kThreads, shared, stream>>>(histogram, scratch);
+    CRL_LAUNCH(grid, kThreads, shared, stream, histogram_kernel<Acc>)(histogram, scratch);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -730,7 +730,7 @@ void loss_backward_atomic(const BackwardArgs<T, Acc>& args, Acc* grad_features, 
                           cudaStream_t stream) {
   const RowTiles& t = args.tiles;
   prepare_backward(args, grad_features, t.batch * t.attributes * args.x.dim, workspace, stream);
-  backward_kernel<T, Acc, true><<<grid_for(t.units()), kThreads, 0, stream>>>(args, static_cast<char*>(workspace),
+  CRL_LAUNCH(grid_for(t.units()), kThreads, 0, stream, backward_kernel<T, Acc, true>)(args, static_cast<char*>(workspace),
                                                                              grad_features);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -738,7 +738,7 @@ void loss_backward_atomic(const BackwardArgs<T, Acc>& args, Acc* grad_features, 
 template <typename T, typename Acc>
 void loss_backward_scales(const BackwardArgs<T, Acc>& args, Acc* scales, void* workspace, cudaStream_t stream) {
   prepare_backward(args, static_cast<Acc*>(nullptr), 0, workspace, stream);
-  backward_kernel<T, Acc, false><<<grid_for(args.tiles.units()), kThreads, 0, stream>>>(
+  CRL_LAUNCH(grid_for(args.tiles.units()), kThreads, 0, stream, backward_kernel<T, Acc, false>)(
       args, static_cast<char*>(workspace), scales);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -749,7 +749,7 @@ void loss_backward_gather(const BackwardArgs<T, Acc>& args, const Acc* scales, c
   const RowTiles& t = args.tiles;
   const int64_t entries = t.batch * t.attributes * args.x.dim;
   if (entries == 0) return;
-  gather_kernel<T, Acc><<<blocks_for(entries), kThreads, 0, stream>>>(args, scales, incoming, offsets, grad_features);
+  CRL_LAUNCH(blocks_for(entries), kThreads, 0, stream, gather_kernel<T, Acc>)(args, scales, incoming, offsets, grad_features);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

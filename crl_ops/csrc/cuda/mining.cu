@@ -239,7 +239,7 @@ template <typename T, int R>
 __global__ void __launch_bounds__(kListWarps * kWarp) class_lists_kernel(ClassArgs args) {
   using Acc = acc_t<T>;
   using Lists = ClassLists<Acc, R>;
-  extern __shared__ __align__(16) unsigned char shared[];
+  CRL_DYNAMIC_SHARED(unsigned char, shared);
   const MiningRows& m = args.m;
   const int warp = threadIdx.x / kWarp, lane = lane_index(), k = static_cast<int>(m.k);
   // [list][storage] keys, then indices, then states; list 2 w: warp w's positives, 2 w + 1: negatives.
@@ -454,7 +454,7 @@ template <typename Acc, int R>
 __global__ void __launch_bounds__(InstanceTile<Acc, R>::kWarps * kWarp) instance_kernel(InstanceArgs args) {
   using Tile = InstanceTile<Acc, R>;
   constexpr int kA = Tile::kAnchorsPerWarp, kS = Tile::kSlots;
-  extern __shared__ __align__(16) unsigned char shared[];
+  CRL_DYNAMIC_SHARED(unsigned char, shared);
   Acc* candidate_tile = reinterpret_cast<Acc*>(shared);
   Acc* anchor_tile = reinterpret_cast<Acc*>(shared + Tile::kCandidateTile);
   Acc* list_keys = reinterpret_cast<Acc*>(shared + Tile::kCandidateTile + Tile::kAnchorTile);
@@ -678,7 +678,7 @@ void launch_with_shared(int64_t blocks, int threads, size_t shared, cudaStream_t
       if (device < kDevices) raised[device].store(true, std::memory_order_release);
     }
   }
-  kKernel<<<static_cast<int>(std::min(blocks, kMaxBlocks)), threads, shared, stream>>>(args);
+  CRL_LAUNCH(static_cast<int>(std::min(blocks, kMaxBlocks)), threads, shared, stream, kKernel)(args);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -698,7 +698,7 @@ void launch_rows(const RowsArgs& args, cudaStream_t stream) {
                                                kMaxBlocks - args.compact_blocks);
   dispatch_dtype(args.logits.dtype, [&](auto typed) {
     using T = typename decltype(typed)::type;
-    rows_kernel<T><<<static_cast<int>(args.compact_blocks + row_blocks), kRowThreads, 0, stream>>>(args);
+    CRL_LAUNCH(static_cast<int>(args.compact_blocks + row_blocks), kRowThreads, 0, stream, rows_kernel<T>)(args);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
@@ -741,7 +741,7 @@ void launch_class_lists(const Values& logits, bool binary, const int64_t* labels
   if (lists == 0) return;
   dispatch_dtype(logits.dtype, [&](auto typed) {
     using T = typename decltype(typed)::type;
-    all_class_lists_kernel<T><<<blocks_for(lists), kThreads, 0, stream>>>(
+    CRL_LAUNCH(blocks_for(lists), kThreads, 0, stream, all_class_lists_kernel<T>)(
         logits, binary, labels, num_classes, active, batch, attributes, max_classes, k, static_cast<acc_t<T>*>(keys),
         static_cast<int32_t*>(workspace), indices);
     C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -166,7 +166,7 @@ void pair_distances(const PairVectors<T>& v, const int64_t* partners, int64_t ro
   C10_CUDA_CHECK(cudaMemsetAsync(overflow, 0, sizeof(bool), stream));
   const int64_t slots = rows * attributes * width;
   if (slots == 0) return;
-  distances_kernel<T, Acc><<<blocks_for(slots), kThreads, 0, stream>>>(v, partners, slots, attributes, width, first,
+  CRL_LAUNCH(blocks_for(slots), kThreads, 0, stream, distances_kernel<T, Acc>)(v, partners, slots, attributes, width, first,
                                                                         distances, overflow);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -177,7 +177,7 @@ void pair_distances_backward(const PairVectors<T>& v, const int64_t* partners, c
                              Acc* grad_vectors, cudaStream_t stream) {
   const int64_t entries = rows * attributes * width * v.x.dim;
   if (entries == 0) return;
-  distances_backward_kernel<T, Acc><<<blocks_for(entries), kThreads, 0, stream>>>(
+  CRL_LAUNCH(blocks_for(entries), kThreads, 0, stream, distances_backward_kernel<T, Acc>)(
       v, partners, distances, grad, entries, attributes, width, first, grad_vectors);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -192,18 +192,18 @@ void pair_sums(const Acc* distances, const int64_t* partners, const PairRows& ro
                const Acc* longest, Form form, Acc apc_margin, int64_t bins, Acc* sums, void* workspace,
                cudaStream_t stream) {
   if (form == Form::Distribution) {
-    histogram_kernel<Acc><<<blocks_for(rows.attributes * 2 * bins), kThreads, 0, stream>>>(distances, partners, rows,
+    CRL_LAUNCH(blocks_for(rows.attributes * 2 * bins), kThreads, 0, stream, histogram_kernel<Acc>)(distances, partners, rows,
                                                                                          longest, bins, sums);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     return;
   }
   Acc* partial = static_cast<Acc*>(workspace);
   if (rows.rows > 0) {
-    row_sums_kernel<Acc><<<blocks_for(rows.rows * rows.attributes), kThreads, 0, stream>>>(
+    CRL_LAUNCH(blocks_for(rows.rows * rows.attributes), kThreads, 0, stream, row_sums_kernel<Acc>)(
         distances, partners, rows, margins, form, apc_margin, partial);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
-  attribute_sums_kernel<Acc><<<blocks_for(2 * rows.attributes), kThreads, 0, stream>>>(partial, rows, sums);
+  CRL_LAUNCH(blocks_for(2 * rows.attributes), kThreads, 0, stream, attribute_sums_kernel<Acc>)(partial, rows, sums);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -213,7 +213,7 @@ void pair_sums_backward(const Acc* grad, const Acc* distances, const int64_t* pa
                         Acc* grad_distances, unsigned long long* open, cudaStream_t stream) {
   const int64_t items = rows.rows * rows.attributes * (form == Form::Distribution ? rows.width : 1);
   if (items == 0) return;
-  sums_backward_kernel<Acc><<<blocks_for(items), kThreads, 0, stream>>>(
+  CRL_LAUNCH(blocks_for(items), kThreads, 0, stream, sums_backward_kernel<Acc>)(
       grad, distances, partners, rows, margins, longest, form, apc_margin, bins, grad_distances, open);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }

@@ -36,8 +36,8 @@ constexpr int64_t kNonzeroCapacity = 11264;  // above: the nonzero counts, as ma
 // Sums of kN values over the block, returned to every thread (fixed order, integers anyway).
 template <int kN>
 __device__ void block_sums(int32_t (&value)[kN]) {
-  __shared__ int32_t partial[kN][kWarp];
-  __shared__ int32_t total[kN];
+  CRL_SHARED(int32_t, partial, [kN][kWarp]);
+  CRL_SHARED(int32_t, total, [kN]);
   const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp, warps = blockDim.x / kWarp;
 #pragma unroll
   for (int t = 0; t < kN; ++t) value[t] = warp_reduce(value[t], Sum());
@@ -63,9 +63,9 @@ __global__ void __launch_bounds__(kProfileThreads)
                    int64_t max_classes, double threshold, bool validate, int64_t* counts, bool* minority,
                    bool* active) {
   // Dynamic shared memory: the counts (Cmax <= kSharedClasses), or room for the nonzero ones.
-  extern __shared__ int64_t shared_counts[];
+  CRL_DYNAMIC_SHARED(int64_t, shared_counts);
   int32_t* nonzero = reinterpret_cast<int32_t*>(shared_counts);
-  __shared__ int32_t nonzero_count;
+  CRL_SHARED(int32_t, nonzero_count);
   const int lane = threadIdx.x % kWarp;
   for (int64_t j = blockIdx.x; j < attributes; j += gridDim.x) {
     const int64_t classes = num_classes[j];
@@ -203,7 +203,7 @@ void launch_profile(const int64_t* labels, const int64_t* num_classes, int64_t b
   const size_t shared = max_classes <= kSharedClasses ? static_cast<size_t>(max_classes) * sizeof(int64_t)
                                                       : static_cast<size_t>(kNonzeroCapacity) * sizeof(int32_t);
   const int blocks = static_cast<int>(std::min<int64_t>(attributes, kMaxBlocks));
-  profile_kernel<<<blocks, kProfileThreads, shared, stream>>>(labels, num_classes, batch, attributes, max_classes,
+  CRL_LAUNCH(blocks, kProfileThreads, shared, stream, profile_kernel)(labels, num_classes, batch, attributes, max_classes,
                                                               threshold, validate, counts, minority, active);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }

@@ -154,7 +154,7 @@ struct ListState {
 // returns the new threshold. Not inlined: the mining loops call it from many unrolled sites and
 // rarely (once per M admitted candidates).
 template <bool Largest, typename Key, int R, int RB>
-__device__ __noinline__ Threshold<Key> merge_buffer(Key* queue_key, int32_t* queue_index, const Key* buffer_key,
+__device__ CRL_NOINLINE Threshold<Key> merge_buffer(Key* queue_key, int32_t* queue_index, const Key* buffer_key,
                                                     const int32_t* buffer_index, int count, int k) {
   const int lane = lane_index();
   __syncwarp();  // the buffer entries of every lane are written

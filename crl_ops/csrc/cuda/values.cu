@@ -96,13 +96,13 @@ void check_finite(const Values& features, bool has_features, const Values& logit
   // About four values per thread; the kernel is bound by memory.
   const int blocks = blocks_for(std::max(feature_count, logit_count) / 4 + 1);
   if (!validate) C10_CUDA_CHECK(cudaMemsetAsync(workspace, 0, kCheckFiniteWorkspace, stream));
-  check_finite_kernel<<<blocks, kThreads, 0, stream>>>(features, has_features, logits, binary, num_classes, validate,
+  CRL_LAUNCH(blocks, kThreads, 0, stream, check_finite_kernel)(features, has_features, logits, binary, num_classes, validate,
                                                        finite, static_cast<unsigned int*>(workspace));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 void check_overflow(const bool* overflow, bool double_accumulation, cudaStream_t stream) {
-  check_overflow_kernel<<<1, 1, 0, stream>>>(overflow, double_accumulation);
+  CRL_LAUNCH(1, 1, 0, stream, check_overflow_kernel)(overflow, double_accumulation);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

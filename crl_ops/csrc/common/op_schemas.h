@@ -1,0 +1,71 @@
+// The crl_ops operator schemas, defined once: ops.cpp registers them as the `crl_ops` library (the
+// tests' emulated CUDA device, csrc/emulation, under a namespace of its own). Kernels: csrc/cpu
+// (CPU), csrc/cuda (CUDA), both through the glue of common/entry_points.h; autograd:
+// csrc/autograd.cpp; fake kernels: crl_ops/_native.py.
+//
+// Shapes: B samples, A attributes, D feature size, Cmax classes, K mined per side.
+// - labels[B, A] int64, -1 = not annotated; num_classes[A] int64 (C_j).
+// - logits[B, A] (one binary logit z: class logits [0, z]) or [B, A, Cmax] (entries past C_j unread).
+// - partners[R, A, 2K]: the K positives then the K negatives of each anchor row, -1 where empty.
+// - validate: check label ranges and finite values (a ValueError on the CPU, a device-side
+//   assertion on CUDA); else labels outside -1..C_j-1 count as not annotated and non-finite
+//   values make the loss NaN (docs/semantics.md, section 6).
+#pragma once
+
+#include <torch/library.h>
+
+namespace crl {
+
+inline void define_op_schemas(torch::Library& m) {
+  // Section 1: counts[A, Cmax] int64, minority[A, Cmax] bool, active[A, Cmax] bool.
+  m.def("profile(Tensor labels, Tensor num_classes, int max_classes, float threshold, bool validate) -> "
+        "(Tensor counts, Tensor minority, Tensor active)");
+  // Section 2, class level, before any anchor: for every (attribute j, class c < C_j; with active
+  // [A, Cmax], only its active classes, the other lists empty) its K hardest
+  // positives (the lowest p(c) in class c) and negatives (the highest p(c) among the other annotated
+  // samples) among the B rows, best first: keys p(c) [A, Cmax, 2K] in the accumulation dtype and
+  // indices [A, Cmax, 2K] int64 (-1, key +inf for positives and -inf for negatives, where fewer).
+  // crl_ops.distributed merges the lists of the ranks' own rows.
+  m.def("class_lists(Tensor logits, Tensor labels, Tensor num_classes, Tensor? active, int k, bool validate) -> "
+        "(Tensor keys, Tensor indices)");
+  // Section 2, for the anchor rows first_anchor..first_anchor + num_anchors against all B
+  // candidates: anchors[R, A] bool, partners[R, A, 2K] int64.
+  m.def("mine_class(Tensor logits, Tensor labels, Tensor num_classes, Tensor active, int k, SymInt first_anchor, "
+        "SymInt num_anchors, bool validate) -> (Tensor anchors, Tensor partners)");
+  m.def("mine_instance(Tensor features, Tensor logits, Tensor labels, Tensor num_classes, Tensor active, int k, "
+        "SymInt first_anchor, SymInt num_anchors, bool validate) -> (Tensor anchors, Tensor partners)");
+  // Section 3 on given pairs, in two differentiable steps whose sums add over disjoint sets of
+  // anchors (crl_ops.distributed: a rank's own anchors against the gathered batch).
+  // pair_distances: for the anchor rows first_anchor..first_anchor + R of vectors[N, Ax, D] (Ax = A,
+  // or 1: one vector shared by the attributes) and their partners[R, A, 2K] (rows of vectors), the
+  // distances[R, A, 2K] in the accumulation dtype (0 where empty) and overflow (0-dim bool: a
+  // pair's squared distance is infinite). Differentiable w.r.t. vectors.
+  m.def("pair_distances(Tensor vectors, Tensor partners, SymInt first_anchor) -> (Tensor distances, Tensor overflow)");
+  m.def("pair_distances_backward(Tensor grad, Tensor vectors, Tensor partners, Tensor distances, SymInt first_anchor) "
+        "-> Tensor");
+  // pair_sums: per attribute, relative [A, 2] (hinge sum, 0); absolute [A, 2] (sums of positive d^2
+  // and of negative hinge(apc_margin - d)^2); distribution [A, 2, bins] (the unnormalised histograms
+  // of positives and negatives on the nodes over [0, longest_j]; longest [A] required).
+  // Differentiable w.r.t. distances and margins.
+  m.def("pair_sums(Tensor distances, Tensor partners, Tensor margins, Tensor? longest, str form, float apc_margin, "
+        "int bins) -> Tensor");
+  m.def("pair_sums_backward(Tensor grad, Tensor distances, Tensor partners, Tensor margins, Tensor? longest, "
+        "str form, float apc_margin, int bins, bool margins_grad) -> (Tensor grad_distances, Tensor grad_margins)");
+  // The whole loss of sections 1-3 in one op (one dispatch and one autograd node per step):
+  // loss; counts, minority, active; anchors[B, A], partners[B, A, 2K]; pair_counts[A, 4] (anchors,
+  // positive pairs, negative pairs, triplets); and for the backward: distances[B, A, 2K], sums[A, 2]
+  // (relative: hinge sum, 0; absolute: positive and negative sums; distribution: the attribute's
+  // loss and its histogram scale (bins - 1) / R) and the normalised histograms[A, 2, bins]
+  // (distribution form; [A, 2, 0] otherwise). Differentiable w.r.t. features and margins.
+  m.def("crl_loss(Tensor features, Tensor logits, Tensor labels, Tensor num_classes, Tensor margins, str mode, "
+        "str form, int k, float apc_margin, int bins, float threshold, str reduction, bool validate) -> "
+        "(Tensor loss, Tensor counts, Tensor minority, Tensor active, Tensor anchors, Tensor partners, "
+        "Tensor pair_counts, Tensor distances, Tensor sums, Tensor histograms)");
+  // d loss / d features [B, A, D] (contiguous, the features' dtype) and, with margins_grad,
+  // d loss / d margins [A] (else an empty tensor). A NaN loss gives NaN gradients.
+  m.def("crl_loss_backward(Tensor grad, Tensor loss, Tensor features, Tensor partners, Tensor distances, "
+        "Tensor margins, Tensor pair_counts, Tensor sums, Tensor histograms, str form, float apc_margin, int bins, "
+        "str reduction, bool margins_grad) -> (Tensor grad_features, Tensor grad_margins)");
+}
+
+}  // namespace crl

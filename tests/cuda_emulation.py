@@ -1,0 +1,207 @@
+"""The emulated CUDA device of the tests (crl_ops/csrc/emulation/device.h states its model).
+
+The CUDA kernels of crl_ops/csrc/cuda and their op glue compile with the host compiler into a
+test-only library that registers the op schemas under `crl_ops_emulated`, with the CUDA entry
+points as their CPU kernels: CPU tensors stand for device memory. `EmulatedCuda.kernels()` puts
+them in place of crl_ops's CPU kernels for a while, so that everything above the ops (the module,
+autograd, the reference's checks) runs unchanged on the CUDA kernels.
+
+Three builds, each cached in build/cuda-emulation under a key of its sources, flags and torch:
+- "default" (-O2): the thread orders, poison bytes and every check of the execution model;
+- "sanitize": the kernels under AddressSanitizer and UndefinedBehaviorSanitizer (the process
+  must start with the sanitizers' runtimes preloaded: `sanitizer_environment()`);
+- "racecheck": the kernels instrumented for the shared-memory race check (and the portable
+  ucontext switch, so that both context switches run in CI).
+CRL_OPS_CUDA_EMULATION names the build a process loads ("default" when unset).
+
+`python -m tests.cuda_emulation [variant ...]` builds them ahead of the tests.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Iterator, NamedTuple
+
+import torch
+
+from crl_ops import _build
+
+REPOSITORY = Path(__file__).resolve().parent.parent
+SOURCES = REPOSITORY / "crl_ops" / "csrc"
+EMULATION = SOURCES / "emulation"
+BUILD_ROOT = REPOSITORY / "build" / "cuda-emulation"
+VARIANTS = ("default", "sanitize", "racecheck")
+ENVIRONMENT_VARIABLE = "CRL_OPS_CUDA_EMULATION"
+OPS = ("profile", "class_lists", "mine_class", "mine_instance", "pair_distances", "pair_distances_backward",
+       "pair_sums", "pair_sums_backward", "crl_loss", "crl_loss_backward")
+
+# Each variant's flags for the kernels (.cu) and the emulator's runtime; the op glue (cuda/*_ops.cpp,
+# emulation/emulated_ops.cpp) is compiled once for all of them.
+KERNEL_FLAGS = {
+    "default": ["-O2"],
+    "sanitize": ["-O1", "-g", "-fno-omit-frame-pointer", "-fsanitize=address,undefined", "-fno-sanitize-recover=all"],
+    "racecheck": ["-O1", "-g", "-fsanitize=thread"],
+}
+RUNTIME_FLAGS = {"default": ["-O2"], "sanitize": ["-O2"], "racecheck": ["-O2", "-DCRL_EMULATION_UCONTEXT"]}
+LINK_FLAGS = {"default": [], "sanitize": ["-fsanitize=address,undefined"], "racecheck": []}
+COMMON_FLAGS = ["-fPIC", "-DNDEBUG", "-ffp-contract=off", f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"]
+KERNEL_STANDARD = "-std=c++17"  # as nvcc is given (crl_ops/_build.py)
+
+
+class Unit(NamedTuple):
+    source: Path
+    flags: tuple
+
+
+def _include_flags() -> list[str]:
+    """The stand-in CUDA headers first, then the sources and torch's headers."""
+    torch_include = Path(torch.__file__).parent / "include"
+    return ["-I", str(EMULATION / "include"), "-I", str(SOURCES), "-isystem", str(torch_include),
+            "-isystem", str(torch_include / "torch" / "csrc" / "api" / "include")]
+
+
+def _glue_units() -> list[Unit]:
+    flags = ("-O1", _build.cxx_standard_flag(), *COMMON_FLAGS)
+    glue = [p for p in sorted((SOURCES / "cuda").glob("*_ops.cpp")) if p.name != "cuda_ops.cpp"]
+    return [Unit(p, flags) for p in glue + [EMULATION / "emulated_ops.cpp"]]
+
+
+def _variant_units(variant: str) -> list[Unit]:
+    kernel = ("-x", "c++", "-include", str(EMULATION / "device.h"), KERNEL_STANDARD, *COMMON_FLAGS,
+              *KERNEL_FLAGS[variant])
+    runtime = (KERNEL_STANDARD, *COMMON_FLAGS, *RUNTIME_FLAGS[variant])
+    units = [Unit(p, kernel) for p in sorted((SOURCES / "cuda").glob("*.cu"))] + [Unit(EMULATION / "runtime.cpp", runtime)]
+    if variant == "racecheck":
+        units.append(Unit(EMULATION / "racecheck.cpp", runtime))
+    return units
+
+
+def _key(units: list[Unit], extra: list[str]) -> str:
+    digest = hashlib.sha256()
+    headers = sorted(p for p in SOURCES.rglob("*") if p.suffix in (".h", ".cuh"))
+    for path in [u.source for u in units] + headers:
+        digest.update(str(path.relative_to(SOURCES)).encode() + path.read_bytes())
+    for unit in units:
+        digest.update(" ".join(unit.flags).encode())
+    digest.update(" ".join([torch.__version__, str(torch.version.git_version), _build._cxx(), *extra]).encode())
+    return digest.hexdigest()[:16]
+
+
+def _compile(units: list[Unit], directory: Path) -> list[Path]:
+    """Objects of `units` in `directory` (compiled where missing), in parallel."""
+    cxx = _build._cxx()
+    include = _include_flags()
+    objects, commands = [], []
+    for unit in units:
+        obj = directory / f"{unit.source.stem}{'-kernels' if unit.source.suffix == '.cu' else ''}.o"
+        objects.append(obj)
+        if not obj.exists():
+            commands.append([cxx, *unit.flags, *include, "-c", str(unit.source), "-o", str(obj) + ".tmp"])
+    jobs = int(os.environ.get("MAX_JOBS") or os.cpu_count() or 1)
+    with ThreadPoolExecutor(max(1, min(jobs, len(commands) or 1))) as pool:
+        results = list(pool.map(_build._run, commands))
+    for argv, returncode, output in results:
+        if returncode != 0:
+            raise RuntimeError(f"compiling the emulated CUDA device failed:\n$ {' '.join(argv)}\n{output[-6000:]}")
+        os.replace(argv[argv.index("-o") + 1], argv[argv.index("-o") + 1][: -len(".tmp")])
+    return objects
+
+
+def library_path(variant: str) -> Path:
+    """The emulated ops' library of `variant`, built first where it is not in the cache."""
+    if variant not in VARIANTS:
+        raise ValueError(f"{ENVIRONMENT_VARIABLE} must be one of {VARIANTS}, got {variant!r}")
+    glue_units, units = _glue_units(), _variant_units(variant)
+    glue_dir = BUILD_ROOT / f"glue-{_key(glue_units, [])}"
+    directory = BUILD_ROOT / f"{variant}-{_key(units + glue_units, LINK_FLAGS[variant])}"
+    target = directory / "libcrl_ops_emulated.so"
+    if target.exists():
+        return target
+    BUILD_ROOT.mkdir(parents=True, exist_ok=True)
+    with _build.locked(BUILD_ROOT / "lock", timeout=1800):
+        if target.exists():
+            return target
+        glue_dir.mkdir(exist_ok=True)
+        directory.mkdir(exist_ok=True)
+        objects = _compile(glue_units, glue_dir) + _compile(units, directory)
+        torch_lib = Path(torch.__file__).parent / "lib"
+        scratch = Path(tempfile.mkdtemp(dir=directory))
+        try:
+            link = [_build._cxx(), "-shared", "-o", str(scratch / target.name), *map(str, objects), *LINK_FLAGS[variant],
+                    "-L", str(torch_lib), f"-Wl,-rpath,{torch_lib}", "-lc10", "-ltorch_cpu"]
+            argv, returncode, output = _build._run(link)
+            if returncode != 0:
+                raise RuntimeError(f"linking the emulated CUDA device failed:\n$ {' '.join(argv)}\n{output[-6000:]}")
+            os.replace(scratch / target.name, target)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+    return target
+
+
+def sanitizer_environment() -> dict:
+    """The environment of a process that loads the "sanitize" build: the sanitizers' runtimes
+    preloaded (they must come first), no leak check (Python keeps its objects)."""
+    cxx = _build._cxx()
+    runtimes = [subprocess.run([cxx, f"-print-file-name={name}"], capture_output=True, text=True).stdout.strip()
+                for name in ("libasan.so", "libubsan.so")]
+    return {"LD_PRELOAD": ":".join(runtimes), "ASAN_OPTIONS": "detect_leaks=0:abort_on_error=0:halt_on_error=1",
+            "UBSAN_OPTIONS": "print_stacktrace=1:halt_on_error=1", ENVIRONMENT_VARIABLE: "sanitize"}
+
+
+class RunConfig(NamedTuple):
+    order: str
+    seed: int
+    poison: int
+
+
+# The runs of every emulated test: each thread and block order, two poison bytes (0xff makes an
+# unwritten float NaN and an unwritten index -1; 0xa5 neither), and their results bitwise equal.
+RUNS = (RunConfig("forward", 0, 0xA5), RunConfig("reverse", 0, 0xFF), RunConfig("random", 7, 0x5A))
+
+
+class EmulatedCuda:
+    """The emulated CUDA device: tensors on the CPU, and inside `kernels()` crl_ops's CPU kernels
+    replaced by the CUDA ones."""
+
+    device = torch.device("cpu")
+
+    def __init__(self, variant: str | None = None):
+        self.variant = variant or os.environ.get(ENVIRONMENT_VARIABLE, "default")
+        if self.variant == "sanitize" and "libasan" not in os.environ.get("LD_PRELOAD", ""):
+            raise RuntimeError("the sanitize build of the emulated device needs a process started with "
+                               "tests.cuda_emulation.sanitizer_environment() (libasan preloaded)")
+        path = library_path(self.variant)
+        if str(path) not in torch.ops.loaded_libraries:
+            torch.ops.load_library(str(path))
+
+    @contextlib.contextmanager
+    def kernels(self, run: RunConfig = RUNS[0]) -> Iterator[None]:
+        """crl_ops's ops run the emulated CUDA kernels, in `run`'s order and with its poison byte."""
+        torch.ops.crl_ops_emulated.configure(run.order, run.seed, run.poison)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "Overriding a previously registered kernel"
+            library = torch.library.Library("crl_ops", "IMPL")
+            for name in OPS:
+                library.impl(name, getattr(torch.ops.crl_ops_emulated, name).default, "CPU")
+        try:
+            yield
+        finally:
+            library._destroy()
+
+    @staticmethod
+    def statistics() -> dict:
+        launches, blocks, threads, switches = torch.ops.crl_ops_emulated.statistics()
+        return {"launches": launches, "blocks": blocks, "threads": threads, "switches": switches}
+
+
+if __name__ == "__main__":
+    for name in sys.argv[1:] or ["default"]:
+        print(library_path(name))
