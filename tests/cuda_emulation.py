@@ -171,7 +171,10 @@ class EmulatedCuda:
     """The emulated CUDA device: tensors on the CPU, and inside `kernels()` crl_ops's CPU kernels
     replaced by the CUDA ones."""
 
+    name = "emulated"
+    emulated = True
     device = torch.device("cpu")
+    runs = RUNS
 
     def __init__(self, variant: str | None = None):
         self.variant = variant or os.environ.get(ENVIRONMENT_VARIABLE, "default")

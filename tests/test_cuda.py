@@ -1,16 +1,23 @@
-"""The CUDA kernels against the CPU kernels, and what only a GPU can show: determinism of the
-atomic-free backward, device-side assertions, CUDA graphs without host synchronisation and
-torch.compile(mode="reduce-overhead"). Skipped without a GPU; tools/gpu_check.sh runs them.
+"""The CUDA kernels against the CPU kernels, on two devices: a GPU (tools/gpu_check.sh; skipped
+without one) and the emulated CUDA device (tests/cuda_emulation.py), which runs the same kernels
+and op glue on the CPU in every CI build. On the emulated device every computation runs once per
+entry of cuda_emulation.RUNS (forward, reverse and seeded random thread and block orders, two
+poison bytes in shared memory and in every tensor an op allocates), and the runs must agree
+bitwise, except where float atomics add in thread order. What only a GPU can show stays
+GPU-only: CUDA graphs without host synchronisation, torch.compile(mode="reduce-overhead") and
+device-side assertions that end the process.
 
 The CPU kernels are the executable specification: on the same batch the CUDA ops must mine
 bitwise the same sets, measure bitwise the same pair distances (both accumulate dimension by
 dimension without FMA), and give losses, sums, histograms and gradients equal to rounding.
 """
+import contextlib
 import math
 import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 from typing import NamedTuple
 
 import pytest
@@ -21,21 +28,91 @@ from crl_ops import _native
 from crl_ops._inputs import accumulation_dtype, normalise
 from crl_ops.functional import margins_tensor
 
-from .checks import gradcheck_crl
-from .problems import FORMS, MODES, make_problem
+from torch.utils._pytree import tree_flatten
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU")
+from .checks import gradcheck_crl
+from .cuda_emulation import RUNS, EmulatedCuda
+from .problems import FORMS, MODES, make_problem
 
 VARIANTS = [(mode, form) for mode in MODES for form in FORMS]
 REDUCTIONS = ("pooled", "attribute")
 
 
-@pytest.fixture(autouse=True)
-def cuda_kernels():
+class Gpu:
+    """A GPU: one run of each computation, on CUDA tensors."""
+
+    name = "cuda"
+    emulated = False
+    device = torch.device("cuda")
+    runs = (None,)
+
+    @contextlib.contextmanager
+    def kernels(self, run=None):
+        yield
+
+
+@pytest.fixture(scope="session")
+def emulated_cuda():
+    _native.require(torch.device("cpu"))  # the reference side, and the schemas the emulation takes over
+    return EmulatedCuda()
+
+
+def _real_gpu():
+    if not torch.cuda.is_available():
+        pytest.skip("no GPU")
     _native.require(torch.device("cuda"))  # a missing CUDA build fails here, it is not skipped
     _native.require(torch.device("cpu"))
+    return Gpu()
+
+
+@pytest.fixture(params=["cuda", "emulated"])
+def gpu(request):
+    """The CUDA device under test: a GPU, or the emulated device."""
+    return _real_gpu() if request.param == "cuda" else request.getfixturevalue("emulated_cuda")
+
+
+@pytest.fixture
+def real_gpu():
+    return _real_gpu()
+
+
+@pytest.fixture(scope="module")
+def real_gpu_module():
+    return _real_gpu()
+
+
+@pytest.fixture(autouse=True)
+def deterministic_off():
     yield
     torch.use_deterministic_algorithms(False)
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().contiguous().reshape(-1).view(torch.uint8)
+
+
+def on_device(gpu, compute, loose=(), runs=None):
+    """compute() with the CUDA kernels of `gpu`. On the emulated device it runs once per entry of
+    RUNS (or the first `runs`): every leaf of the results must be bitwise equal across the runs,
+    except the leaves whose indices are in `loose` (float atomics add in thread order), which must
+    agree to rounding. Returns the first run's results."""
+    results = []
+    for run in gpu.runs[:runs]:
+        with gpu.kernels(run):
+            results.append(compute())
+    first, _ = tree_flatten(results[0])
+    for run, result in zip(gpu.runs[1:], results[1:]):
+        for index, (a, b) in enumerate(zip(first, tree_flatten(result)[0])):
+            if not isinstance(a, torch.Tensor):
+                assert a == b, f"{run}: output {index} differs from {gpu.runs[0]}"
+            elif index in loose:
+                tolerance = TOLERANCE[a.dtype][1]  # a gradient's tolerance against the CPU's
+                scale = a.abs().nan_to_num(0.0).max().item() if a.numel() else 0.0
+                torch.testing.assert_close(b, a, rtol=tolerance, atol=tolerance * scale, equal_nan=True)
+            else:
+                assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(_bits(a), _bits(b)), \
+                    f"{run}: output {index} differs from {gpu.runs[0]}"
+    return results[0]
 
 
 class Case(NamedTuple):
@@ -48,29 +125,41 @@ class Case(NamedTuple):
     k: int
     bins: int = 100
     shared_features: bool = False
+    mines: bool = True  # some anchor gets partners
+    emulated_runs: int = len(RUNS)  # the runs of the emulated device (RUNS) the case takes
 
 
 # Every feature dtype, binary, [B, A, C] and list logits (padded: entries past C_j unread), the
-# register lists of the mining (K <= 64) and the general path (K > 64), B > 1024, more
-# attributes than a block has threads (the loops over attributes), histograms staged in shared
-# memory (bins <= 512) and not, features shared by the attributes (stride 0), and more than 32
-# classes (a warp per row computes the softmax).
+# register lists of the mining (K <= 64) and the general path (K > 64, and K = 1024), K above the
+# candidates, B = 1, D = 1, B > 1024 and not a multiple of a tile (units of several chunks: the
+# multi-block reductions), more attributes than a block has threads (the loops over attributes),
+# histograms staged in shared memory (bins <= 512) and not, features shared by the attributes
+# (stride 0), and more than 32 classes (a warp per row computes the softmax). 10^5 classes:
+# test_hundred_thousand_classes.
 CASES = [
     Case("binary-float32-k5", 300, (2,) * 6, 16, "binary", torch.float32, 5),
     Case("tensor3d-float64-k3-bins7", 200, (4,) * 3, 7, "tensor3d", torch.float64, 3, bins=7),
     Case("list-float16-k40", 400, (2, 5, 3), 33, "list", torch.float16, 40),
     Case("list-bfloat16-k100-bins1000", 500, (3, 2), 9, "list", torch.bfloat16, 100, bins=1000),
     Case("b1500-float32-k20", 1500, (2, 3), 40, "list", torch.float32, 20),
-    Case("a700-float32-k4", 40, (2,) * 700, 3, "binary", torch.float32, 4),
+    # a profile block per attribute: the emulated device runs this one once, in forward order
+    Case("a300-float32-k4", 40, (2,) * 300, 3, "binary", torch.float32, 4, emulated_runs=1),
     Case("shared-float64-k64", 260, (2, 3, 2), 12, "list", torch.float64, 64, shared_features=True),
     # more than 32 classes: the class softmax of a warp per row, bitwise the CPU's
     Case("many-classes-float32-k5", 600, (40, 70), 8, "list", torch.float32, 5),
+    Case("b1-float32-k3", 1, (2, 3), 4, "list", torch.float32, 3, mines=False),
+    Case("d1-float64-k50-over-candidates", 24, (2, 3), 1, "list", torch.float64, 50),
+    Case("k1024-float32", 150, (2, 3), 6, "list", torch.float32, 1024),
 ]
 
 # (loss, sums and histograms; gradients): the sums differ from the CPU's only in their order;
 # half-precision gradients may round to the neighbouring value.
 TOLERANCE = {torch.float64: (1e-12, 1e-10), torch.float32: (1e-5, 1e-4), torch.float16: (1e-5, 2e-3),
              torch.bfloat16: (1e-5, 1e-2)}
+
+
+# The leaf of a Result that float atomics add to in thread order (the default backward).
+ATOMIC_GRADIENT = (10,)
 
 
 class Result(NamedTuple):
@@ -131,26 +220,29 @@ def assert_same_as_cpu(got: Result, want: Result, dtype):
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("mode, form", VARIANTS)
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
-def test_matches_cpu_kernels(case, mode, form, reduction):
+def test_matches_cpu_kernels(case, mode, form, reduction, gpu):
     problem = problem_of(case, seed=10 * CASES.index(case) + VARIANTS.index((mode, form)))
-    results = [crl_op(problem, device, case.dtype, mode, form, case.k, case.bins, reduction) for device in ("cpu", "cuda")]
-    assert results[0].pair_counts[:, 0].sum() > 0, "the case mines nothing"
-    assert_same_as_cpu(results[1], results[0], case.dtype)
+    want = crl_op(problem, "cpu", case.dtype, mode, form, case.k, case.bins, reduction)
+    got = on_device(gpu, lambda: crl_op(problem, gpu.device, case.dtype, mode, form, case.k, case.bins, reduction),
+                    loose=ATOMIC_GRADIENT, runs=case.emulated_runs)
+    assert (want.pair_counts[:, 1].sum() > 0) == case.mines, "the case mines something exactly when it should"
+    assert_same_as_cpu(got, want, case.dtype)
 
 
 @pytest.mark.parametrize("mode, form", VARIANTS)
-def test_deterministic_path_matches_cpu_kernels(mode, form):
-    torch.use_deterministic_algorithms(True)
+def test_deterministic_path_matches_cpu_kernels(mode, form, gpu):
     case = CASES[4]
     problem = problem_of(case, seed=5)
-    results = [crl_op(problem, device, case.dtype, mode, form, case.k, case.bins) for device in ("cpu", "cuda")]
-    assert_same_as_cpu(results[1], results[0], case.dtype)
+    want = crl_op(problem, "cpu", case.dtype, mode, form, case.k, case.bins)
+    torch.use_deterministic_algorithms(True)
+    got = on_device(gpu, lambda: crl_op(problem, gpu.device, case.dtype, mode, form, case.k, case.bins))
+    assert_same_as_cpu(got, want, case.dtype)
 
 
-def test_entries_past_num_classes_are_never_read():
+def test_entries_past_num_classes_are_never_read(gpu):
     """[B, A, Cmax] logits with NaN past each attribute's C_j: validate=True must not see them."""
     problem = make_problem(9, 120, (3, 2, 4), 5, False, "list", skew=2.0)
-    features, logits, labels, _, _ = problem.inputs(torch.float32, "cuda")
+    features, logits, labels, _, _ = problem.inputs(torch.float32, gpu.device)
     batch = normalise(features.detach(), logits, labels)
     padded = batch.logits.detach().clone()
     for j, classes in enumerate(batch.num_classes):
@@ -159,8 +251,8 @@ def test_entries_past_num_classes_are_never_read():
     ops = torch.ops.crl_ops
     args = (batch.features, padded, batch.labels, batch.classes_tensor(), margins, "instance", "relative", 5, 1.0,
             100, 0.5, "pooled", True)
-    got = ops.crl_loss(*args)[0]
     want = ops.crl_loss(*(a.cpu() if isinstance(a, torch.Tensor) else a for a in args))[0]
+    got = on_device(gpu, lambda: ops.crl_loss(*args)[0])
     assert torch.isfinite(got)
     torch.testing.assert_close(got.cpu(), want, rtol=1e-5, atol=1e-6)
 
@@ -169,50 +261,55 @@ def test_entries_past_num_classes_are_never_read():
 
 
 @pytest.mark.parametrize("mode, form", VARIANTS)
-def test_gradcheck(mode, form):
+def test_gradcheck(mode, form, gpu):
     # gradcheck also asserts that backward is reentrant (bitwise equal twice): the deterministic path.
     torch.use_deterministic_algorithms(True)
     problem = make_problem(21, 14, (2, 3), 3, False, "list", skew=1.5)
-    features, logits, labels, _, _ = problem.inputs(torch.float64, "cuda")
+    features, logits, labels, _, _ = problem.inputs(torch.float64, gpu.device)
     crl = crl_ops.CRL(mode, form, k=3, bins=7, backend="native")
-    assert gradcheck_crl(crl, features, logits, labels)
+    with gpu.kernels(gpu.runs[0]):
+        assert gradcheck_crl(crl, features, logits, labels)
 
 
-def _feature_gradient(problem, mode, form, dtype=torch.float32):
-    features, logits, labels, _, _ = problem.inputs(dtype, "cuda")
+def _feature_gradient(problem, mode, form, device, dtype=torch.float32):
+    features, logits, labels, _, _ = problem.inputs(dtype, device)
     loss = crl_ops.CRL(mode, form, backend="native")(features, logits, labels)
     return torch.autograd.grad(loss, features)[0]
 
 
 @pytest.mark.parametrize("mode, form", VARIANTS)
-def test_deterministic_mode_is_bitwise_reproducible(mode, form):
-    problem = make_problem(31, 2000, (2, 3, 2), 24, False, "list", skew=2.0, duplicates=10)
-    atomic = _feature_gradient(problem, mode, form)
+def test_deterministic_mode_is_bitwise_reproducible(mode, form, gpu):
+    problem = make_problem(31, 1100, (2, 3, 2), 24, False, "list", skew=2.0, duplicates=10)
+    atomic = on_device(gpu, lambda: _feature_gradient(problem, mode, form, gpu.device), loose=(0,), runs=1)
     torch.use_deterministic_algorithms(True)
-    runs = [_feature_gradient(problem, mode, form) for _ in range(3)]
-    assert all(torch.equal(runs[0], r) for r in runs[1:])
+    runs = [on_device(gpu, lambda: _feature_gradient(problem, mode, form, gpu.device)) for _ in range(2)]
+    assert torch.equal(runs[0], runs[1])
     torch.testing.assert_close(runs[0], atomic, rtol=1e-5, atol=1e-6 * atomic.abs().max().item())
 
 
 @pytest.mark.parametrize("form", FORMS)
-def test_forward_is_bitwise_reproducible(form):
-    problem = make_problem(32, 1800, (2, 4), 20, False, "list", skew=2.0)
-    first, second = (crl_op(problem, "cuda", torch.float32, "instance", form, 9) for _ in range(2))
+def test_forward_is_bitwise_reproducible(form, gpu):
+    problem = make_problem(32, 1100, (2, 4), 20, False, "list", skew=2.0)
+    first, second = (on_device(gpu, lambda: crl_op(problem, gpu.device, torch.float32, "instance", form, 9),
+                               loose=ATOMIC_GRADIENT) for _ in range(2))
     for a, b in zip(first[:-1], second[:-1]):
         assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("form", FORMS)
-def test_margins_gradient_matches_cpu(form):
+def test_margins_gradient_matches_cpu(form, gpu):
     problem = make_problem(33, 300, (2, 3, 5), 6, False, "list", skew=2.0)
-    grads = []
-    for device in ("cpu", "cuda"):
+
+    def gradients(device):
         features, logits, labels, _, _ = problem.inputs(torch.float64, device)
         margin = torch.tensor([0.4, 1.1, 0.7], dtype=torch.float64, device=device, requires_grad=True)
         loss = crl_ops.CRL("instance", form, margin=margin, backend="native")(features, logits, labels)
-        grads.append([g.cpu() for g in torch.autograd.grad(loss, (features, margin))])
-    for got, want in zip(grads[1], grads[0]):
-        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+        return [g.cpu() for g in torch.autograd.grad(loss, (features, margin))]
+
+    want = gradients("cpu")
+    got = on_device(gpu, lambda: gradients(gpu.device), loose=(0,))  # the features' gradient: float atomics
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
 # ---- validate=False and validate=True ------------------------------------------------------------------
@@ -226,15 +323,20 @@ def _small_batch():
     return features, logits, labels
 
 
-def _loss_and_grad(features, logits, labels, mode, form, device, validate=False):
-    f = features.to(device).requires_grad_()
-    loss = crl_ops.CRL(mode, form, backend="native", validate=validate)(f, logits.to(device), labels.to(device))
-    return loss.detach().cpu(), torch.autograd.grad(loss, f)[0].cpu()
+def _loss_and_grad(features, logits, labels, mode, form, gpu=None, validate=False):
+    """The loss and its features' gradient on the CPU kernels, or on `gpu`'s CUDA kernels."""
+
+    def compute(device):
+        f = features.to(device).requires_grad_()
+        loss = crl_ops.CRL(mode, form, backend="native", validate=validate)(f, logits.to(device), labels.to(device))
+        return loss.detach().cpu(), torch.autograd.grad(loss, f)[0].cpu()
+
+    return compute("cpu") if gpu is None else on_device(gpu, lambda: compute(gpu.device), loose=(1,))
 
 
 @pytest.mark.parametrize("mode, form", VARIANTS)
 @pytest.mark.parametrize("where", ["features-nan", "features-inf", "logits-nan", "features-overflow"])
-def test_unchecked_non_finite_values_give_nan(where, mode, form):
+def test_unchecked_non_finite_values_give_nan(where, mode, form, gpu):
     features, logits, labels = _small_batch()
     if where == "features-nan":
         features[3, 1, 2] = math.nan
@@ -244,20 +346,20 @@ def test_unchecked_non_finite_values_give_nan(where, mode, form):
         logits[1, 0, 1] = math.nan
     else:
         features = features * 1e20  # squared distances overflow float32
-    loss, grad = _loss_and_grad(features, logits, labels, mode, form, "cuda")
+    loss, grad = _loss_and_grad(features, logits, labels, mode, form, gpu)
     assert torch.isnan(loss) and torch.isnan(grad).all()
 
 
 @pytest.mark.parametrize("mode, form", VARIANTS)
-def test_unchecked_out_of_range_labels_are_not_annotated(mode, form):
+def test_unchecked_out_of_range_labels_are_not_annotated(mode, form, gpu):
     features, logits, labels = _small_batch()
     bad = labels.clone()
     bad[2, 0], bad[3, 1], bad[9, 2] = -2, 7, -100
     cleaned = bad.clone()
     cleaned[2, 0] = cleaned[3, 1] = cleaned[9, 2] = -1
-    got = _loss_and_grad(features.double(), logits.double(), bad, mode, form, "cuda")
-    for want in (_loss_and_grad(features.double(), logits.double(), cleaned, mode, form, "cuda"),
-                 _loss_and_grad(features.double(), logits.double(), bad, mode, form, "cpu")):
+    got = _loss_and_grad(features.double(), logits.double(), bad, mode, form, gpu)
+    for want in (_loss_and_grad(features.double(), logits.double(), cleaned, mode, form, gpu),
+                 _loss_and_grad(features.double(), logits.double(), bad, mode, form)):
         for a, b in zip(got, want):
             torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
 
@@ -267,8 +369,18 @@ ASSERTION_SCRIPT = textwrap.dedent(
     import math, sys
     import torch
     import crl_ops
+    from tests.test_cuda import run_case
 
     case = sys.argv[1]
+    run_case(case, torch.device("cuda"))
+    torch.cuda.synchronize()
+    print("no assertion")
+    """
+)
+
+
+def run_case(case, device):
+    """One bad value of validate=True (ASSERTIONS) on `device`."""
     g = torch.Generator().manual_seed(0)
     features = torch.randn(12, 2, 4, generator=g)
     logits = torch.randn(12, 2, generator=g)
@@ -281,17 +393,13 @@ ASSERTION_SCRIPT = textwrap.dedent(
         labels[2, 1] = 5
     else:
         features = features * 1e20
-    features, logits, labels = features.cuda(), logits.cuda(), labels.cuda()
+    features, logits, labels = features.to(device), logits.to(device), labels.to(device)
     if case == "mined-overflow":  # the mining op on its own checks the mined pairs
-        classes = torch.tensor([2, 2], device="cuda")
+        classes = torch.tensor([2, 2], device=device)
         _, _, active = torch.ops.crl_ops.profile(labels, classes, 2, 0.5, True)
         torch.ops.crl_ops.mine_instance(features, logits, labels, classes, active, 3, 0, 12, True)
     else:
         crl_ops.CRL()(features, logits, labels)
-    torch.cuda.synchronize()
-    print("no assertion")
-    """
-)
 ASSERTIONS = {
     "features": "features contain NaN or inf",
     "logits": "logits contain NaN or inf",
@@ -302,9 +410,9 @@ ASSERTIONS = {
 
 
 @pytest.fixture(scope="module")
-def assertion_runs():
+def assertion_runs(real_gpu_module):
     """Each case in a fresh process, as an assertion poisons the CUDA context; all at once."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parent.parent), *sys.path]))
     started = {case: subprocess.Popen([sys.executable, "-c", ASSERTION_SCRIPT, case], stdout=subprocess.PIPE,
                                       stderr=subprocess.PIPE, text=True, env=env) for case in ASSERTIONS}
     return {case: (process.communicate(timeout=300), process.returncode) for case, process in started.items()}
@@ -317,6 +425,16 @@ def test_validate_is_a_device_side_assertion(case, assertion_runs):
     assert returncode != 0 and "no assertion" not in stdout, output[-2000:]
     assert "device-side assert" in stderr, stderr[-2000:]
     assert ASSERTIONS[case] in output, output[-2000:]
+
+
+@pytest.mark.parametrize("case", list(ASSERTIONS))
+def test_validate_is_an_emulated_device_side_assertion(case, emulated_cuda):
+    """The emulated device stops the launch at the failed assertion and raises with its line."""
+    for run in emulated_cuda.runs:
+        with emulated_cuda.kernels(run), pytest.raises(RuntimeError, match="device-side assert triggered") as raised:
+            run_case(case, emulated_cuda.device)
+        assert ASSERTIONS[case].split(" for attribute")[0].replace("is out of range", "out of range") in str(raised.value)
+        assert "Assertion `crl_ops:" in str(raised.value) and ".cu:" in str(raised.value)
 
 
 # ---- the pair ops of distributed=True ---------------------------------------------------------------------
@@ -333,13 +451,14 @@ def _pair_ops(vectors, partners, first, margins, form, bins, weights):
 
 
 @pytest.mark.parametrize("form", FORMS)
-@pytest.mark.parametrize("case", [c for c in CASES if c.k <= 64 and len(c.num_classes) <= 6], ids=lambda c: c.name)
-def test_pair_ops_match_cpu_kernels(case, form):
+@pytest.mark.parametrize("case", [c for c in CASES if c.k <= 64 and len(c.num_classes) <= 6 and c.mines],
+                         ids=lambda c: c.name)
+def test_pair_ops_match_cpu_kernels(case, form, gpu):
     """A rank's own anchors (rows 10..10 + B/2) against gathered vectors, [N, A, D] or shared [N, 1, D]:
     bitwise the CPU's distances and sums (same order), gradients equal to rounding."""
     problem = problem_of(case, seed=3)
-    results = []
-    for device in ("cpu", "cuda"):
+
+    def compute(device):
         features, logits, labels, _, _ = problem.inputs(case.dtype, device)
         batch = normalise(features, logits, labels)
         classes = batch.classes_tensor()
@@ -352,8 +471,11 @@ def test_pair_ops_match_cpu_kernels(case, form):
                                  dtype=accumulation_dtype(case.dtype)).requires_grad_()
         shape = (len(case.num_classes), 2, case.bins) if form == "distribution" else (len(case.num_classes), 2)
         weights = torch.linspace(-1.0, 2.0, math.prod(shape), dtype=torch.float64).view(shape).to(device)
-        results.append((partners.cpu(), _pair_ops(vectors, partners, 10, margins, form, case.bins, weights)))
-    (cpu_partners, want), (cuda_partners, got) = results
+        return partners.cpu(), _pair_ops(vectors, partners, 10, margins, form, case.bins, weights)
+
+    cpu_partners, want = compute("cpu")
+    # the vectors' gradient adds with float atomics (leaf 4: partners, then distances, overflow, sums, it)
+    cuda_partners, got = on_device(gpu, lambda: compute(gpu.device), loose=(4,))
     assert torch.equal(cuda_partners, cpu_partners)
     assert torch.equal(got[0], want[0]), "pair distances"
     assert torch.equal(got[1], want[1]), "overflow flag"
@@ -365,42 +487,45 @@ def test_pair_ops_match_cpu_kernels(case, form):
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
-def test_class_lists_match_cpu_kernels(case):
+def test_class_lists_match_cpu_kernels(case, gpu):
     """distributed=True, class mode: the class lists of a rank's rows, bitwise the CPU's."""
     problem = problem_of(case, seed=5)
-    results = []
-    for device in ("cpu", "cuda"):
+
+    def compute(device):
         features, logits, labels, _, _ = problem.inputs(case.dtype, device)
         batch = normalise(features, logits, labels)
-        results.append([t.cpu() for t in torch.ops.crl_ops.class_lists(batch.logits.detach(), batch.labels,
-                                                                         batch.classes_tensor(), None, case.k, True)])
-    (want_keys, want_lists), (got_keys, got_lists) = results
+        return [t.cpu() for t in torch.ops.crl_ops.class_lists(batch.logits.detach(), batch.labels,
+                                                                 batch.classes_tensor(), None, case.k, True)]
+
+    want_keys, want_lists = compute("cpu")
+    got_keys, got_lists = on_device(gpu, lambda: compute(gpu.device), runs=case.emulated_runs)
     assert torch.equal(got_lists, want_lists)
     assert torch.equal(got_keys, want_keys)
 
 
-def test_pair_distances_backward_refuses_deterministic_mode():
-    vectors = torch.randn(8, 2, 3, device="cuda", requires_grad=True)
-    partners = torch.tensor([[[1, 2], [3, -1]]], device="cuda")
-    d, _ = torch.ops.crl_ops.pair_distances(vectors, partners, 0)
-    torch.use_deterministic_algorithms(True)
-    with pytest.raises(RuntimeError, match="pair_distances_backward"):
-        d.sum().backward()
+def test_pair_distances_backward_refuses_deterministic_mode(gpu):
+    vectors = torch.randn(8, 2, 3, device=gpu.device, requires_grad=True)
+    partners = torch.tensor([[[1, 2], [3, -1]]], device=gpu.device)
+    with gpu.kernels(gpu.runs[0]):
+        d, _ = torch.ops.crl_ops.pair_distances(vectors, partners, 0)
+        torch.use_deterministic_algorithms(True)
+        with pytest.raises(RuntimeError, match="pair_distances_backward"):
+            d.sum().backward()
 
 
 # ---- op registration, CUDA graphs, torch.compile --------------------------------------------------------
 
 
-def _op_samples():
-    """One call of each op on CUDA: bfloat16 features, binary logits, K in 17..64."""
+def _op_samples(device):
+    """One call of each op on `device`: bfloat16 features, binary logits, K in 17..64."""
     problem = make_problem(50, 60, (2, 2), 5, False, "binary", skew=2.0)
-    features, logits, labels, _, _ = problem.inputs(torch.bfloat16, "cuda")
+    features, logits, labels, _, _ = problem.inputs(torch.bfloat16, device)
     batch = normalise(features, logits, labels)
     classes = batch.classes_tensor()
     x = batch.features.detach().requires_grad_()
     ops = torch.ops.crl_ops
     _, _, active = ops.profile(batch.labels, classes, 2, 0.5, True)
-    margins = torch.full((2,), 0.7, device="cuda", requires_grad=True)
+    margins = torch.full((2,), 0.7, device=device, requires_grad=True)
     samples = [
         (ops.profile.default, (batch.labels, classes, 2, 0.5, True)),
         (ops.mine_class.default, (batch.logits.detach(), batch.labels, classes, active, 20, 0, 60, True)),
@@ -412,7 +537,7 @@ def _op_samples():
             "pooled", True)
     samples.append((ops.crl_loss.default, args))
     loss, _, _, _, _, partners, counts, d, sums, hist = ops.crl_loss(*args)
-    grad = torch.ones((), device="cuda")
+    grad = torch.ones((), device=device)
     samples.append((ops.crl_loss_backward.default, (grad, loss.detach(), x.detach(), partners, d, margins.detach(),
                                                      counts, sums, hist, "distribution", 1.0, 10, "pooled", True)))
     samples.append((ops.class_lists.default, (batch.logits.detach(), batch.labels, classes, active, 20, True)))
@@ -431,9 +556,34 @@ def _op_samples():
     return samples
 
 
-def test_opcheck():
-    for op, args in _op_samples():
-        torch.library.opcheck(op, args)
+def test_opcheck(gpu):
+    with gpu.kernels(gpu.runs[0]):
+        for op, args in _op_samples(gpu.device):
+            torch.library.opcheck(op, args)
+
+
+def test_hundred_thousand_classes(gpu):
+    """C_j = 10^5 beside a binary attribute: the profile's counts outside shared memory (its search
+    over the nonzero counts), a warp per row for the logits, class lists of mostly inactive
+    classes; profile and both minings bitwise the CPU's."""
+    g = torch.Generator().manual_seed(80)
+    batch, classes = 64, 100_000
+    labels = torch.stack([torch.randint(0, 40, (batch,), generator=g) * 2500, torch.randint(0, 2, (batch,), generator=g)], 1)
+    logits = torch.randn(batch, 2, classes, generator=g)
+    features = torch.randn(batch, 2, 3, generator=g)
+    num_classes = torch.tensor([classes, 2])
+    ops = torch.ops.crl_ops
+
+    def compute(device):
+        z, y, c, x = logits.to(device), labels.to(device), num_classes.to(device), features.to(device)
+        counts, minority, active = ops.profile(y, c, classes, 0.5, True)
+        return [t.cpu() for t in (counts, minority, active, *ops.mine_class(z, y, c, active, 3, 0, batch, True),
+                                  *ops.mine_instance(x, z, y, c, active, 3, 0, batch, True))]
+
+    want = compute("cpu")
+    assert want[2][0].any() and want[2][1].any(), "both attributes have active classes"
+    for a, b in zip(on_device(gpu, lambda: compute(gpu.device), runs=1), want):
+        assert torch.equal(a, b)
 
 
 def _celeba_like(seed, device="cuda"):
@@ -443,7 +593,7 @@ def _celeba_like(seed, device="cuda"):
     return features, logits, labels
 
 
-def test_cuda_graph_replay_equals_eager_and_never_syncs():
+def test_cuda_graph_replay_equals_eager_and_never_syncs(real_gpu):
     features, logits, labels = _celeba_like(60)
     crl = crl_ops.CRL()
 
@@ -477,7 +627,7 @@ def test_cuda_graph_replay_equals_eager_and_never_syncs():
         assert eager_loss > 0
 
 
-def test_compile_reduce_overhead():
+def test_compile_reduce_overhead(real_gpu):
     crl = crl_ops.CRL()
     compiled = torch.compile(crl, mode="reduce-overhead", fullgraph=True)
     for seed in (70, 71, 72, 73):

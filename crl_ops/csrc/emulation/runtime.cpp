@@ -29,9 +29,9 @@ void __asan_unpoison_memory_region(const volatile void* address, size_t size) __
 
 #if defined(__x86_64__) && !defined(CRL_EMULATION_UCONTEXT)
 #define CRL_EMU_FAST_SWITCH 1
-// Saves the callee-saved registers and the floating-point control words on the current stack,
-// stores its pointer in *save and continues on the stack `load` (System V x86-64). A new stack
-// starts in crl_emu_start, which calls r13(r12).
+// Saves the callee-saved registers on the current stack, stores its pointer in *save and continues
+// on the stack `load` (System V x86-64; the floating-point control words are never changed by the
+// kernels, so they are not switched). A new stack starts in crl_emu_start, which calls r13(r12).
 asm(R"(
   .text
   .globl crl_emu_switch
@@ -44,14 +44,8 @@ crl_emu_switch:
   pushq %r13
   pushq %r14
   pushq %r15
-  subq $8, %rsp
-  stmxcsr (%rsp)
-  fnstcw 4(%rsp)
   movq %rsp, (%rdi)
   movq %rsi, %rsp
-  ldmxcsr (%rsp)
-  fldcw 4(%rsp)
-  addq $8, %rsp
   popq %r15
   popq %r14
   popq %r13
@@ -162,7 +156,6 @@ struct Thread {
   State state = State::Ready;
   Kind kind = Kind::SyncThreads;
   Site site{"", 0};
-  const void* pc = nullptr;  // the barrier's call site: one barrier is one instruction
   unsigned mask = 0;
   uint64_t bits = 0;
   int size = 0;
@@ -274,20 +267,14 @@ void reset_fiber(int t) {
   }
   if (__asan_unpoison_memory_region != nullptr) __asan_unpoison_memory_region(c.stack, c.stack_size);
 #if defined(CRL_EMU_FAST_SWITCH)
-  // The frame crl_emu_switch pops: control words, r15, r14, r13 = entry, r12 = argument, rbx, rbp,
-  // return address = crl_emu_start, which then runs with a 16-byte aligned stack.
-  uintptr_t top = (reinterpret_cast<uintptr_t>(c.stack) + c.stack_size) & ~uintptr_t(15);
-  uint64_t* frame = reinterpret_cast<uint64_t*>(top - 80);
-  uint32_t mxcsr;
-  uint16_t fpcw;
-  asm volatile("stmxcsr %0" : "=m"(mxcsr));
-  asm volatile("fnstcw %0" : "=m"(fpcw));
-  std::memset(frame, 0, 80);
-  std::memcpy(frame, &mxcsr, 4);
-  std::memcpy(reinterpret_cast<char*>(frame) + 4, &fpcw, 2);
-  frame[3] = reinterpret_cast<uint64_t>(&fiber_main);
-  frame[4] = static_cast<uint64_t>(t);
-  frame[7] = reinterpret_cast<uint64_t>(&crl_emu_start);
+  // The frame crl_emu_switch pops: r15, r14, r13 = entry, r12 = argument, rbx, rbp, return
+  // address = crl_emu_start, which then runs with a 16-byte aligned stack.
+  const uintptr_t top = (reinterpret_cast<uintptr_t>(c.stack) + c.stack_size) & ~uintptr_t(15);
+  uint64_t* frame = reinterpret_cast<uint64_t*>(top - 72);
+  std::memset(frame, 0, 72);
+  frame[2] = reinterpret_cast<uint64_t>(&fiber_main);
+  frame[3] = static_cast<uint64_t>(t);
+  frame[6] = reinterpret_cast<uint64_t>(&crl_emu_start);
   c.sp = frame;
 #else
   getcontext(&c.uc);
@@ -429,7 +416,7 @@ bool complete_barrier() {
       fail(position(t) + " has exited, and never reaches " + kind_name(b.kind) + " at " + where(b.site) +
            ", where " + position(first) + " waits");
     }
-    if (th.pc != b.pc || th.kind != b.kind) {
+    if (th.site.line != b.site.line || std::strcmp(th.site.file, b.site.file) != 0 || th.kind != b.kind) {
       fail("the block's threads wait at different barriers: " + position(first) + " at " + kind_name(b.kind) + " (" +
            where(b.site) + "), " + position(t) + " at " + kind_name(th.kind) + " (" + where(th.site) + ")");
     }
@@ -507,13 +494,12 @@ void fiber_main(void* index) {
 }
 
 // Blocks the current thread at a barrier or collective and returns its result.
-uint64_t wait(State state, Kind kind, Site site, const void* pc) {
+uint64_t wait(State state, Kind kind, Site site) {
   if (current == kMain) throw std::logic_error("crl_ops emulated CUDA: a device function was called from the host");
   Thread& t = threads[current];
   t.state = state;
   t.kind = kind;
   t.site = site;
-  t.pc = pc;
   reschedule();
   return threads[current].result;
 }
@@ -610,19 +596,19 @@ void run_grid(const char* kernel, const void* entry, const LaunchConfig& c, void
 }
 
 void syncthreads(Site site) {
-  wait(State::Barrier, Kind::SyncThreads, site, __builtin_return_address(0));
+  wait(State::Barrier, Kind::SyncThreads, site);
 }
 
 int syncthreads_reduce(Site site, int kind, int predicate) {
   if (current != kMain) threads[current].predicate = predicate;
   const Kind k = kind == 0 ? Kind::SyncThreadsOr : (kind == 1 ? Kind::SyncThreadsAnd : Kind::SyncThreadsCount);
-  return static_cast<int>(wait(State::Barrier, k, site, __builtin_return_address(0)));
+  return static_cast<int>(wait(State::Barrier, k, site));
 }
 
 namespace {
 uint64_t collective(Kind kind, Site site, unsigned mask) {
   if (current != kMain) threads[current].mask = mask;
-  return wait(State::Collective, kind, site, nullptr);
+  return wait(State::Collective, kind, site);
 }
 }  // namespace
 
