@@ -10,8 +10,7 @@ Three builds, each cached in build/cuda-emulation under a key of its sources, fl
 - "default" (-O2): the thread orders, poison bytes and every check of the execution model;
 - "sanitize": the kernels under AddressSanitizer and UndefinedBehaviorSanitizer (the process
   must start with the sanitizers' runtimes preloaded: `sanitizer_environment()`);
-- "racecheck": the kernels instrumented for the shared-memory race check (and the portable
-  ucontext switch, so that both context switches run in CI).
+- "racecheck": the kernels instrumented for the shared-memory race check.
 CRL_OPS_CUDA_EMULATION names the build a process loads ("default" when unset).
 
 `python -m tests.cuda_emulation [variant ...]` builds them ahead of the tests.
@@ -21,10 +20,8 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -50,7 +47,7 @@ KERNEL_FLAGS = {
     "sanitize": ["-O1", "-g", "-fno-omit-frame-pointer", "-fsanitize=address,undefined", "-fno-sanitize-recover=all"],
     "racecheck": ["-O1", "-g", "-fsanitize=thread"],
 }
-RUNTIME_FLAGS = {"default": ["-O2"], "sanitize": ["-O2"], "racecheck": ["-O2", "-DCRL_EMULATION_UCONTEXT"]}
+RUNTIME_FLAGS = ["-O2"]
 LINK_FLAGS = {"default": [], "sanitize": ["-fsanitize=address,undefined"], "racecheck": []}
 COMMON_FLAGS = ["-fPIC", "-DNDEBUG", "-ffp-contract=off", f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"]
 KERNEL_STANDARD = "-std=c++17"  # as nvcc is given (crl_ops/_build.py)
@@ -61,88 +58,83 @@ class Unit(NamedTuple):
     flags: tuple
 
 
-def _include_flags() -> list[str]:
+def _include_flags(sources: Path) -> list[str]:
     """The stand-in CUDA headers first, then the sources and torch's headers."""
     torch_include = Path(torch.__file__).parent / "include"
-    return ["-I", str(EMULATION / "include"), "-I", str(SOURCES), "-isystem", str(torch_include),
+    return ["-I", str(sources / "emulation" / "include"), "-I", str(sources), "-isystem", str(torch_include),
             "-isystem", str(torch_include / "torch" / "csrc" / "api" / "include")]
 
 
-def _glue_units() -> list[Unit]:
-    flags = ("-O1", _build.cxx_standard_flag(), *COMMON_FLAGS)
-    glue = [p for p in sorted((SOURCES / "cuda").glob("*_ops.cpp")) if p.name != "cuda_ops.cpp"]
-    return [Unit(p, flags) for p in glue + [EMULATION / "emulated_ops.cpp"]]
-
-
-def _variant_units(variant: str) -> list[Unit]:
-    kernel = ("-x", "c++", "-include", str(EMULATION / "device.h"), KERNEL_STANDARD, *COMMON_FLAGS,
-              *KERNEL_FLAGS[variant])
-    runtime = (KERNEL_STANDARD, *COMMON_FLAGS, *RUNTIME_FLAGS[variant])
-    units = [Unit(p, kernel) for p in sorted((SOURCES / "cuda").glob("*.cu"))] + [Unit(EMULATION / "runtime.cpp", runtime)]
+def _units(variant: str, sources: Path) -> list[Unit]:
+    """The op glue (cuda/*_ops.cpp but the CUDA registration, emulation/emulated_ops.cpp), the kernels
+    (cuda/*.cu) with the device header forced in, and the emulator's runtime."""
+    glue_flags = ("-O1", _build.cxx_standard_flag(), *COMMON_FLAGS)
+    glue = [p for p in sorted((sources / "cuda").glob("*_ops.cpp")) if p.name != "cuda_ops.cpp"]
+    kernel_flags = ("-x", "c++", "-include", str(sources / "emulation" / "device.h"), KERNEL_STANDARD, *COMMON_FLAGS,
+                    *KERNEL_FLAGS[variant])
+    runtime_flags = (KERNEL_STANDARD, *COMMON_FLAGS, *RUNTIME_FLAGS)
+    units = [Unit(p, glue_flags) for p in glue + [sources / "emulation" / "emulated_ops.cpp"]]
+    units += [Unit(p, kernel_flags) for p in sorted((sources / "cuda").glob("*.cu"))]
+    units.append(Unit(sources / "emulation" / "runtime.cpp", runtime_flags))
     if variant == "racecheck":
-        units.append(Unit(EMULATION / "racecheck.cpp", runtime))
+        units.append(Unit(sources / "emulation" / "racecheck.cpp", runtime_flags))
     return units
 
 
-def _key(units: list[Unit], extra: list[str]) -> str:
-    digest = hashlib.sha256()
-    headers = sorted(p for p in SOURCES.rglob("*") if p.suffix in (".h", ".cuh"))
-    for path in [u.source for u in units] + headers:
-        digest.update(str(path.relative_to(SOURCES)).encode() + path.read_bytes())
-    for unit in units:
-        digest.update(" ".join(unit.flags).encode())
-    digest.update(" ".join([torch.__version__, str(torch.version.git_version), _build._cxx(), *extra]).encode())
-    return digest.hexdigest()[:16]
+def _object_name(unit: Unit, sources: Path, headers: bytes) -> str:
+    """An object's name: its source's name and a key of what goes into it (the source, every header,
+    the flags with the source tree's own paths left out, torch and the compiler), so that a tree with
+    one changed file recompiles that file alone."""
+    digest = hashlib.sha256(unit.source.read_bytes() + headers)
+    digest.update(" ".join(f.replace(str(sources), "<sources>") for f in unit.flags).encode())
+    digest.update(" ".join([torch.__version__, str(torch.version.git_version), _build._cxx()]).encode())
+    return f"{unit.source.stem}-{unit.source.suffix[1:]}-{digest.hexdigest()[:16]}.o"
 
 
-def _compile(units: list[Unit], directory: Path) -> list[Path]:
-    """Objects of `units` in `directory` (compiled where missing), in parallel."""
-    cxx = _build._cxx()
-    include = _include_flags()
+def _compile(units: list[Unit], sources: Path) -> list[Path]:
+    """The objects of `units` in build/cuda-emulation/objects, compiled in parallel where missing."""
+    headers = b"".join(str(p.relative_to(sources)).encode() + p.read_bytes()
+                       for p in sorted(sources.rglob("*")) if p.suffix in (".h", ".cuh"))
+    directory = BUILD_ROOT / "objects"
+    directory.mkdir(parents=True, exist_ok=True)
     objects, commands = [], []
     for unit in units:
-        obj = directory / f"{unit.source.stem}{'-kernels' if unit.source.suffix == '.cu' else ''}.o"
+        obj = directory / _object_name(unit, sources, headers)
         objects.append(obj)
         if not obj.exists():
-            commands.append([cxx, *unit.flags, *include, "-c", str(unit.source), "-o", str(obj) + ".tmp"])
+            commands.append([_build._cxx(), *unit.flags, *_include_flags(sources), "-c", str(unit.source),
+                             "-o", f"{obj}.{os.getpid()}.tmp"])
     jobs = int(os.environ.get("MAX_JOBS") or os.cpu_count() or 1)
     with ThreadPoolExecutor(max(1, min(jobs, len(commands) or 1))) as pool:
         results = list(pool.map(_build._run, commands))
     for argv, returncode, output in results:
         if returncode != 0:
             raise RuntimeError(f"compiling the emulated CUDA device failed:\n$ {' '.join(argv)}\n{output[-6000:]}")
-        os.replace(argv[argv.index("-o") + 1], argv[argv.index("-o") + 1][: -len(".tmp")])
+        temporary = argv[argv.index("-o") + 1]
+        os.replace(temporary, temporary.rsplit(".", 2)[0])
     return objects
 
 
-def library_path(variant: str) -> Path:
-    """The emulated ops' library of `variant`, built first where it is not in the cache."""
+def library_path(variant: str, sources: Path = SOURCES) -> Path:
+    """The emulated ops' library of `variant` built from the source tree `sources` (crl_ops/csrc, or
+    a changed copy of it), linked first where it is not in the cache."""
     if variant not in VARIANTS:
         raise ValueError(f"{ENVIRONMENT_VARIABLE} must be one of {VARIANTS}, got {variant!r}")
-    glue_units, units = _glue_units(), _variant_units(variant)
-    glue_dir = BUILD_ROOT / f"glue-{_key(glue_units, [])}"
-    directory = BUILD_ROOT / f"{variant}-{_key(units + glue_units, LINK_FLAGS[variant])}"
-    target = directory / "libcrl_ops_emulated.so"
-    if target.exists():
-        return target
     BUILD_ROOT.mkdir(parents=True, exist_ok=True)
     with _build.locked(BUILD_ROOT / "lock", timeout=1800):
+        objects = _compile(_units(variant, sources), sources)
+        key = hashlib.sha256(" ".join([o.name for o in objects] + LINK_FLAGS[variant]).encode()).hexdigest()[:16]
+        target = BUILD_ROOT / f"{variant}-{key}" / "libcrl_ops_emulated.so"
         if target.exists():
             return target
-        glue_dir.mkdir(exist_ok=True)
-        directory.mkdir(exist_ok=True)
-        objects = _compile(glue_units, glue_dir) + _compile(units, directory)
+        target.parent.mkdir(exist_ok=True)
         torch_lib = Path(torch.__file__).parent / "lib"
-        scratch = Path(tempfile.mkdtemp(dir=directory))
-        try:
-            link = [_build._cxx(), "-shared", "-o", str(scratch / target.name), *map(str, objects), *LINK_FLAGS[variant],
-                    "-L", str(torch_lib), f"-Wl,-rpath,{torch_lib}", "-lc10", "-ltorch_cpu"]
-            argv, returncode, output = _build._run(link)
-            if returncode != 0:
-                raise RuntimeError(f"linking the emulated CUDA device failed:\n$ {' '.join(argv)}\n{output[-6000:]}")
-            os.replace(scratch / target.name, target)
-        finally:
-            shutil.rmtree(scratch, ignore_errors=True)
+        link = [_build._cxx(), "-shared", "-o", f"{target}.tmp", *map(str, objects), *LINK_FLAGS[variant],
+                "-L", str(torch_lib), f"-Wl,-rpath,{torch_lib}", "-lc10", "-ltorch_cpu"]
+        argv, returncode, output = _build._run(link)
+        if returncode != 0:
+            raise RuntimeError(f"linking the emulated CUDA device failed:\n$ {' '.join(argv)}\n{output[-6000:]}")
+        os.replace(f"{target}.tmp", target)
     return target
 
 
@@ -160,6 +152,7 @@ class RunConfig(NamedTuple):
     order: str
     seed: int
     poison: int
+    switch: str = "fast"  # or "ucontext": the portable context switch
 
 
 # The runs of every emulated test: each thread and block order, two poison bytes (0xff makes an
@@ -176,19 +169,20 @@ class EmulatedCuda:
     device = torch.device("cpu")
     runs = RUNS
 
-    def __init__(self, variant: str | None = None):
+    def __init__(self, variant: str | None = None, library: Path | None = None):
+        """Loads the build `variant` (CRL_OPS_CUDA_EMULATION, else "default"), or the given library."""
         self.variant = variant or os.environ.get(ENVIRONMENT_VARIABLE, "default")
         if self.variant == "sanitize" and "libasan" not in os.environ.get("LD_PRELOAD", ""):
             raise RuntimeError("the sanitize build of the emulated device needs a process started with "
                                "tests.cuda_emulation.sanitizer_environment() (libasan preloaded)")
-        path = library_path(self.variant)
+        path = library or library_path(self.variant)
         if str(path) not in torch.ops.loaded_libraries:
             torch.ops.load_library(str(path))
 
     @contextlib.contextmanager
     def kernels(self, run: RunConfig = RUNS[0]) -> Iterator[None]:
         """crl_ops's ops run the emulated CUDA kernels, in `run`'s order and with its poison byte."""
-        torch.ops.crl_ops_emulated.configure(run.order, run.seed, run.poison)
+        torch.ops.crl_ops_emulated.configure(run.order, run.seed, run.poison, run.switch)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "Overriding a previously registered kernel"
             library = torch.library.Library("crl_ops", "IMPL")

