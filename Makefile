@@ -1,5 +1,9 @@
 # make demo   - set up .venv, build the kernels, run the offline imbalanced benchmark (real data)
 # make test   - set up .venv, build the kernels (CPU, and CUDA where nvcc is present), run the tests
+#               (the CUDA kernels on the emulated CUDA device among them)
+# make test-cuda-emulated - the CUDA kernels on the emulated CUDA device alone: its three builds,
+#               tests/test_cuda.py (thread orders, poison bytes) and tests/test_emulator.py (injected
+#               bugs, the sanitizer and race-check builds)
 # make bench  - speed and memory: native kernels vs reference vs loops vs pytorch-metric-learning
 # make cmake  - build the libtorch shared library with CMake (CPU torch in .venv-cpu) and test it
 # make wheel  - a binary wheel in dist/, built against the torch in .venv (and tied to it)
@@ -14,7 +18,7 @@ TORCH_CUDA_ARCH_LIST ?= 9.0
 MAX_JOBS ?= 2
 export CUDA_HOME FORCE_CUDA TORCH_CUDA_ARCH_LIST MAX_JOBS
 
-.PHONY: setup build test demo bench wheel cmake clean
+.PHONY: setup build emulated test test-cuda-emulated demo bench wheel cmake clean
 
 # The requirements of the extras named in $(2), read from pyproject.toml with the Python of the
 # environment $(1) (3.11 or later, for tomllib).
@@ -35,8 +39,15 @@ setup: $(BIN)/.ready
 build: setup
 	$(BIN)/python setup.py -q build_ext --inplace
 
-test: build
+# The emulated CUDA device's builds (tests/cuda_emulation.py), cached in build/cuda-emulation.
+emulated: setup
+	$(BIN)/python -m tests.cuda_emulation default sanitize racecheck
+
+test: build emulated
 	$(BIN)/python -m pytest -q tests examples/tests benchmarks/tests
+
+test-cuda-emulated: build emulated
+	$(BIN)/python -m pytest -q tests/test_cuda.py tests/test_emulator.py
 
 demo: build
 	$(BIN)/python examples/offline_benchmark.py

@@ -11,14 +11,19 @@ Three builds, each cached in build/cuda-emulation under a key of its sources, fl
 - "sanitize": the kernels under AddressSanitizer and UndefinedBehaviorSanitizer (the process
   must start with the sanitizers' runtimes preloaded: `sanitizer_environment()`);
 - "racecheck": the kernels instrumented for the shared-memory race check.
-CRL_OPS_CUDA_EMULATION names the build a process loads ("default" when unset).
+CRL_OPS_CUDA_EMULATION names the build a process loads ("default" when unset). With
+CRL_OPS_EMULATION_COVERAGE=FILE, a process writes to FILE, as JSON, the tests that called each op
+on the emulated device (docs/kernels.md reports the counts).
 
 `python -m tests.cuda_emulation [variant ...]` builds them ahead of the tests.
 """
 from __future__ import annotations
 
+import atexit
+import collections
 import contextlib
 import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -187,16 +192,39 @@ class EmulatedCuda:
             warnings.simplefilter("ignore")  # "Overriding a previously registered kernel"
             library = torch.library.Library("crl_ops", "IMPL")
             for name in OPS:
-                library.impl(name, getattr(torch.ops.crl_ops_emulated, name).default, "CPU")
+                library.impl(name, self._op(name), "CPU")
         try:
             yield
         finally:
             library._destroy()
 
     @staticmethod
+    def _op(name):
+        """The emulated op `name`; under CRL_OPS_EMULATION_COVERAGE, one that notes the test calling it."""
+        op = getattr(torch.ops.crl_ops_emulated, name).default
+        if not os.environ.get("CRL_OPS_EMULATION_COVERAGE"):
+            return op
+
+        def noted(*args, **kwargs):
+            _COVERAGE[name].add(os.environ.get("PYTEST_CURRENT_TEST", "?").rsplit(" ", 1)[0])
+            return op(*args, **kwargs)
+
+        return noted
+
+    @staticmethod
     def statistics() -> dict:
         launches, blocks, threads, switches = torch.ops.crl_ops_emulated.statistics()
         return {"launches": launches, "blocks": blocks, "threads": threads, "switches": switches}
+
+
+_COVERAGE: dict = collections.defaultdict(set)
+
+
+@atexit.register
+def _write_coverage():
+    path = os.environ.get("CRL_OPS_EMULATION_COVERAGE")
+    if path and _COVERAGE:
+        Path(path).write_text(json.dumps({op: sorted(tests) for op, tests in sorted(_COVERAGE.items())}, indent=1))
 
 
 if __name__ == "__main__":

@@ -197,18 +197,27 @@ def test_configure_rejects_bad_values(emulated):
         torch.ops.crl_ops_emulated.configure("forward", 0, 0, "setjmp")
 
 
+@pytest.fixture(scope="module")
+def sanitized_runs():
+    """A smaller set of tests/test_cuda.py (SANITIZED_SELECTION) on the AddressSanitizer +
+    UndefinedBehaviorSanitizer build and on the race-checked build, each in a process of its own,
+    both at once."""
+    started = {}
+    for variant in ("sanitize", "racecheck"):
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPOSITORY), *sys.path]))
+        env.update(cuda_emulation.sanitizer_environment() if variant == "sanitize"
+                   else {cuda_emulation.ENVIRONMENT_VARIABLE: variant})
+        cuda_emulation.library_path(variant)  # built here, one at a time, not by both processes at once
+        started[variant] = subprocess.Popen(
+            [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_cuda.py", "-k",
+             SANITIZED_SELECTION], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=REPOSITORY)
+    return {variant: (process.communicate(timeout=1800)[0], process.returncode) for variant, process in started.items()}
+
+
 @pytest.mark.parametrize("variant", ["sanitize", "racecheck"])
-def test_sanitized_builds_pass_the_cuda_tests(variant):
-    """A smaller set of tests/test_cuda.py on the AddressSanitizer + UndefinedBehaviorSanitizer build
-    and on the race-checked build, each in a process of its own."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPOSITORY), *sys.path]))
-    env.update(cuda_emulation.sanitizer_environment() if variant == "sanitize"
-               else {cuda_emulation.ENVIRONMENT_VARIABLE: variant})
-    process = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_cuda.py",
-                              "-k", SANITIZED_SELECTION], capture_output=True, text=True, env=env, timeout=1800,
-                             cwd=REPOSITORY)
-    output = process.stdout + process.stderr
-    assert process.returncode == 0, output[-6000:]
+def test_sanitized_builds_pass_the_cuda_tests(variant, sanitized_runs):
+    output, returncode = sanitized_runs[variant]
+    assert returncode == 0, output[-6000:]
     assert " passed" in output and " failed" not in output, output[-2000:]
 
 

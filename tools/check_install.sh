@@ -36,6 +36,9 @@ import crl_ops  # noqa: E402  (timed with the first use: either may compile)
 
 checkout, install_seconds = sys.argv[1], sys.argv[2]
 assert not crl_ops.__file__.startswith(checkout), f"imported the checkout ({crl_ops.__file__}), not the installed package"
+import pathlib  # noqa: E402
+emulation = pathlib.Path(crl_ops.__file__).parent / "csrc" / "emulation"
+assert not emulation.exists(), f"the tests' emulated CUDA device is installed: {emulation}"
 assert crl_ops.native_available("cpu"), f"no native CPU kernels: {crl_ops._build.ensure('cpu')}"
 compile_seconds = time.monotonic() - start
 

@@ -197,6 +197,8 @@ LaunchState launch;
 std::vector<Thread> threads;
 std::vector<Fiber> fibers;
 std::deque<int> ready;  // the threads that run next, in order
+// Per warp, the lanes that wait at a collective and the lanes that have exited (bit l: lane l).
+std::vector<uint32_t> warp_waiting, warp_exited;
 int current = kMain;
 int exited = 0;
 uint64_t block_serial = 0, launch_serial = 0;
@@ -346,18 +348,27 @@ bool complete_collective(int waiter) {
   const int lanes = std::min(kWarp, n - base);
   const Thread& t = threads[waiter];
   const unsigned mask = t.mask;
-  const std::string what = position(waiter) + ": " + kind_name(t.kind) + " at " + where(t.site) + " with mask " + hex(mask);
-  if (((mask >> l) & 1u) == 0) fail(what + ", which does not name the calling lane " + std::to_string(l));
+  const auto what = [&] {  // only for a report: formatting costs more than the check
+    return position(waiter) + ": " + kind_name(t.kind) + " at " + where(t.site) + " with mask " + hex(mask);
+  };
+  if (((mask >> l) & 1u) == 0) fail(what() + ", which does not name the calling lane " + std::to_string(l));
+  const int warp = waiter / kWarp;
+  const uint32_t present = lanes == kWarp ? ~0u : (1u << lanes) - 1u;
+  if ((mask & ~present) != 0) {
+    fail(what() + " names lane " + std::to_string(__builtin_ctz(mask & ~present)) + ", past the block's " +
+         std::to_string(n) + " threads");
+  }
+  if ((mask & ~warp_waiting[warp] & ~warp_exited[warp]) != 0) return false;  // lanes still on their way
   bool complete = true;
   for (int m = 0; m < kWarp; ++m) {
     if (((mask >> m) & 1u) == 0) continue;
     if (m >= lanes) {
-      fail(what + " names lane " + std::to_string(m) + ", past the block's " + std::to_string(n) + " threads");
+      fail(what() + " names lane " + std::to_string(m) + ", past the block's " + std::to_string(n) + " threads");
     }
     const Thread& u = threads[base + m];
-    if (u.state == State::Exited) fail(what + " names lane " + std::to_string(m) + ", which has exited");
+    if (u.state == State::Exited) fail(what() + " names lane " + std::to_string(m) + ", which has exited");
     if (u.state == State::Collective && !same_collective(t, u)) {
-      fail(what + " names lane " + std::to_string(m) + ", which " + waiting_at(base + m));
+      fail(what() + " names lane " + std::to_string(m) + ", which " + waiting_at(base + m));
     }
     complete &= u.state == State::Collective;
   }
@@ -366,7 +377,8 @@ bool complete_collective(int waiter) {
   for (int m = 0; m < kWarp; ++m) {
     if (((mask >> m) & 1u) != 0 && threads[base + m].predicate != 0) votes |= 1u << m;
   }
-  std::vector<int> released;
+  static std::vector<int> released;  // reused: a collective completes every few switches
+  released.clear();
   for (int m = 0; m < kWarp; ++m) {
     if (((mask >> m) & 1u) == 0) continue;
     Thread& u = threads[base + m];
@@ -403,6 +415,7 @@ bool complete_collective(int waiter) {
     threads[r].state = State::Ready;
     ++threads[r].warp_gen;
   }
+  warp_waiting[warp] &= ~mask;
   order(released);
   ready.insert(ready.begin(), released.begin(), released.end());
   return true;
@@ -520,6 +533,7 @@ void fiber_main(void* index) {
   for (;;) {
     launch.body(launch.state);
     threads[t].state = State::Exited;
+    warp_exited[t / kWarp] |= 1u << (t % kWarp);
     ++exited;
     fibers[t].parked = true;
     reschedule();  // resumed only to run thread t of another block
@@ -533,7 +547,10 @@ uint64_t wait(State state, Kind kind, Site site) {
   t.state = state;
   t.kind = kind;
   t.site = site;
-  if (state == State::Collective) complete_collective(current);
+  if (state == State::Collective) {
+    warp_waiting[current / kWarp] |= 1u << (current % kWarp);
+    complete_collective(current);
+  }
   reschedule();
   return threads[current].result;
 }
@@ -553,6 +570,9 @@ void run_block(uint64_t block) {
   release_race_ranges();
   if (launch.dynamic_bytes > 0) add_race_range(dynamic_memory, launch.dynamic_bytes, "dynamic shared memory");
   exited = 0;
+  const int warps = (n + kWarp - 1) / kWarp;
+  warp_waiting.assign(warps, 0u);
+  warp_exited.assign(warps, 0u);
   std::vector<int> all(n);
   for (int t = 0; t < n; ++t) all[t] = t;
   order(all);
