@@ -90,10 +90,8 @@ std::recursive_mutex device_mutex;
 struct Context {
   void* sp = nullptr;  // the fast switch
   ucontext_t uc;       // the fallback
-  char* stack = nullptr;
+  const void* stack = nullptr;  // its lowest address (the main context's: as AddressSanitizer saw it)
   size_t stack_size = 0;
-  const void* bottom = nullptr;  // for AddressSanitizer
-  size_t size = 0;
 };
 
 Context main_context;
@@ -110,8 +108,8 @@ void landed(void* fake_stack) {
   size_t size = 0;
   __sanitizer_finish_switch_fiber(fake_stack, &bottom, &size);
   if (previous == &main_context) {
-    main_context.bottom = bottom;
-    main_context.size = size;
+    main_context.stack = bottom;
+    main_context.stack_size = size;
   }
 }
 
@@ -124,7 +122,7 @@ constexpr bool portable_switch = true;
 
 void switch_context(Context& from, Context& to) {
   void* fake_stack = nullptr;
-  if (__sanitizer_start_switch_fiber != nullptr) __sanitizer_start_switch_fiber(&fake_stack, to.bottom, to.size);
+  if (__sanitizer_start_switch_fiber != nullptr) __sanitizer_start_switch_fiber(&fake_stack, to.stack, to.stack_size);
   previous = &from;
 #if defined(CRL_EMU_FAST_SWITCH)
   if (!portable_switch) {
@@ -268,6 +266,12 @@ void set_builtins(int t) {
 
 void fiber_main(void* index);
 
+void fiber_entry(int index) {  // makecontext passes int arguments
+  fiber_main(reinterpret_cast<void*>(static_cast<intptr_t>(index)));
+}
+
+// Thread t's fiber at the start of fiber_main: its stack mapped once (with a guard page below it),
+// its first frame built for the switch in use. Also after a stopped launch abandoned it mid-thread.
 void reset_fiber(int t) {
   Fiber& f = fibers[t];
   Context& c = f.context;
@@ -276,33 +280,32 @@ void reset_fiber(int t) {
     const size_t page = static_cast<size_t>(sysconf(_SC_PAGESIZE));
     void* memory = mmap(nullptr, c.stack_size + page, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     if (memory == MAP_FAILED) throw std::runtime_error("crl_ops emulated CUDA: cannot map a thread's stack");
-    mprotect(memory, page, PROT_NONE);  // a guard page below the stack
+    mprotect(memory, page, PROT_NONE);
     c.stack = static_cast<char*>(memory) + page;
-    c.bottom = c.stack;
-    c.size = c.stack_size;
   }
+  // The redzones of abandoned frames would otherwise stay poisoned.
   if (__asan_unpoison_memory_region != nullptr) __asan_unpoison_memory_region(c.stack, c.stack_size);
+  f.parked = false;
+  char* const stack = static_cast<char*>(const_cast<void*>(c.stack));
 #if defined(CRL_EMU_FAST_SWITCH)
   if (!portable_switch) {
-  // The frame crl_emu_switch pops: r15, r14, r13 = entry, r12 = argument, rbx, rbp, return
-  // address = crl_emu_start, which then runs with a 16-byte aligned stack.
-  const uintptr_t top = (reinterpret_cast<uintptr_t>(c.stack) + c.stack_size) & ~uintptr_t(15);
-  uint64_t* frame = reinterpret_cast<uint64_t*>(top - 72);
-  std::memset(frame, 0, 72);
-  frame[2] = reinterpret_cast<uint64_t>(&fiber_main);
-  frame[3] = static_cast<uint64_t>(t);
-  frame[6] = reinterpret_cast<uint64_t>(&crl_emu_start);
-  c.sp = frame;
-  f.parked = false;
-  return;
+    // The frame crl_emu_switch pops: r15, r14, r13 = entry, r12 = argument, rbx, rbp, return
+    // address = crl_emu_start, which then runs with a 16-byte aligned stack.
+    const uintptr_t top = (reinterpret_cast<uintptr_t>(stack) + c.stack_size) & ~uintptr_t(15);
+    uint64_t* frame = reinterpret_cast<uint64_t*>(top - 72);
+    std::memset(frame, 0, 72);
+    frame[2] = reinterpret_cast<uint64_t>(&fiber_main);
+    frame[3] = static_cast<uint64_t>(t);
+    frame[6] = reinterpret_cast<uint64_t>(&crl_emu_start);
+    c.sp = frame;
+    return;
   }
 #endif
   getcontext(&c.uc);
-  c.uc.uc_stack.ss_sp = c.stack;
+  c.uc.uc_stack.ss_sp = stack;
   c.uc.uc_stack.ss_size = c.stack_size;
   c.uc.uc_link = nullptr;
-  makecontext(&c.uc, reinterpret_cast<void (*)()>(+[](int index) { fiber_main(reinterpret_cast<void*>(static_cast<intptr_t>(index))); }), 1, t);
-  f.parked = false;
+  makecontext(&c.uc, reinterpret_cast<void (*)()>(&fiber_entry), 1, t);
 }
 
 // ---- errors ---------------------------------------------------------------------------------------------
@@ -627,7 +630,10 @@ void run_grid(const char* kernel, const void* entry, const LaunchConfig& c, void
   block_dim = c.block;
   grid_dim = c.grid;
   if (threads.size() < static_cast<size_t>(launch.threads)) threads.resize(launch.threads);
-  if (fibers.size() < static_cast<size_t>(launch.threads)) fibers.resize(launch.threads);
+  if (fibers.size() < static_cast<size_t>(launch.threads)) {
+    fibers.resize(launch.threads);
+    for (Fiber& f : fibers) f.parked = false;  // a moved ucontext_t points into its old place
+  }
   // The dynamic shared memory: exactly its size (AddressSanitizer sees any access past it).
   dynamic_memory = static_cast<unsigned char*>(std::malloc(std::max<size_t>(c.shared, 1)));
   const uint64_t blocks = uint64_t(c.grid.x) * c.grid.y * c.grid.z;
