@@ -7,7 +7,7 @@ prebuilt extension, the first native use compiles them into torch's extension ca
 - CUDA kernels too when a GPU and CUDA_HOME are present, or FORCE_CUDA=1 (TORCH_CUDA_ARCH_LIST
   picks the architectures);
 - no extension when torch is not importable, as under pip's default build isolation, or with
-  CRL_OPS_NATIVE=0.
+  CRL_OPS_NATIVE=0 (or false, off, no).
 """
 import importlib.util
 import os
@@ -29,8 +29,6 @@ def load_build_module():
 
 
 def native_extensions():
-    if os.environ.get("CRL_OPS_NATIVE", "1") == "0":
-        return [], {}
     try:
         import torch
         from torch.utils import cpp_extension
@@ -40,6 +38,8 @@ def native_extensions():
         return [], {}
 
     build = load_build_module()
+    if build.native_disabled():  # CRL_OPS_NATIVE, checked as at run time
+        return [], {}
     sources = build.core_sources(SOURCE_DIR) + [os.path.join(SOURCE_DIR, build.PYTHON_MODULE_SOURCE)]
     include_dirs = [os.path.join(HERE, SOURCE_DIR)]
     cuda_home = cpp_extension.CUDA_HOME

@@ -23,6 +23,7 @@ import glob
 import hashlib
 import importlib
 import logging
+import math
 import os
 import re
 import shlex
@@ -276,7 +277,7 @@ def compile_library(lib: Library, directory: Path) -> float:
         else:
             commands.append([lib.cxx, "-c", source, "-o", obj, *lib.cxx_flags, *include])
     objects = [argv[argv.index("-o") + 1] for argv in commands]
-    jobs = int(os.environ.get("MAX_JOBS") or os.cpu_count() or 1)
+    jobs = max_jobs()
     try:
         with open(log_path, "w") as log:
             with ThreadPoolExecutor(max(1, min(jobs, len(commands)))) as pool:
@@ -298,9 +299,45 @@ def compile_library(lib: Library, directory: Path) -> float:
     return time.monotonic() - start
 
 
+# ---- the environment variables crl-ops reads: each value checked, each error naming its variable ----
+
+NATIVE_OFF = ("0", "false", "off", "no")
+NATIVE_ON = ("", "1", "true", "on", "yes")
+
+
+def native_disabled() -> bool:
+    """Whether CRL_OPS_NATIVE turns the native kernels off (0, false, off or no, in any case)."""
+    value = os.environ.get("CRL_OPS_NATIVE", "")
+    if value.strip().lower() in NATIVE_OFF:
+        return True
+    if value.strip().lower() in NATIVE_ON:
+        return False
+    raise BuildError(f"CRL_OPS_NATIVE={value!r}: expected 0, false, off or no (the native kernels off), "
+                     f"or 1, true, on or yes")
+
+
+def max_jobs() -> int:
+    """MAX_JOBS, the parallel compiles (default: the CPU count)."""
+    value = os.environ.get("MAX_JOBS", "").strip()
+    if not value:
+        return os.cpu_count() or 1
+    if not value.isdigit() or int(value) < 1:
+        raise BuildError(f"MAX_JOBS={value!r}: expected a whole number of parallel compiles, at least 1")
+    return int(value)
+
+
 def lock_timeout() -> float:
-    value = os.environ.get("CRL_OPS_LOCK_TIMEOUT")
-    return float(value) if value else LOCK_TIMEOUT_S
+    """CRL_OPS_LOCK_TIMEOUT, the seconds to wait for another process's compile."""
+    value = os.environ.get("CRL_OPS_LOCK_TIMEOUT", "").strip()
+    if not value:
+        return LOCK_TIMEOUT_S
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = math.nan
+    if not (math.isfinite(seconds) and seconds >= 0):  # a NaN deadline would never pass
+        raise BuildError(f"CRL_OPS_LOCK_TIMEOUT={value!r}: expected a number of seconds, finite and at least 0")
+    return seconds
 
 
 @contextlib.contextmanager
@@ -357,8 +394,10 @@ def cached(lib: Library, retry: bool = False) -> tuple[Path, float | None]:
 
 def _compile_once(lib: Library, directory: Path, path: Path, retry: bool) -> float | None:
     """Compiles `lib` unless another process did while this one waited for the lock."""
+    timeout = lock_timeout()
+    max_jobs()  # a bad value is said now, not recorded as a failed compile
     directory.mkdir(parents=True, exist_ok=True)
-    with locked(directory / "lock", lock_timeout()):
+    with locked(directory / "lock", timeout):
         if path.exists():
             return None
         failed = directory / FAILED_MARK
@@ -442,8 +481,11 @@ def ensure(device_type: str, retry: bool = False) -> str | None:
     where an earlier compile of the same sources failed."""
     if device_type not in DISPATCH_KEYS:
         return f"crl_ops has native kernels for {sorted(DISPATCH_KEYS)} only, not {device_type!r}"
-    if os.environ.get("CRL_OPS_NATIVE") == "0":
-        return "the native kernels are disabled by CRL_OPS_NATIVE=0"
+    try:
+        if native_disabled():
+            return f"the native kernels are disabled by CRL_OPS_NATIVE={os.environ['CRL_OPS_NATIVE']}"
+    except BuildError as error:
+        return str(error)
     with _MUTEX:
         if registered(device_type):
             _note_origin(_loaded_before())

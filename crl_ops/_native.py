@@ -7,6 +7,7 @@ module never fails and compiles nothing: `available(device)` does, the first tim
 """
 from __future__ import annotations
 
+import threading
 from typing import Optional
 
 import torch
@@ -15,6 +16,9 @@ from torch import Tensor
 from ._inputs import accumulation_dtype
 
 _UNAVAILABLE: dict = {}  # device type -> None (kernels registered) or why not; fixed once known
+# Held while a device type's kernels are looked for: a thread that finds an answer in _UNAVAILABLE
+# also finds the fake kernels registered, as the answer is written last.
+_FIRST_USE = threading.RLock()
 
 
 def unavailable_reason(device) -> Optional[str]:
@@ -22,15 +26,19 @@ def unavailable_reason(device) -> Optional[str]:
     device_type = torch.device(device).type
     if device_type == "meta":  # shapes only: the fake kernels, registered with the CPU kernels
         return unavailable_reason("cpu")
-    if device_type not in _UNAVAILABLE:
-        if device_type not in ("cpu", "cuda"):
-            _UNAVAILABLE[device_type] = f"crl_ops has no kernels for device type '{device_type}'"
-        else:
-            from . import _build
+    if device_type in _UNAVAILABLE:
+        return _UNAVAILABLE[device_type]
+    with _FIRST_USE:
+        if device_type not in _UNAVAILABLE:
+            if device_type not in ("cpu", "cuda"):
+                reason = f"crl_ops has no kernels for device type '{device_type}'"
+            else:
+                from . import _build
 
-            _UNAVAILABLE[device_type] = _build.ensure(device_type)
-            if _UNAVAILABLE[device_type] is None:
-                _register_fake_kernels()
+                reason = _build.ensure(device_type)
+                if reason is None:
+                    _register_fake_kernels()
+            _UNAVAILABLE[device_type] = reason
     return _UNAVAILABLE[device_type]
 
 
@@ -62,7 +70,6 @@ def _register_fake_kernels() -> None:
     global _FAKES_REGISTERED
     if _FAKES_REGISTERED:
         return
-    _FAKES_REGISTERED = True
 
     @torch.library.register_fake("crl_ops::profile")
     def _(labels, num_classes, max_classes, threshold, validate):
@@ -126,6 +133,8 @@ def _register_fake_kernels() -> None:
           reduction, margins_grad):
         return (torch.empty_like(features, memory_format=torch.contiguous_format),
                 margins.new_empty(margins.shape if margins_grad else (0,)))
+
+    _FAKES_REGISTERED = True  # only once every fake kernel is registered
 
 
 # ---- the reference's interface ----------------------------------------------------------------

@@ -109,7 +109,7 @@ def _compile(units: list[Unit], sources: Path) -> list[Path]:
         if not obj.exists():
             commands.append([_build._cxx(), *unit.flags, *_include_flags(sources), "-c", str(unit.source),
                              "-o", f"{obj}.{os.getpid()}.tmp"])
-    jobs = int(os.environ.get("MAX_JOBS") or os.cpu_count() or 1)
+    jobs = _build.max_jobs()
     with ThreadPoolExecutor(max(1, min(jobs, len(commands) or 1))) as pool:
         results = list(pool.map(_build._run, commands))
     for argv, returncode, output in results:

@@ -21,7 +21,7 @@ from crl_ops._build import BuildError
 def cache(tmp_path, monkeypatch):
     """An empty extension cache, no CRL_OPS_* settings, and no failure remembered from elsewhere."""
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "torch_extensions"))
-    for name in ("CRL_OPS_NATIVE", "CRL_OPS_LIBRARY", "CRL_OPS_LOCK_TIMEOUT"):
+    for name in ("CRL_OPS_NATIVE", "CRL_OPS_LIBRARY", "CRL_OPS_LOCK_TIMEOUT", "MAX_JOBS"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setattr(_build, "_FAILURES", {})
     return tmp_path / "torch_extensions"
@@ -214,9 +214,35 @@ def test_missing_compiler_gives_a_reason(cache, unbuilt, monkeypatch):
     assert _build.ensure("cpu") == "no C++ compiler: `no-such-compiler-crl` is not on PATH (install g++ or set CXX)"
 
 
-def test_crl_ops_native_0_disables(cache, monkeypatch):
-    monkeypatch.setenv("CRL_OPS_NATIVE", "0")
-    assert _build.ensure("cpu") == "the native kernels are disabled by CRL_OPS_NATIVE=0"
+@pytest.mark.parametrize("value", ["0", "false", "OFF", "no", " False "])
+def test_crl_ops_native_false_values_disable(cache, monkeypatch, value):
+    monkeypatch.setenv("CRL_OPS_NATIVE", value)
+    assert _build.ensure("cpu") == f"the native kernels are disabled by CRL_OPS_NATIVE={value}"
+
+
+@pytest.mark.parametrize("value", ["1", "true", "ON", "yes", ""])
+def test_crl_ops_native_true_values_enable(cache, monkeypatch, value):
+    monkeypatch.setenv("CRL_OPS_NATIVE", value)
+    assert not _build.native_disabled()
+
+
+@pytest.mark.parametrize("name, value, expected", [
+    ("CRL_OPS_NATIVE", "maybe", "CRL_OPS_NATIVE='maybe': expected 0, false, off or no"),
+    ("CRL_OPS_LOCK_TIMEOUT", "nan", "CRL_OPS_LOCK_TIMEOUT='nan': expected a number of seconds, finite and at least 0"),
+    ("CRL_OPS_LOCK_TIMEOUT", "abc", "CRL_OPS_LOCK_TIMEOUT='abc': expected a number of seconds"),
+    ("CRL_OPS_LOCK_TIMEOUT", "-1", "CRL_OPS_LOCK_TIMEOUT='-1': expected a number of seconds"),
+    ("CRL_OPS_LOCK_TIMEOUT", "inf", "CRL_OPS_LOCK_TIMEOUT='inf': expected a number of seconds"),
+    ("MAX_JOBS", "abc", "MAX_JOBS='abc': expected a whole number of parallel compiles, at least 1"),
+    ("MAX_JOBS", "0", "MAX_JOBS='0': expected a whole number"),
+])
+def test_bad_environment_values_name_their_variable(cache, unbuilt, fake_compiler, monkeypatch, name, value, expected):
+    """A bad value is the reason the kernels are unavailable, said before anything compiles and
+    not remembered as a failed compile."""
+    monkeypatch.setenv(name, value)
+    reason = _build.ensure("cpu")
+    assert reason is not None and expected in reason, reason
+    assert not fake_compiler.exists(), "nothing was compiled"
+    assert not list(cache.rglob(_build.FAILED_MARK))
 
 
 def test_unknown_device_type_gives_a_reason():
@@ -295,3 +321,39 @@ def test_ensure_compiles_the_core_library_where_there_are_no_schemas(cache, writ
     # The fake library registers nothing, which ensure() must say rather than report success.
     assert _build.ensure("cpu") == "the compiled libraries registered no CPU kernels"
     assert loaded == [next(cache.glob("crl_ops/cpu-*/libcrl_ops_cpu.so"))]
+
+
+THREADED_FIRST_USE = """
+import threading
+import torch
+import crl_ops
+
+errors = []
+barrier = threading.Barrier(8)
+
+def first_call():
+    barrier.wait()
+    try:
+        features = torch.empty(16, 2, 4, device="meta")
+        logits = torch.empty(16, 2, device="meta")
+        labels = torch.empty(16, 2, dtype=torch.long, device="meta")
+        crl_ops.CRL(backend="native", validate=False)(features, logits, labels)
+    except Exception as error:
+        errors.append(repr(error))
+
+threads = [threading.Thread(target=first_call) for _ in range(8)]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join()
+print("ERRORS", errors)
+"""
+
+
+def test_threaded_first_use_with_meta_tensors():
+    """Eight threads whose first call is at once, on meta tensors: each finds the fake kernels
+    registered (crl_ops._native publishes a device type's answer after them)."""
+    for _ in range(3):
+        process = subprocess.run([sys.executable, "-c", THREADED_FIRST_USE], capture_output=True, text=True,
+                                 timeout=300)
+        assert process.returncode == 0 and "ERRORS []" in process.stdout, process.stdout + process.stderr[-3000:]
