@@ -22,12 +22,14 @@ import contextlib
 import glob
 import hashlib
 import importlib
+import importlib.util
 import logging
 import math
 import os
 import re
 import shlex
 import shutil
+import struct
 import subprocess
 import sys
 import tempfile
@@ -56,6 +58,7 @@ PROBE_OP = "crl_ops::profile"
 LOCK_TIMEOUT_S = 20 * 60  # CRL_OPS_LOCK_TIMEOUT overrides
 EXPECTED_DURATION = {"cpu": "about a minute", "cuda": "a few minutes per CUDA architecture"}
 BUILD_LOG = "build.log"
+DIGEST_SUFFIX = ".digest"  # beside a compiled library: its size and BLAKE2b digest, written when its build ends
 FAILED_MARK = "failed"  # a failed compile is not retried on every use; `python -m crl_ops.build` retries
 
 
@@ -293,10 +296,67 @@ def compile_library(lib: Library, directory: Path) -> float:
                 f"compiling the native {lib.kind} kernels failed: `{Path(argv[0]).name}` said: {_first_error(output)} "
                 f"(full log: {log_path})"
             )
+        # The digest goes in place first: a library with no digest, or another one, is never loaded.
+        digest = build / f"{target.name}{DIGEST_SUFFIX}"
+        digest.write_text(_fingerprint(target))
+        os.replace(digest, directory / digest.name)
         os.replace(target, directory / target.name)
     finally:
         shutil.rmtree(build, ignore_errors=True)
     return time.monotonic() - start
+
+
+# ---- what is loaded: a cut or partly overwritten library would crash the process in dlopen --------
+
+
+def _fingerprint(path: Path) -> str:
+    """A library's size and BLAKE2b digest, one line."""
+    digest = hashlib.blake2b(digest_size=32)
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return f"{path.stat().st_size} {digest.hexdigest()}"
+
+
+def damage(path: Path) -> str | None:
+    """Why the compiled library at `path` must not be loaded (no digest, or its size or bytes
+    differ from the digest written when its build ended), or None."""
+    digest = path.with_name(path.name + DIGEST_SUFFIX)
+    try:
+        recorded = digest.read_text().strip()
+    except OSError:
+        return f"it has no digest ({digest.name}): its build did not finish"
+    found = _fingerprint(path)
+    if found == recorded:
+        return None
+    size, recorded_size = found.split()[0], recorded.split()[0]
+    return f"its size is {size} bytes, {recorded_size} when it was built" if size != recorded_size else \
+        "its bytes differ from those it was built with"
+
+
+def elf_damage(path: Path) -> str | None:
+    """Why the shared library at `path` is cut short (its ELF headers place data past its end), or None.
+    For the prebuilt extension, which has no digest: a truncated copy is found before dlopen maps it."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as handle:
+            header = handle.read(64)
+            if len(header) < 64 or header[:4] != b"\x7fELF" or header[4] != 2:
+                return None  # not a 64-bit ELF file: the loader's own error says what it is
+            endian = "<" if header[5] == 1 else ">"
+            phoff, shoff = struct.unpack_from(endian + "QQ", header, 32)
+            phentsize, phnum, shentsize, shnum = struct.unpack_from(endian + "HHHH", header, 54)
+            if shoff + shnum * shentsize > size or phoff + phnum * phentsize > size:
+                return f"its headers reach past its {size} bytes"
+            handle.seek(phoff)
+            for _ in range(phnum):
+                entry = handle.read(phentsize)
+                offset, filesz = struct.unpack_from(endian + "Q", entry, 8)[0], struct.unpack_from(endian + "Q", entry, 32)[0]
+                if offset + filesz > size:
+                    return f"a segment reaches past its {size} bytes"
+    except (OSError, struct.error) as error:
+        return f"it cannot be read ({error})"
+    return None
 
 
 # ---- the environment variables crl-ops reads: each value checked, each error naming its variable ----
@@ -380,12 +440,12 @@ def _load(path: Path | str) -> None:
 
 
 def cached(lib: Library, retry: bool = False) -> tuple[Path, float | None]:
-    """Loads `lib` from the cache, compiling it first when it is not there (once, under the
-    lock). Returns its path and the compile seconds (None when it was cached)."""
+    """Loads `lib` from the cache, compiling it first when it is not there or is damaged (once,
+    under the lock). Returns its path and the compile seconds (None when it was cached)."""
     directory = cache_root() / "crl_ops" / f"{lib.part}-{lib.key()}"
     path = directory / f"lib{lib.name}.so"
     try:
-        seconds = None if path.exists() else _compile_once(lib, directory, path, retry)
+        seconds = None if path.exists() and damage(path) is None else _compile_once(lib, directory, path, retry)
     except OSError as error:  # e.g. a read-only home directory
         raise BuildError(f"cannot compile into {directory} ({error}); set TORCH_EXTENSIONS_DIR to a writable folder") from None
     _load(path)
@@ -399,7 +459,11 @@ def _compile_once(lib: Library, directory: Path, path: Path, retry: bool) -> flo
     directory.mkdir(parents=True, exist_ok=True)
     with locked(directory / "lock", timeout):
         if path.exists():
-            return None
+            why = damage(path)
+            if why is None:
+                return None
+            logger.warning("crl_ops: not loading %s: %s; compiling it again", path, why)
+            path.unlink()
         failed = directory / FAILED_MARK
         if failed.exists() and not retry:
             raise BuildError(f"{failed.read_text().strip()}; to try again, delete {directory} or run `python -m crl_ops.build`")
@@ -456,11 +520,16 @@ def _register(device_type: str, retry: bool) -> None:
         if not registered(device_type):
             raise BuildError(f"CRL_OPS_LIBRARY={library_path} has no {DISPATCH_KEYS[device_type]} kernels")
         return
-    try:
-        prebuilt = importlib.import_module("crl_ops._C")
-        _note_origin(f"the prebuilt extension {prebuilt.__file__}")
-    except ImportError as error:  # not built, or built against another torch
-        logger.debug("crl_ops: no usable prebuilt extension crl_ops._C (%s)", error)
+    spec = importlib.util.find_spec("crl_ops._C")
+    why = elf_damage(Path(spec.origin)) if spec is not None and spec.origin else None
+    if why is not None:
+        logger.warning("crl_ops: not loading the prebuilt extension %s: %s", spec.origin, why)
+    else:
+        try:
+            prebuilt = importlib.import_module("crl_ops._C")
+            _note_origin(f"the prebuilt extension {prebuilt.__file__}")
+        except ImportError as error:  # not built, or built against another torch
+            logger.debug("crl_ops: no usable prebuilt extension crl_ops._C (%s)", error)
     if registered(device_type):
         return
     parts = (["cpu"] if registered("cpu") is None else []) + (["cuda"] if device_type == "cuda" else [])

@@ -6,10 +6,13 @@ from a plain `pip install` in a fresh environment."""
 import dataclasses
 import fcntl
 import os
+import shutil
 import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -298,7 +301,8 @@ def test_compiles_once_into_the_cache_then_loads_from_it(cache, writing_compiler
         f"crl_ops: compiling the native CPU kernels for torch {torch.__version__}"
     ] + [f"crl_ops: compiled the native CPU kernels in {seconds:.0f} s"]
     assert len(calls.read_text().splitlines()) == len(lib.sources) + 1  # one process per file, then the link
-    assert sorted(p.name for p in path.parent.iterdir()) == ["build.log", "libcrl_ops_cpu.so", "lock"]  # no temporary left
+    assert sorted(p.name for p in path.parent.iterdir()) == ["build.log", "libcrl_ops_cpu.so", "libcrl_ops_cpu.so.digest",
+                                                         "lock"]  # no temporary left
     caplog.clear()
     assert _build.cached(lib) == (path, None)  # a later process: no compile, no log line
     assert loaded == [path, path] and not caplog.records
@@ -357,3 +361,78 @@ def test_threaded_first_use_with_meta_tensors():
         process = subprocess.run([sys.executable, "-c", THREADED_FIRST_USE], capture_output=True, text=True,
                                  timeout=300)
         assert process.returncode == 0 and "ERRORS []" in process.stdout, process.stdout + process.stderr[-3000:]
+
+
+# ---- what is loaded is what was built ------------------------------------------------------------
+
+
+@pytest.fixture
+def cached_library(cache, fake_compiler, monkeypatch):
+    """The "cpu" library as a build left it in the cache (a stand-in file and its digest); `_load`
+    records instead of loading."""
+    lib = _build.library("cpu")
+    directory = cache / "crl_ops" / f"cpu-{lib.key()}"
+    directory.mkdir(parents=True)
+    path = directory / f"lib{lib.name}.so"
+    path.write_bytes(bytes(range(256)) * 4096)
+    (directory / (path.name + _build.DIGEST_SUFFIX)).write_text(_build._fingerprint(path))
+    loaded = []
+    monkeypatch.setattr(_build, "_load", lambda p: loaded.append(Path(p)))
+    return lib, path, loaded
+
+
+def test_intact_cached_library_is_loaded(cached_library, fake_compiler):
+    lib, path, loaded = cached_library
+    assert _build.cached(lib) == (path, None)
+    assert loaded == [path] and not fake_compiler.exists()
+
+
+@pytest.mark.parametrize("damage, reason", [
+    ("cut", "its size is 4096 bytes, 1048576 when it was built"),
+    ("zeroed", "its bytes differ from those it was built with"),
+    ("no digest", "it has no digest"),
+])
+def test_damaged_cached_library_is_compiled_again(cached_library, fake_compiler, caplog, damage, reason):
+    """A library cut short (an interrupted copy, a full disk), partly zeroed, or whose build never
+    finished is never given to dlopen: a warning names it, and it is compiled again."""
+    lib, path, loaded = cached_library
+    data = bytearray(path.read_bytes())
+    if damage == "cut":
+        path.write_bytes(bytes(data[:4096]))
+    elif damage == "zeroed":
+        data[len(data) // 2: len(data) // 2 + 65536] = bytes(65536)
+        path.write_bytes(bytes(data))
+    else:
+        path.with_name(path.name + _build.DIGEST_SUFFIX).unlink()
+    with caplog.at_level("WARNING", logger="crl_ops"), pytest.raises(BuildError, match="compiling the native CPU kernels failed"):
+        _build.cached(lib)
+    assert not loaded
+    assert fake_compiler.exists(), "it was compiled again"
+    assert f"not loading {path}: {reason}" in caplog.text
+
+
+def test_elf_damage_finds_a_cut_library(tmp_path):
+    """The prebuilt extension has no digest: its ELF headers show a copy cut short."""
+    library = Path(torch.__file__).parent / "lib" / "libc10.so"
+    intact = tmp_path / "intact.so"
+    shutil.copyfile(library, intact)
+    assert _build.elf_damage(intact) is None
+    for size in (4096, library.stat().st_size // 2):
+        cut = tmp_path / f"cut-{size}.so"
+        cut.write_bytes(intact.read_bytes()[:size])
+        assert "past its" in _build.elf_damage(cut)
+    text = tmp_path / "text.so"
+    text.write_text("not a library")
+    assert _build.elf_damage(text) is None  # dlopen's own error names it
+
+
+def test_cut_prebuilt_extension_is_not_imported(cache, unbuilt, fake_compiler, tmp_path, monkeypatch, caplog):
+    cut = tmp_path / "_C.so"
+    cut.write_bytes((Path(torch.__file__).parent / "lib" / "libc10.so").read_bytes()[:4096])
+    monkeypatch.setattr(_build.importlib.util, "find_spec", lambda name: SimpleNamespace(origin=str(cut)))
+    imported = []
+    monkeypatch.setattr(_build.importlib, "import_module", lambda name, *args: imported.append(name))
+    with caplog.at_level("WARNING", logger="crl_ops"):
+        reason = _build.ensure("cpu")
+    assert imported == [] and f"not loading the prebuilt extension {cut}: its headers reach past" in caplog.text
+    assert reason.startswith("compiling the native CPU kernels failed"), reason  # then the shipped sources
