@@ -40,9 +40,17 @@ def resolve(name: str, device: torch.device, like=None) -> ModuleType:
         return _native
     if name == "native":
         _native.require(device)  # raises, saying why the kernels are missing
-    if device.type not in _WARNED and device.type != "meta":
-        _WARNED.add(device.type)
-        warnings.warn(f"crl_ops: using the pure-PyTorch reference on {device.type}, which is much slower and "
-                      f"keeps [A, B, B] distance matrices, because {_native.unavailable_reason(device)}",
-                      RuntimeWarning, stacklevel=3)
+    _warn_fallback(device.type)
     return reference
+
+
+@torch.compiler.assume_constant_result
+def _warn_fallback(device_type: str) -> bool:
+    # Once per device type. torch.compile runs it while tracing, outside the graph: a warning inside
+    # a fullgraph=True graph would be an unsupported call.
+    if device_type not in _WARNED and device_type != "meta":
+        _WARNED.add(device_type)
+        warnings.warn(f"crl_ops: using the pure-PyTorch reference on {device_type}, which is much slower and "
+                      f"keeps [A, B, B] distance matrices, because {_native.unavailable_reason(device_type)}",
+                      RuntimeWarning, stacklevel=4)
+    return True

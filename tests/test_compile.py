@@ -2,6 +2,9 @@
 anywhere), is not recompiled when only the label mix of a batch changes, and trains exactly as in
 eager mode. aot_eager for every backend, mode and form; one inductor run per backend."""
 import copy
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -100,3 +103,30 @@ def test_a_smaller_last_batch_compiles_once_more(backend):
 def test_inductor(backend):
     assert _compare_with_eager("inductor", "instance", "distribution", backend, _label_mixes(12)[:2],
                                rtol=1e-5, atol=1e-5) == 1
+
+
+FIRST_USE_COMPILED = """
+import warnings
+import torch
+import crl_ops
+
+torch.manual_seed(0)
+features, logits = torch.randn(24, 2, 4), torch.randn(24, 2)
+labels = torch.tensor([[0, 0]] * 18 + [[1, 1]] * 6)
+step = torch.compile(lambda f, z, y: crl_ops.CRL()(f, z, y), backend="aot_eager", fullgraph=True)
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    loss = step(features, logits, labels)
+torch.testing.assert_close(loss, crl_ops.CRL(backend="reference")(features, logits, labels))
+print("WARNINGS", [str(w.message) for w in caught if "pure-PyTorch reference" in str(w.message)])
+"""
+
+
+def test_fullgraph_first_use_without_kernels_falls_back():
+    """No kernels (CRL_OPS_NATIVE=0) and the first call inside torch.compile(fullgraph=True): one
+    graph on the reference, and the warning that says why."""
+    env = dict(os.environ, CRL_OPS_NATIVE="0")
+    process = subprocess.run([sys.executable, "-c", FIRST_USE_COMPILED], capture_output=True, text=True, env=env,
+                             timeout=600)
+    assert process.returncode == 0, process.stderr[-3000:]
+    assert "disabled by CRL_OPS_NATIVE=0" in process.stdout, process.stdout
