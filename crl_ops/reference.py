@@ -56,9 +56,34 @@ def _host_checks_possible(t: Tensor) -> bool:
     return t.device.type == "cpu" and not torch.compiler.is_compiling()
 
 
+def _values(t: Tensor) -> Tensor:
+    """The values under torch.func's wrappers, vmap's batch dimensions first: a check of the whole
+    batch is no data-dependent control flow of the transformed function."""
+    if torch.compiler.is_compiling():
+        return t
+    functorch = torch._C._functorch
+    while functorch.is_functorch_wrapped_tensor(t):
+        batch_dim = functorch.maybe_get_bdim(t) if functorch.is_batchedtensor(t) else -1
+        t = functorch.get_unwrapped(t)
+        if batch_dim >= 0:
+            t = t.movedim(batch_dim, 0)
+    return t
+
+
+def _bad_label_element(labels: Tensor, num_classes: Tensor) -> tuple[Tensor, Tensor]:
+    """The labels [B, A] and num_classes [A] of the (vmap) batch element with the first bad label."""
+    values, classes = _values(labels), _values(num_classes)
+    values = values.reshape(-1, *labels.shape)
+    classes = classes.reshape(-1, *num_classes.shape).expand(values.shape[0], *num_classes.shape)
+    bad = ((values < -1) | (values >= classes.unsqueeze(1))).flatten(1).any(1)
+    first = int(bad.nonzero()[0])
+    return values[first], classes[first]
+
+
 def _fail(ok: Tensor, message: str) -> None:
     """Raises ValueError(message) where `ok` is False: at once on the CPU; elsewhere (and while
     torch.compile traces) as an asynchronous device-side assertion, without a host synchronisation."""
+    ok = _values(ok).all()
     if _host_checks_possible(ok):
         if not bool(ok):
             raise ValueError(message)
@@ -87,10 +112,10 @@ def check_labels(labels: Tensor, num_classes: Tensor, validate: bool) -> Tensor:
     """validate: raises for a label outside -1..C_j-1. Otherwise such a label counts as not
     annotated: returns the labels with -1 there."""
     if validate:
-        bad = ((labels < -1) | (labels >= num_classes)).any()
+        bad = _values((labels < -1) | (labels >= num_classes)).any()
         if _host_checks_possible(bad):
             if bool(bad):
-                raise ValueError(label_error(labels, num_classes))
+                raise ValueError(label_error(*_bad_label_element(labels, num_classes)))
         elif bad.device.type != "meta":
             torch._assert_async(~bad, "crl_ops: a label is outside -1..C_j-1")
         return labels

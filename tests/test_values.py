@@ -302,6 +302,23 @@ def test_torch_func_grad(mode, form, backend):
     torch.testing.assert_close(got, want)
 
 
+@pytest.mark.parametrize("mode, form", VARIANTS)
+def test_torch_func_vmap_with_validation(mode, form, backend):
+    """vmap with the default validate=True: each batch element's loss, and a non-finite value or a
+    bad label anywhere in the batch raises the error it raises outside vmap."""
+    features, logits, labels = good()
+    batch = torch.stack([features, 2 * features, features.flip(0)]).double()
+    crl_fn = crl_ops.CRL(mode, form, backend=backend)
+    got = torch.func.vmap(lambda x: crl_fn(x, logits.double(), labels))(batch)
+    want = torch.stack([crl_fn(x, logits.double(), labels) for x in batch])
+    torch.testing.assert_close(got, want)
+    with pytest.raises(ValueError, match="features contain NaN or inf"):
+        torch.func.vmap(lambda x: crl_fn(x, logits.double(), labels))(with_value(batch, (1, 3, 0, 0), math.nan))
+    bad_labels = torch.stack([labels, with_value(labels, (2, 1), 5)])
+    with pytest.raises(ValueError, match="out of range"):
+        torch.func.vmap(lambda y: crl_fn(features, logits, y))(bad_labels)
+
+
 def test_meta_tensors_give_the_loss_shape(backend):
     features, logits, labels = (t.to("meta") for t in good())
     loss = crl(features, logits, labels, backend)
