@@ -160,8 +160,8 @@ class RunConfig(NamedTuple):
     switch: str = "fast"  # or "ucontext": the portable context switch
 
 
-# The runs of every emulated test: each thread and block order, two poison bytes (0xff makes an
-# unwritten float NaN and an unwritten index -1; 0xa5 neither), and their results bitwise equal.
+# The runs of every emulated test: each thread and block order, each with its poison byte (0xff makes
+# an unwritten float NaN and an unwritten index -1; 0xa5 and 0x5a neither), results bitwise equal.
 RUNS = (RunConfig("forward", 0, 0xA5), RunConfig("reverse", 0, 0xFF), RunConfig("random", 7, 0x5A))
 
 

@@ -1,8 +1,8 @@
 """The CUDA kernels against the CPU kernels, on two devices: a GPU (tools/gpu_check.sh; skipped
 without one) and the emulated CUDA device (tests/cuda_emulation.py), which runs the same kernels
 and op glue on the CPU in every CI build. On the emulated device every computation runs once per
-entry of cuda_emulation.RUNS (forward, reverse and seeded random thread and block orders, two
-poison bytes in shared memory and in every tensor an op allocates), and the runs must agree
+entry of cuda_emulation.RUNS (forward, reverse and seeded random thread and block orders, each
+with its poison byte in shared memory and in every tensor an op allocates), and the runs must agree
 bitwise, except where float atomics add in thread order. What only a GPU can show stays
 GPU-only: CUDA graphs without host synchronisation, torch.compile(mode="reduce-overhead") and
 device-side assertions that end the process.
