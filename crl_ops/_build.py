@@ -201,7 +201,7 @@ def _cuda_arch_flags() -> list[str]:
 
 def library(part: str) -> Library:
     """What to compile for `part`; raises BuildError when this machine cannot compile it."""
-    abi = f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"
+    abi = abi_flag()
     common = [cxx_standard_flag(), "-fPIC", "-DNDEBUG", abi]
     if part == "cpu":
         return Library("cpu", tuple(core_sources()), _cxx(), None, tuple(CXX_FLAGS + common), (), tuple(LINK_FLAGS))
@@ -221,9 +221,18 @@ def library(part: str) -> Library:
     )
 
 
-def _include_flags(part: str) -> list[str]:
+def abi_flag() -> str:
+    """The C++ ABI flag torch was built with: every object of an extension must use it."""
+    return f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"
+
+
+def torch_include_flags() -> list[str]:
     torch_include = os.path.join(os.path.dirname(torch.__file__), "include")
-    flags = ["-I", str(SOURCE_DIR), "-isystem", torch_include, "-isystem", os.path.join(torch_include, "torch", "csrc", "api", "include")]
+    return ["-isystem", torch_include, "-isystem", os.path.join(torch_include, "torch", "csrc", "api", "include")]
+
+
+def _include_flags(part: str) -> list[str]:
+    flags = ["-I", str(SOURCE_DIR), *torch_include_flags()]
     if part == "cuda":
         cuda_include = os.path.join(cuda_home(), "include")
         # gcc must not be given /usr/include (a distribution's toolkit in /usr) as a system directory

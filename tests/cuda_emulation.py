@@ -54,7 +54,7 @@ KERNEL_FLAGS = {
 }
 RUNTIME_FLAGS = ["-O2"]
 LINK_FLAGS = {"default": [], "sanitize": ["-fsanitize=address,undefined"], "racecheck": []}
-COMMON_FLAGS = ["-fPIC", "-DNDEBUG", "-ffp-contract=off", f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"]
+COMMON_FLAGS = ["-fPIC", "-DNDEBUG", "-ffp-contract=off", _build.abi_flag()]
 KERNEL_STANDARD = "-std=c++17"  # as nvcc is given (crl_ops/_build.py)
 
 
@@ -65,9 +65,7 @@ class Unit(NamedTuple):
 
 def _include_flags(sources: Path) -> list[str]:
     """The stand-in CUDA headers first, then the sources and torch's headers."""
-    torch_include = Path(torch.__file__).parent / "include"
-    return ["-I", str(sources / "emulation" / "include"), "-I", str(sources), "-isystem", str(torch_include),
-            "-isystem", str(torch_include / "torch" / "csrc" / "api" / "include")]
+    return ["-I", str(sources / "emulation" / "include"), "-I", str(sources), *_build.torch_include_flags()]
 
 
 def _units(variant: str, sources: Path) -> list[Unit]:

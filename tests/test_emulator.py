@@ -93,6 +93,19 @@ INJECTED_BUGS = [
 ]
 
 
+def _environment(variant: str) -> dict:
+    """The environment of a process that loads the emulated build `variant` from this checkout."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPOSITORY), *sys.path]))
+    env.update(cuda_emulation.sanitizer_environment() if variant == "sanitize"
+               else {cuda_emulation.ENVIRONMENT_VARIABLE: variant})
+    return env
+
+
+def _run_probe(library: Path, case: str, variant: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "tests.emulation_probe", str(library), case], capture_output=True,
+                          text=True, env=_environment(variant), timeout=600, cwd=REPOSITORY)
+
+
 def _probe(bug: Bug, tmp: Path) -> str:
     """Builds the bug's library and runs the probe on it; returns its output."""
     sources = tmp / bug.name / "csrc"
@@ -101,13 +114,7 @@ def _probe(bug: Bug, tmp: Path) -> str:
     text = path.read_text()
     assert text.count(bug.old) == 1, f"{bug.name}: the text to replace must occur once in {bug.file}"
     path.write_text(text.replace(bug.old, bug.new))
-    library = cuda_emulation.library_path(bug.variant, sources)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPOSITORY), *sys.path]))
-    if bug.variant == "sanitize":
-        env.update(cuda_emulation.sanitizer_environment())
-    env[cuda_emulation.ENVIRONMENT_VARIABLE] = bug.variant
-    process = subprocess.run([sys.executable, "-m", "tests.emulation_probe", str(library), bug.case],
-                             capture_output=True, text=True, env=env, timeout=600, cwd=REPOSITORY)
+    process = _run_probe(cuda_emulation.library_path(bug.variant, sources), bug.case, bug.variant)
     return process.stdout + process.stderr
 
 
@@ -133,10 +140,8 @@ def test_unchanged_kernels_pass_the_probe(tmp_path):
     """The probe itself: the unchanged kernels give the CPU's results in every run."""
     _native.require("cpu")
     library = cuda_emulation.library_path("default")
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPOSITORY), *sys.path]))
     for case in ("small", "6000-classes"):
-        process = subprocess.run([sys.executable, "-m", "tests.emulation_probe", str(library), case],
-                                 capture_output=True, text=True, env=env, timeout=600, cwd=REPOSITORY)
+        process = _run_probe(library, case, "default")
         assert process.returncode == 0 and "SAME" in process.stdout, process.stdout + process.stderr
 
 
@@ -204,13 +209,10 @@ def sanitized_runs():
     both at once."""
     started = {}
     for variant in ("sanitize", "racecheck"):
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPOSITORY), *sys.path]))
-        env.update(cuda_emulation.sanitizer_environment() if variant == "sanitize"
-                   else {cuda_emulation.ENVIRONMENT_VARIABLE: variant})
         cuda_emulation.library_path(variant)  # built here, one at a time, not by both processes at once
         started[variant] = subprocess.Popen(
             [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_cuda.py", "-k",
-             SANITIZED_SELECTION], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=REPOSITORY)
+             SANITIZED_SELECTION], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_environment(variant), cwd=REPOSITORY)
     return {variant: (process.communicate(timeout=1800)[0], process.returncode) for variant, process in started.items()}
 
 

@@ -64,7 +64,7 @@ void syncthreads(Site site);
 int syncthreads_reduce(Site site, int kind, int predicate);  // kind: 0 or, 1 and, 2 count
 void syncwarp(Site site, unsigned mask);
 enum class Shuffle { Index, Up, Down, Xor };
-uint64_t shuffle(Site site, unsigned mask, uint64_t bits, int size, Shuffle mode, int operand, int width);
+uint64_t shuffle(Site site, unsigned mask, uint64_t bits, Shuffle mode, int operand, int width);
 unsigned ballot(Site site, unsigned mask, int predicate);
 unsigned match_any(Site site, unsigned mask, uint64_t bits, int size);
 
@@ -73,7 +73,7 @@ T shuffle_value(Site site, unsigned mask, T value, Shuffle mode, int operand, in
   static_assert(std::is_trivially_copyable<T>::value && sizeof(T) <= 8, "a shuffle moves up to 8 bytes");
   uint64_t bits = 0;
   std::memcpy(&bits, &value, sizeof(T));
-  bits = shuffle(site, mask, bits, sizeof(T), mode, operand, width);
+  bits = shuffle(site, mask, bits, mode, operand, width);
   T out;
   std::memcpy(&out, &bits, sizeof(T));
   return out;
@@ -93,7 +93,6 @@ unsigned match_value(Site site, unsigned mask, T value) {
 // poison byte at its first use in each block.
 struct SharedSlot {
   void* data;
-  size_t bytes;
   uint64_t block;   // the block that used it last
   uint64_t launch;  // the launch that used it last (the shared-memory limit counts it once)
 };

@@ -45,6 +45,15 @@ void __tsan_atomic_signal_fence(int) { __atomic_signal_fence(__ATOMIC_SEQ_CST); 
 }
 
 // Atomics of host code (std::atomic): performed as asked, sequentially consistent.
+#define CRL_FETCH_HOOK(bits, type, op)                                                \
+  extern "C" type __tsan_atomic##bits##_fetch_##op(volatile type* a, type v, int) { \
+    return __atomic_fetch_##op(a, v, __ATOMIC_SEQ_CST);                               \
+  }
+#define CRL_COMPARE_EXCHANGE_HOOK(bits, type, name, weak)                                                       \
+  extern "C" int __tsan_atomic##bits##_compare_exchange_##name(volatile type* a, type* expected, type v, int, \
+                                                               int) {                                         \
+    return __atomic_compare_exchange_n(a, expected, v, weak, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);              \
+  }
 #define CRL_ATOMIC_HOOKS(bits, type)                                                                              \
   extern "C" type __tsan_atomic##bits##_load(const volatile type* a, int) {                                     \
     return __atomic_load_n(a, __ATOMIC_SEQ_CST);                                                                  \
@@ -55,28 +64,13 @@ void __tsan_atomic_signal_fence(int) { __atomic_signal_fence(__ATOMIC_SEQ_CST); 
   extern "C" type __tsan_atomic##bits##_exchange(volatile type* a, type v, int) {                               \
     return __atomic_exchange_n(a, v, __ATOMIC_SEQ_CST);                                                           \
   }                                                                                                               \
-  extern "C" type __tsan_atomic##bits##_fetch_add(volatile type* a, type v, int) {                              \
-    return __atomic_fetch_add(a, v, __ATOMIC_SEQ_CST);                                                            \
-  }                                                                                                               \
-  extern "C" type __tsan_atomic##bits##_fetch_sub(volatile type* a, type v, int) {                              \
-    return __atomic_fetch_sub(a, v, __ATOMIC_SEQ_CST);                                                            \
-  }                                                                                                               \
-  extern "C" type __tsan_atomic##bits##_fetch_and(volatile type* a, type v, int) {                              \
-    return __atomic_fetch_and(a, v, __ATOMIC_SEQ_CST);                                                            \
-  }                                                                                                               \
-  extern "C" type __tsan_atomic##bits##_fetch_or(volatile type* a, type v, int) {                               \
-    return __atomic_fetch_or(a, v, __ATOMIC_SEQ_CST);                                                             \
-  }                                                                                                               \
-  extern "C" type __tsan_atomic##bits##_fetch_xor(volatile type* a, type v, int) {                              \
-    return __atomic_fetch_xor(a, v, __ATOMIC_SEQ_CST);                                                            \
-  }                                                                                                               \
-  extern "C" int __tsan_atomic##bits##_compare_exchange_strong(volatile type* a, type* expected, type v, int,    \
-                                                                int) {                                            \
-    return __atomic_compare_exchange_n(a, expected, v, false, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);               \
-  }                                                                                                               \
-  extern "C" int __tsan_atomic##bits##_compare_exchange_weak(volatile type* a, type* expected, type v, int, int) { \
-    return __atomic_compare_exchange_n(a, expected, v, true, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);                \
-  }                                                                                                               \
+  CRL_FETCH_HOOK(bits, type, add)                                                                                 \
+  CRL_FETCH_HOOK(bits, type, sub)                                                                                 \
+  CRL_FETCH_HOOK(bits, type, and)                                                                                 \
+  CRL_FETCH_HOOK(bits, type, or)                                                                                  \
+  CRL_FETCH_HOOK(bits, type, xor)                                                                                 \
+  CRL_COMPARE_EXCHANGE_HOOK(bits, type, strong, false)                                                            \
+  CRL_COMPARE_EXCHANGE_HOOK(bits, type, weak, true)                                                               \
   extern "C" type __tsan_atomic##bits##_compare_exchange_val(volatile type* a, type expected, type v, int, int) { \
     __atomic_compare_exchange_n(a, &expected, v, false, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);                     \
     return expected;                                                                                              \

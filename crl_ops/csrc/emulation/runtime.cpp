@@ -141,24 +141,10 @@ enum class State : uint8_t { Ready, Barrier, Collective, Exited };
 enum class Kind : uint8_t { SyncThreads, SyncThreadsOr, SyncThreadsAnd, SyncThreadsCount, SyncWarp, Shuffle, Ballot, Match };
 
 const char* kind_name(Kind kind) {
-  switch (kind) {
-    case Kind::SyncThreads:
-      return "__syncthreads";
-    case Kind::SyncThreadsOr:
-      return "__syncthreads_or";
-    case Kind::SyncThreadsAnd:
-      return "__syncthreads_and";
-    case Kind::SyncThreadsCount:
-      return "__syncthreads_count";
-    case Kind::SyncWarp:
-      return "__syncwarp";
-    case Kind::Shuffle:
-      return "a shuffle";
-    case Kind::Ballot:
-      return "a vote (ballot, any, all)";
-    default:
-      return "__match_any_sync";
-  }
+  static constexpr const char* kNames[] = {"__syncthreads", "__syncthreads_or", "__syncthreads_and",
+                                           "__syncthreads_count", "__syncwarp", "a shuffle",
+                                           "a vote (ballot, any, all)", "__match_any_sync"};
+  return kNames[static_cast<int>(kind)];
 }
 
 struct Thread {
@@ -167,7 +153,7 @@ struct Thread {
   Site site{"", 0};
   unsigned mask = 0;
   uint64_t bits = 0;
-  int size = 0;
+  int size = 0;  // of a match's value
   Shuffle mode = Shuffle::Index;
   int operand = 0, width = kWarp;
   int predicate = 0;
@@ -186,7 +172,7 @@ struct LaunchState {
   void (*body)(void*) = nullptr;
   void* state = nullptr;
   int threads = 0;
-  size_t dynamic_bytes = 0, static_bytes = 0, shared_limit = kDefaultSharedLimit;
+  size_t static_bytes = 0, shared_limit = kDefaultSharedLimit;
   bool opted_in = false;
   uint64_t serial = 0;
 };
@@ -329,7 +315,8 @@ void report(const std::string& what) {
 
 // ---- the scheduler ------------------------------------------------------------------------------------
 
-void order(std::vector<int>& ids) {
+template <typename Id>
+void order(std::vector<Id>& ids) {
   if (config.order == Order::Reverse) {
     std::reverse(ids.begin(), ids.end());
   } else if (config.order == Order::Random) {
@@ -361,21 +348,15 @@ bool complete_collective(int waiter) {
     fail(what() + " names lane " + std::to_string(__builtin_ctz(mask & ~present)) + ", past the block's " +
          std::to_string(n) + " threads");
   }
-  if ((mask & ~warp_waiting[warp] & ~warp_exited[warp]) != 0) return false;  // lanes still on their way
-  bool complete = true;
+  if ((mask & warp_exited[warp]) != 0) {
+    fail(what() + " names lane " + std::to_string(__builtin_ctz(mask & warp_exited[warp])) + ", which has exited");
+  }
+  if ((mask & ~warp_waiting[warp]) != 0) return false;  // lanes still on their way
   for (int m = 0; m < kWarp; ++m) {
-    if (((mask >> m) & 1u) == 0) continue;
-    if (m >= lanes) {
-      fail(what() + " names lane " + std::to_string(m) + ", past the block's " + std::to_string(n) + " threads");
-    }
-    const Thread& u = threads[base + m];
-    if (u.state == State::Exited) fail(what() + " names lane " + std::to_string(m) + ", which has exited");
-    if (u.state == State::Collective && !same_collective(t, u)) {
+    if (((mask >> m) & 1u) != 0 && !same_collective(t, threads[base + m])) {
       fail(what() + " names lane " + std::to_string(m) + ", which " + waiting_at(base + m));
     }
-    complete &= u.state == State::Collective;
   }
-  if (!complete) return false;
   unsigned votes = 0;
   for (int m = 0; m < kWarp; ++m) {
     if (((mask >> m) & 1u) != 0 && threads[base + m].predicate != 0) votes |= 1u << m;
@@ -543,10 +524,15 @@ void fiber_main(void* index) {
   }
 }
 
+// The thread that runs now (a barrier or collective called from the host is a logic error).
+Thread& calling_thread() {
+  if (current == kMain) throw std::logic_error("crl_ops emulated CUDA: a device function was called from the host");
+  return threads[current];
+}
+
 // Blocks the current thread at a barrier or collective and returns its result.
 uint64_t wait(State state, Kind kind, Site site) {
-  if (current == kMain) throw std::logic_error("crl_ops emulated CUDA: a device function was called from the host");
-  Thread& t = threads[current];
+  Thread& t = calling_thread();
   t.state = state;
   t.kind = kind;
   t.site = site;
@@ -569,9 +555,9 @@ void run_block(uint64_t block) {
     threads[t] = Thread();
     if (!fibers[t].parked) reset_fiber(t);
   }
-  std::memset(dynamic_memory, config.poison, launch.dynamic_bytes);
+  std::memset(dynamic_memory, config.poison, launch.config.shared);
   release_race_ranges();
-  if (launch.dynamic_bytes > 0) add_race_range(dynamic_memory, launch.dynamic_bytes, "dynamic shared memory");
+  if (launch.config.shared > 0) add_race_range(dynamic_memory, launch.config.shared, "dynamic shared memory");
   exited = 0;
   const int warps = (n + kWarp - 1) / kWarp;
   warp_waiting.assign(warps, 0u);
@@ -622,7 +608,6 @@ void run_grid(const char* kernel, const void* entry, const LaunchConfig& c, void
   launch.body = body;
   launch.state = state;
   launch.serial = ++launch_serial;
-  launch.dynamic_bytes = c.shared;
   ++statistics.launches;
   check_launch(c, entry);
   if (!failure.empty()) throw std::runtime_error(failure);
@@ -637,16 +622,12 @@ void run_grid(const char* kernel, const void* entry, const LaunchConfig& c, void
   // The dynamic shared memory: exactly its size (AddressSanitizer sees any access past it).
   dynamic_memory = static_cast<unsigned char*>(std::malloc(std::max<size_t>(c.shared, 1)));
   const uint64_t blocks = uint64_t(c.grid.x) * c.grid.y * c.grid.z;
+  order_random.seed(config.seed * 1000003u + launch.serial);
   std::vector<uint64_t> block_order;
   if (config.order != Order::Forward) {
     block_order.resize(blocks);
     for (uint64_t b = 0; b < blocks; ++b) block_order[b] = b;
-    order_random.seed(config.seed * 1000003u + launch.serial);
-    if (config.order == Order::Reverse) {
-      std::reverse(block_order.begin(), block_order.end());
-    } else {
-      std::shuffle(block_order.begin(), block_order.end(), order_random);
-    }
+    order(block_order);
   }
   for (uint64_t b = 0; b < blocks && failure.empty(); ++b) run_block(block_order.empty() ? b : block_order[b]);
   statistics.threads += blocks * static_cast<uint64_t>(launch.threads);
@@ -661,14 +642,14 @@ void syncthreads(Site site) {
 }
 
 int syncthreads_reduce(Site site, int kind, int predicate) {
-  if (current != kMain) threads[current].predicate = predicate;
+  calling_thread().predicate = predicate;
   const Kind k = kind == 0 ? Kind::SyncThreadsOr : (kind == 1 ? Kind::SyncThreadsAnd : Kind::SyncThreadsCount);
   return static_cast<int>(wait(State::Barrier, k, site));
 }
 
 namespace {
 uint64_t collective(Kind kind, Site site, unsigned mask) {
-  if (current != kMain) threads[current].mask = mask;
+  calling_thread().mask = mask;
   return wait(State::Collective, kind, site);
 }
 }  // namespace
@@ -677,14 +658,13 @@ void syncwarp(Site site, unsigned mask) {
   collective(Kind::SyncWarp, site, mask);
 }
 
-uint64_t shuffle(Site site, unsigned mask, uint64_t bits, int size, Shuffle mode, int operand, int width) {
+uint64_t shuffle(Site site, unsigned mask, uint64_t bits, Shuffle mode, int operand, int width) {
   if (width <= 0 || width > kWarp || (width & (width - 1)) != 0) {
     fail(position(current) + ": a shuffle at " + where(site) + " with width " + std::to_string(width) +
          " (a power of 2 up to 32)");
   }
-  Thread& t = threads[current];
+  Thread& t = calling_thread();
   t.bits = bits;
-  t.size = size;
   t.mode = mode;
   t.operand = operand;
   t.width = width;
@@ -692,27 +672,27 @@ uint64_t shuffle(Site site, unsigned mask, uint64_t bits, int size, Shuffle mode
 }
 
 unsigned ballot(Site site, unsigned mask, int predicate) {
-  threads[current].predicate = predicate;
+  calling_thread().predicate = predicate;
   return static_cast<unsigned>(collective(Kind::Ballot, site, mask));
 }
 
 unsigned match_any(Site site, unsigned mask, uint64_t bits, int size) {
-  threads[current].bits = bits;
-  threads[current].size = size;
+  Thread& t = calling_thread();
+  t.bits = bits;
+  t.size = size;
   return static_cast<unsigned>(collective(Kind::Match, site, mask));
 }
 
 void* static_shared(SharedSlot& slot, size_t bytes, const char* name, Site site) {
   if (slot.data == nullptr) {
     slot.data = std::malloc(bytes);  // exactly its size, for AddressSanitizer
-    slot.bytes = bytes;
   }
   if (slot.launch != launch.serial) {  // first use in this launch: it counts towards the limit
     slot.launch = launch.serial;
     launch.static_bytes += bytes;
-    if (launch.static_bytes + launch.dynamic_bytes > launch.shared_limit) {
+    if (launch.static_bytes + launch.config.shared > launch.shared_limit) {
       fail(position(current) + ": " + std::to_string(launch.static_bytes) + " bytes of static shared memory (" + name +
-           " at " + where(site) + " the last) and " + std::to_string(launch.dynamic_bytes) +
+           " at " + where(site) + " the last) and " + std::to_string(launch.config.shared) +
            " dynamic: above the " + std::to_string(launch.shared_limit) + " a block may use" +
            (launch.opted_in ? "" : " without cudaFuncSetAttribute"));
     }
