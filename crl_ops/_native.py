@@ -113,6 +113,33 @@ def _register_fake_kernels() -> None:
     def _(grad, distances, partners, margins, longest, form, apc_margin, bins, margins_grad):
         return torch.empty_like(distances), margins.new_empty(margins.shape if margins_grad else (0,))
 
+    @torch.library.register_fake("crl_ops::shard_mine")
+    def _(vectors, logits, labels, num_classes, mode, k, threshold, first_anchor, num_anchors, validate):
+        shape = (labels.shape[1], logits.shape[2] if logits.dim() == 3 else 2)
+        return (labels.new_empty(shape), labels.new_empty(shape, dtype=torch.bool),
+                labels.new_empty(shape, dtype=torch.bool), *mined(labels, k, num_anchors),
+                labels.new_empty((2,), dtype=torch.bool))
+
+    def partial_size(num_attributes, form, bins):
+        return 2 * num_attributes * (bins if form == "distribution" else 1) + 4 * num_attributes + 3
+
+    @torch.library.register_fake("crl_ops::shard_sums")
+    def _(distances, partners, anchors, margins, longest, overflow, checks, form, apc_margin, bins):
+        return distances.new_empty((partial_size(partners.shape[1], form, bins),), dtype=torch.float64)
+
+    @torch.library.register_fake("crl_ops::shard_sums_backward")
+    def _(grad, distances, partners, margins, longest, form, apc_margin, bins, margins_grad):
+        return torch.empty_like(distances), margins.new_empty(margins.shape if margins_grad else (0,))
+
+    @torch.library.register_fake("crl_ops::shard_loss")
+    def _(total, num_attributes, form, bins, reduction, dtype, world_size, validate):
+        return (total.new_empty((), dtype=dtype), total.new_empty((num_attributes, 4), dtype=torch.int64),
+                total.new_empty((), dtype=dtype))
+
+    @torch.library.register_fake("crl_ops::shard_loss_backward")
+    def _(grad, total, num_attributes, form, bins, reduction, dtype):
+        return torch.empty_like(total)
+
     @torch.library.register_fake("crl_ops::crl_loss")
     def _(features, logits, labels, num_classes, margins, mode, form, k, apc_margin, bins, threshold, reduction,
           validate):
@@ -176,3 +203,21 @@ def crl_loss(features: Tensor, logits: Tensor, labels: Tensor, num_classes: Tens
     # No detach of the logits: the op's autograd gives them no gradient, and a detach is one more dispatch.
     return torch.ops.crl_ops.crl_loss.default(features, logits, labels, num_classes, margins, mode, form, k,
                                               apc_margin, bins, threshold, reduction, validate)[:7]
+
+
+def shard_mine(vectors: Optional[Tensor], logits: Tensor, labels: Tensor, num_classes: Tensor, mode: str, k: int,
+               threshold: float, first_anchor: int, num_anchors: int, validate: bool):
+    return torch.ops.crl_ops.shard_mine.default(None if vectors is None else vectors.detach(), logits.detach(), labels,
+                                                num_classes, mode, k, threshold, first_anchor, num_anchors, validate)
+
+
+def shard_sums(d: Tensor, partners: Tensor, anchors: Tensor, margins: Tensor, longest: Optional[Tensor],
+               overflow: Tensor, checks: Tensor, form: str, apc_margin: float, bins: int) -> Tensor:
+    return torch.ops.crl_ops.shard_sums.default(d, partners, anchors, margins, longest, overflow, checks, form,
+                                                apc_margin, bins)
+
+
+def shard_loss(total: Tensor, num_attributes: int, form: str, bins: int, reduction: str, dtype: torch.dtype,
+               world_size: int, validate: bool):
+    return torch.ops.crl_ops.shard_loss.default(total, num_attributes, form, bins, reduction, dtype, world_size,
+                                                validate)

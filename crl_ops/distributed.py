@@ -6,17 +6,17 @@ process group. The result equals one process on the concatenated batch (ranks in
 batch sizes allowed), but each rank only does its share of the work:
 
 - forward: one all-gather of every rank's CRL vectors (features or normalised features; with
-  distance="score" the logits themselves, which then carry the gradient), labels and, for
-  instance mining or validate=True, logits, packed as bytes; every rank profiles the global
-  batch (cheap), then mines only its own anchors against the candidates of all ranks (class
-  mode: one more all-gather, of the class lists of each rank's own rows, merged) and reduces its
-  anchors' pairs to per-attribute sums (backend.pair_distances, backend.pair_sums) and counts;
-  one all-reduce of those small vectors gives the global loss and statistics on every rank. The
-  histogram form all-reduces each attribute's longest distance R (a max) before its histograms.
-  Ranks with fewer samples pad to the largest batch: padded rows are unannotated (label -1),
-  which no profile, anchor or candidate counts.
-- backward: the gradient of the gathered CRL vectors goes back to the ranks that own them with one
-  reduce-scatter. A tensor margin is replicated: its gradient is all-reduced.
+  distance="score" the logits themselves, which then carry the gradient), labels and logits,
+  packed as bytes; then per rank one op (backend.shard_mine) profiles the global batch and mines
+  the rank's own anchors against the candidates of all ranks, pair_distances measures their pairs,
+  one op (backend.shard_sums) reduces them to per-attribute sums, pair counts and value flags in
+  one float64 vector, one all-reduce adds the ranks' vectors, and one op (backend.shard_loss)
+  gives the global loss, statistics and value errors, the same on every rank. The histogram form
+  all-reduces each attribute's longest distance R (a max) before its histograms. Ranks with fewer
+  samples pad to the largest batch for the all-gather; the padding is dropped after it.
+- backward: shard_loss, shard_sums and pair_distances in reverse; the gradient of the gathered
+  CRL vectors goes back to the ranks that own them with one reduce-scatter. A tensor margin is
+  replicated: its gradient is all-reduced.
 - `cross_entropy`: each rank sums its own samples; one all-reduce of (sum, batch size).
 
 Gradient convention. Every rank returns the same global loss L. A rank's own features and logits
@@ -34,9 +34,12 @@ no collective and no host synchronisation. Like DDP, which checks parameter shap
 once, it then trusts the declaration: a rank whose size changes alone makes the collectives
 disagree.
 
-Value checks (validate=True) run on tensors every rank holds the same copy of (the gathered
-labels, features and logits, the all-reduced overflow flag), so every rank raises the same error
-at the same point and none is left waiting in a collective.
+Value checks (validate=True) never leave a rank waiting in a collective. Labels are checked on
+the gathered labels, which every rank holds, inside shard_mine: every rank raises the same error
+(naming the row of the concatenated batch). Non-finite logits or features, and an overflowing
+distance, are flags of a rank's own rows that travel in the all-reduce: shard_loss raises the
+same error on every rank after it. Nothing is read on the host: on the CPU the ops read their
+own memory, on CUDA they are device-side assertions.
 """
 from __future__ import annotations
 
@@ -48,7 +51,7 @@ import torch.distributed._functional_collectives as fc
 from torch import Tensor
 
 from . import _backends, reference
-from ._inputs import Batch
+from ._inputs import Batch, accumulation_dtype
 
 # torch 2.14 renamed the collectives (the old names warn); torch 2.4 has the old ones.
 _ALL_GATHER = getattr(fc, "all_gather_single", None) or fc.all_gather_tensor
@@ -96,10 +99,11 @@ def _reduce_scatter(tensor: Tensor) -> Tensor:
     return out
 
 
-def _all_reduce(tensor: Tensor, op: str) -> Tensor:
+def _all_reduce(tensor: Tensor, op: str, in_place: bool = False) -> Tensor:
+    """The reduction over the ranks; in_place: into `tensor` itself (contiguous, and not needed after)."""
     if torch.compiler.is_compiling():
         return fc.wait_tensor(fc.all_reduce(tensor.contiguous(), op, _group()))
-    out = tensor.clone(memory_format=torch.contiguous_format)  # all_reduce works in place
+    out = tensor if in_place else tensor.clone(memory_format=torch.contiguous_format)
     dist.all_reduce(out, op=_REDUCE_OPS[op])
     return out
 
@@ -109,14 +113,26 @@ def _shares_features(features: Tensor) -> bool:
     return features.shape[1] > 1 and features.stride(1) == 0
 
 
-def _layout(options, batch: Batch, vectors: Tensor) -> str:
-    """Everything except the batch size that must agree across ranks for the collectives to line up."""
+def _margin_text(margin) -> str:
+    if margin is None:
+        return "2*pi/C_j"
+    if isinstance(margin, Tensor):  # a parameter's values are the same everywhere under DDP; not read here
+        return f"tensor {list(margin.shape)} {margin.dtype}"
+    return repr(margin)
+
+
+def _layout(options, margin, batch: Batch, vectors: Tensor) -> str:
+    """Everything but the batch size that must agree across ranks: the collectives' sizes, and the
+    options that decide what every rank computes from the same global sums."""
+    features, logits = batch.features, batch.logits
     return (
-        f"features [*, {', '.join(map(str, batch.features.shape[1:]))}] {batch.features.dtype}"
-        f"{' (shared by all attributes)' if _shares_features(batch.features) else ''}, "
-        f"logits {batch.logits.dtype} with classes {batch.num_classes}, CRL vectors {vectors.dtype}, "
-        f"options mode={options.mode} form={options.form} k={options.k} bins={options.bins} "
-        f"distance={options.distance} normalize={options.normalize} validate={options.validate}"
+        f"features [*, {', '.join(map(str, features.shape[1:]))}] {features.dtype}"
+        f"{' (shared by all attributes)' if _shares_features(features) else ''} on {features.device.type}, "
+        f"logits [*, {', '.join(map(str, logits.shape[1:]))}] {logits.dtype} with classes {batch.num_classes}, "
+        f"CRL vectors {vectors.dtype}, options mode={options.mode} form={options.form} k={options.k} "
+        f"margin={_margin_text(margin)} apc_margin={options.apc_margin} bins={options.bins} "
+        f"threshold={options.threshold} normalize={options.normalize} reduction={options.reduction} "
+        f"distance={options.distance} validate={options.validate} batch_sizes={options.batch_sizes}"
     )
 
 
@@ -132,10 +148,13 @@ def _gather_sizes(layout: str, batch_size: int, device: torch.device) -> list[in
     differing = [rank for rank, signature in enumerate(signatures) if signature != signatures[0]]
     if differing:
         raise ValueError(
-            f"distributed=True: the inputs of rank(s) {differing} differ from rank 0's in feature shape, "
-            f"dtype, class counts or CRL options; every rank must pass the same format, only the batch "
-            f"size may differ (rank {dist.get_rank()} has {layout})"
+            f"distributed=True: the inputs of rank(s) {differing} differ from rank 0's in format or CRL options; "
+            f"every rank must pass the same format and options, only the batch size may differ (rank "
+            f"{dist.get_rank()} has {layout})"
         )
+    if sum(sizes) == 0:
+        raise ValueError("distributed=True: every rank's labels are empty; the global batch must hold at least one "
+                         "sample")
     return list(sizes)
 
 
@@ -156,12 +175,19 @@ def _rank_sizes(layout: str, batch_size: int, batch_sizes: str, device: torch.de
 # ---- collectives with the gradients of the convention above -------------------------------------------
 
 
-def _gather_rows(rows: int, parts: list) -> list:
-    """[W * rows, ...] for each (tensor, fill) of `parts` (tensors with this rank's rows first): every
-    rank's rows, padded to `rows` per rank with `fill` (rank q's rows start at q * rows), in one
-    all-gather of their bytes. The first tensor comes back as a strided view of the gathered buffer
-    (the kernels read in place), the others as contiguous copies."""
-    own = parts[0][0].shape[0]
+def _concatenated_rows(sizes: tuple, device: torch.device) -> Tensor:
+    """The rows of the padded gathered batch that hold samples, in rank order."""
+    rows = max(sizes)
+    return torch.cat([torch.arange(q * rows, q * rows + size, device=device) for q, size in enumerate(sizes)])
+
+
+def _gather_rows(sizes: tuple, parts: list) -> list:
+    """[N, ...] for each (tensor, fill) of `parts` (tensors with this rank's rows first): the rows of
+    all ranks in rank order, N = sum(sizes), from one all-gather of their bytes. Ranks with fewer
+    rows pad to the largest batch with `fill`; the padding is dropped after the gather. The first
+    tensor comes back as a strided view of the gathered buffer (the kernels read in place), the
+    others as views where their bytes align, else copies."""
+    rows, own = max(sizes), parts[0][0].shape[0]
     flat = []
     for tensor, fill in parts:
         if own < rows:
@@ -171,40 +197,73 @@ def _gather_rows(rows: int, parts: list) -> list:
     padding = -sum(widths) % 8  # rows of whole 8-byte words: every piece can be viewed in its dtype
     if padding:
         flat.append(flat[0].new_zeros((rows, padding)))
-    pieces = _all_gather(torch.cat(flat, dim=1)).split(widths + ([padding] if padding else []), dim=1)
-    out = []
-    for q, (tensor, _) in enumerate(parts):
-        piece = pieces[q] if q == 0 and widths[0] % tensor.element_size() == 0 else pieces[q].contiguous()
+    gathered = _all_gather(torch.cat(flat, dim=1) if len(flat) > 1 else flat[0])
+    if len(set(sizes)) > 1:
+        gathered = gathered.index_select(0, _concatenated_rows(sizes, gathered.device))
+    out, offset = [], 0
+    for (tensor, _), width in zip(parts, widths):
+        piece = gathered[:, offset: offset + width]
+        if offset % tensor.element_size() or width % tensor.element_size():
+            piece = piece.contiguous()
         out.append(piece.view(tensor.dtype).view(-1, *tensor.shape[1:]))
+        offset += width
     return out
 
 
+_TOKENS: dict = {}  # dtype -> a 0-dim tensor whose views carry grad_scale back (see _GatherRows)
+
+
 class _GatherRows(torch.autograd.Function):
-    """The rows of all ranks, padded, in one all-gather: CRL's vectors, then the tensors that only
-    steer the mining (`steering`: (tensor, fill) pairs; no gradient). Backward: the vectors'
-    gradient, summed over the ranks by a reduce-scatter, returns to its owner, times W (the
-    convention above)."""
+    """The rows of all ranks, in one all-gather: CRL's vectors, then the tensors that only steer the
+    mining (`steering`: (tensor, fill) pairs; no gradient), and a token. Backward: the vectors'
+    gradient, summed over the ranks by a reduce-scatter, returns to its owner times the token's
+    gradient, shard_loss's grad_scale: W (the convention above), or NaN after a non-finite value."""
 
     @staticmethod
-    def forward(ctx, rows: int, vectors: Tensor, steering: tuple):
-        ctx.own, ctx.world = vectors.shape[0], dist.get_world_size()
-        gathered = _gather_rows(rows, [(vectors, 0)] + [(t.detach(), fill) for t, fill in steering])
+    def forward(ctx, sizes: tuple, vectors: Tensor, steering: tuple, token_dtype: torch.dtype):
+        ctx.sizes, ctx.own = sizes, vectors.shape[0]
+        gathered = _gather_rows(sizes, [(vectors, 0)] + [(t.detach(), fill) for t, fill in steering])
         ctx.mark_non_differentiable(*gathered[1:])
-        return tuple(gathered)
+        ctx.set_materialize_grads(False)  # the steering tensors take no zero-filled gradients
+        token = _TOKENS.get(token_dtype)
+        if token is None:
+            token = _TOKENS[token_dtype] = torch.zeros((), dtype=token_dtype)
+        return (*gathered, token.view_as(token))
 
     @staticmethod
-    def backward(ctx, grad: Tensor, *_):
-        return None, _reduce_scatter(grad)[: ctx.own] * ctx.world, None
+    def backward(ctx, grad: Tensor, *rest):
+        grad_scale = rest[-1]
+        if grad is None:  # no pair took a gradient
+            return None, None, None, None
+        if len(set(ctx.sizes)) > 1:  # back to the padded layout of the collectives
+            rows = _concatenated_rows(ctx.sizes, grad.device)
+            grad = grad.new_zeros((len(ctx.sizes) * max(ctx.sizes), *grad.shape[1:])).index_copy_(0, rows, grad)
+        return None, _reduce_scatter(grad)[: ctx.own] * grad_scale, None, None
+
+
+class _WithGradScale(torch.autograd.Function):
+    """Identity on the loss; its backward hands grad_scale to the token of _GatherRows."""
+
+    @staticmethod
+    def forward(ctx, loss: Tensor, token: Tensor, grad_scale: Tensor):
+        ctx.save_for_backward(grad_scale)
+        return loss.view_as(loss)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return grad, ctx.saved_tensors[0], None
 
 
 class _SumOverRanks(torch.autograd.Function):
-    """All-reduce (sum) of per-rank partial sums. Every rank holds the same dL/d(total), which is
-    dL/d(each rank's part): the backward passes it on, times `grad_scale`."""
+    """All-reduce (sum) of per-rank partial sums, in place. Every rank holds the same dL/d(total),
+    which is dL/d(each rank's part): the backward passes it on, times `grad_scale`."""
 
     @staticmethod
     def forward(ctx, partial: Tensor, grad_scale: int):
         ctx.grad_scale = grad_scale
-        return _all_reduce(partial, "sum")
+        if not torch.compiler.is_compiling():  # traced, the collective is functional: a new tensor
+            ctx.mark_dirty(partial)
+        return _all_reduce(partial, "sum", in_place=True)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
@@ -226,57 +285,9 @@ class _Replicated(torch.autograd.Function):
 # ---- the loss ---------------------------------------------------------------------------------------------
 
 
-def _unpadded(gathered: Tensor, sizes: tuple, rows: int) -> Tensor:
-    """The concatenated batch's rows of a padded gathered tensor."""
-    if all(size == rows for size in sizes):
-        return gathered
-    return torch.cat([gathered[q * rows: q * rows + size] for q, size in enumerate(sizes)])
-
-
-def _global_sums(options, backend, d: Tensor, partners: Tensor, margins: Tensor, pair_counts: Tensor,
-                 flags: Tensor):
-    """(PairSums, pair_counts [A, 4], any flag set) of the global batch from this rank's anchors.
-
-    The sums of this rank's pairs (backend.pair_sums), its pair counts and flags travel as one
-    float64 vector (counts stay exact to 2^53); the histogram form all-reduces each attribute's
-    longest distance (a max) first."""
-    longest = _all_reduce(reference.longest_distance(d, partners), "max") if options.form == "distribution" else None
-    partial = backend.pair_sums(d, partners, margins, longest, options.form, options.apc_margin, options.bins)
-    parts = [partial.flatten(), pair_counts.flatten(), flags]
-    total = _SumOverRanks.apply(torch.cat([p.double() for p in parts]), 1)
-    sums, counts, flags = total.split([p.numel() for p in parts])
-    counts = counts.long().view(pair_counts.shape)
-    return reference.pair_sums_with_counts(options.form, sums.to(d.dtype).view(partial.shape), counts), counts, \
-        (flags > 0).any()
-
-
-def _merge_class_lists(keys: Tensor, indices: Tensor) -> Tensor:
-    """The class lists [A, C, 2K] of the global batch from those of each rank's own rows, keys and
-    (global) indices [W, A, C, 2K]: on each side the K best of all ranks' candidates by (key, then
-    index), the lowest keys first for positives and the highest for negatives, as one process
-    selects them. Empty slots (index -1, key +inf or -inf) sort last.
-
-    One stable sort by key suffices: in rank order, candidates of equal keys already stand in
-    index order (a rank's list is ordered by (key, index), and rank q's rows precede rank q+1's)."""
-    k = keys.shape[-1] // 2
-    sides = []
-    for side, descending in ((slice(0, k), False), (slice(k, None), True)):
-        key = keys[..., side].permute(1, 2, 0, 3).flatten(2)  # [A, C, W K], rank by rank
-        best = torch.sort(key, dim=-1, descending=descending, stable=True).indices[..., :k]
-        sides.append(indices[..., side].permute(1, 2, 0, 3).flatten(2).gather(-1, best))
-    return torch.cat(sides, dim=-1)
-
-
-def _mine_class(backend, batch: Batch, num_classes: Tensor, active: Tensor, k: int, first: int):
-    """Class-level mining of this rank's rows: each rank selects the class lists of its own rows,
-    one all-gather of the lists (a few rows per class), and the merged lists give the anchors'
-    partners, as backend.mine_class on the concatenated batch would."""
-    keys, lists = backend.class_lists(batch.logits, batch.labels, num_classes, active, k, False)
-    lists = torch.where(lists >= 0, lists + first, -1)  # rows of the padded global batch
-    all_keys, all_lists = _gather_rows(keys.shape[0], [(keys, 0), (lists, -1)])
-    world = dist.get_world_size()
-    merged = _merge_class_lists(all_keys.view(world, *keys.shape), all_lists.view(world, *keys.shape))
-    return reference.class_rows(merged, reference.check_labels(batch.labels, num_classes, False), active, first)
+def _own_rows(t: Tensor, first: int, own: int, total: int, fill) -> Tensor:
+    """[total, ...]: this rank's rows of `t` at first..first + own, `fill` elsewhere."""
+    return torch.cat([t.new_full((first, *t.shape[1:]), fill), t, t.new_full((total - first - own, *t.shape[1:]), fill)])
 
 
 def class_rectification_loss(options, margin, batch: Batch):
@@ -289,58 +300,46 @@ def class_rectification_loss(options, margin, batch: Batch):
     vectors = batch.logits if score_space else crl_features(options, batch)
     shared = not score_space and _shares_features(vectors)
     own = batch.labels.shape[0]
-    sizes = _rank_sizes(_layout(options, batch, vectors), own, options.batch_sizes,
-                        batch.labels.device)
-    rows = max(sizes)
-    first = dist.get_rank() * rows  # this rank's first row in the padded global batch
+    sizes = _rank_sizes(_layout(options, margin, batch, vectors), own, options.batch_sizes, batch.labels.device)
+    first = sum(sizes[: dist.get_rank()])  # this rank's first row in the concatenated batch
     num_classes = batch.classes_tensor()
+    num_attributes = batch.labels.shape[1]
+    accumulation = accumulation_dtype(vectors.dtype)
 
-    validate = options.validate
-    # The logits of all ranks steer instance mining and are checked with validate; class mining
-    # merges the ranks' class lists instead.
-    gather_logits = not score_space and (options.mode == "instance" or validate)
-    steering = ((batch.labels, -1), (batch.logits, 0)) if gather_logits else ((batch.labels, -1),)
-    gathered, labels, *logits = _GatherRows.apply(rows, vectors[:, :1] if shared else vectors, steering)
-    logits = gathered.detach() if score_space else (logits[0] if logits else None)
-
-    if validate:  # on the concatenated batch: the messages name its rows, as for one process
-        reference.check_labels(_unpadded(labels, sizes, rows), num_classes, True)
-    if score_space:
-        scores = reference.class_scores(gathered, num_classes)
-        reference.check_finite(None, logits, num_classes, validate)
-        finite = torch.isfinite(scores).all()
-    elif validate:  # every rank checks the same gathered values and raises the same error
-        finite = reference.check_finite(gathered, logits, num_classes, True)
-    else:  # each rank its own rows; the flag travels with the sums
-        finite = reference.check_finite(vectors, batch.logits.detach(), num_classes, False)
+    steering = ((batch.labels, -1),) if score_space else ((batch.labels, -1), (batch.logits, 0))
+    gathered, labels, *logits, token = _GatherRows.apply(sizes, vectors[:, :1] if shared else vectors, steering,
+                                                          accumulation)
+    logits = gathered.detach() if score_space else logits[0]
 
     backend = _backends.resolve(options.backend, labels.device)
-    counts, minority, active = backend.profile(labels, num_classes, batch.max_classes, options.threshold, False)
-    if options.mode == "class":
-        anchors, partners = _mine_class(backend, batch, num_classes, active, options.k, first)
-    else:
-        anchors, partners = backend.mine_instance(
-            gathered.expand(-1, batch.labels.shape[1], -1) if shared else gathered, logits, labels, num_classes,
-            active, options.k, first, own, False)
-    pair_counts = reference.pair_counts(anchors, partners)
-    if score_space:  # score_distances takes anchor rows aligned with the scores: pad to the global rows
-        partners = torch.cat([partners.new_full((first, *partners.shape[1:]), -1), partners,
-                              partners.new_full((labels.shape[0] - first - own, *partners.shape[1:]), -1)])
-        d = reference.score_distances(scores, reference.check_labels(labels, num_classes, False), partners)
+    counts, minority, active, anchors, partners, checks = backend.shard_mine(
+        None if score_space else (gathered.expand(-1, num_attributes, -1) if shared else gathered), logits, labels,
+        num_classes, options.mode, options.k, options.threshold, first, own, options.validate)
+    if score_space:  # the distances are torch operations on the scores of the whole batch
+        features_finite = torch.isfinite(batch.features).all()
+        checks = torch.stack([checks[0], checks[1] | ~features_finite])
+        total_rows = labels.shape[0]
+        partners = _own_rows(partners, first, own, total_rows, -1)
+        anchors = _own_rows(anchors, first, own, total_rows, False)
+        d = reference.score_distances(reference.class_scores(gathered, num_classes),
+                                      reference.check_labels(labels, num_classes, False), partners)
         overflow = torch.zeros((), dtype=torch.bool, device=d.device)
     else:
         d, overflow = backend.pair_distances(gathered, partners, first)
+    longest = None
+    if options.form == "distribution":  # every rank's histograms on the same nodes: the global longest distance
+        longest = _all_reduce(d.detach().amax(dim=(0, 2)) if own else d.new_zeros(num_attributes), "max",
+                              in_place=True)
     margins = margins_tensor(margin, batch.num_classes, d.dtype, d.device)
     if margins.requires_grad:
         margins = _Replicated.apply(margins)
-    flags = torch.stack([overflow, ~finite])  # summed over the ranks: any rank's
-    sums, pair_counts, failed = _global_sums(options, backend, d, partners, margins, pair_counts, flags)
-    loss = reference.reduce_sums(options.form, sums, options.reduction)
-    if validate:  # only an overflow can fail here: the values were checked above
-        reference._fail(~failed, reference.overflow_error(d.dtype))
-    else:
-        loss = reference.poison(loss, vectors, ~failed)
-    return loss, BatchStats(counts, minority, active, pair_counts)
+    partial = backend.shard_sums(d, partners, anchors, margins, longest, overflow, checks, options.form,
+                                 options.apc_margin, options.bins)
+    total = _SumOverRanks.apply(partial, 1)
+    loss, pair_counts, grad_scale = backend.shard_loss(total, num_attributes, options.form, options.bins,
+                                                       options.reduction, d.dtype, dist.get_world_size(),
+                                                       options.validate)
+    return _WithGradScale.apply(loss, token, grad_scale), BatchStats(counts, minority, active, pair_counts)
 
 
 def cross_entropy(batch: Batch) -> Tensor:
@@ -349,7 +348,7 @@ def cross_entropy(batch: Batch) -> Tensor:
 
     check_process_group()
     own = batch.labels.shape[0]
-    mean = _cross_entropy(batch)
+    mean = _cross_entropy(batch) if own else batch.logits.new_zeros((), dtype=accumulation_dtype(batch.logits.dtype))
     # (this rank's sum, its batch size) summed over the ranks; the gradient reaching the logits is W times theirs.
     partial = torch.stack([mean.double() * own, torch.full_like(mean, own, dtype=torch.float64)])
     total = _SumOverRanks.apply(partial, dist.get_world_size())

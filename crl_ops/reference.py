@@ -476,6 +476,59 @@ def poison(loss: Tensor, features: Tensor, ok: Tensor) -> Tensor:
     return torch.where(ok, loss, math.nan) + nan_unless_ok * features.sum().to(loss.dtype)
 
 
+# ---- the steps of crl_ops.distributed, as the native shard_* ops ------------------------------------------------
+
+
+def shard_mine(vectors: Optional[Tensor], logits: Tensor, labels: Tensor, num_classes: Tensor, mode: str, k: int,
+               threshold: float, first_anchor: int, num_anchors: int, validate: bool):
+    """On the gathered batch: (counts, minority, active) of its profile (validate: a bad label
+    raises), the (anchors, partners) of the rows first_anchor..+num_anchors, and checks [2] bool:
+    whether those rows' logits, and their vectors (when given) or logits, are not finite."""
+    counts, minority, active = profile(labels, num_classes, logits.shape[-1] if logits.dim() == 3 else 2, threshold,
+                                       validate)
+    labels = check_labels(labels, num_classes, validate=False)
+    rows = slice(first_anchor, first_anchor + num_anchors)
+    logits_finite = _logits_finite(logits.detach()[rows], num_classes)
+    all_finite = logits_finite if vectors is None else logits_finite & torch.isfinite(vectors.detach()[rows]).all()
+    if mode == "class":
+        anchors, partners = _mine_class(logits, labels, num_classes, active, k, rows)
+    else:
+        anchors, partners, _ = _mine_instance(vectors, logits, labels, num_classes, active, k, rows)
+    return counts, minority, active, anchors, partners, torch.stack([~logits_finite, ~all_finite])
+
+
+def _partial_sizes(num_attributes: int, form: str, bins: int) -> list:
+    """The pieces of the partial sums vector: pair_sums' output, the pair counts, three flags."""
+    return [2 * num_attributes * (bins if form == "distribution" else 1), 4 * num_attributes, 3]
+
+
+def shard_sums(d: Tensor, partners: Tensor, anchors: Tensor, margins: Tensor, longest: Optional[Tensor],
+               overflow: Tensor, checks: Tensor, form: str, apc_margin: float, bins: int) -> Tensor:
+    """The partial sums vector of a rank's pairs (float64): pair_sums, pair_counts, and the flags
+    (overflow, non-finite logits, non-finite features or logits), which add over the ranks."""
+    sums = pair_sums(d, partners, margins, longest, form, apc_margin, bins)
+    return torch.cat([sums.flatten().double(), pair_counts(anchors, partners).flatten().double(),
+                      overflow.reshape(1).double(), checks.double()])
+
+
+def shard_loss(total: Tensor, num_attributes: int, form: str, bins: int, reduction: str, dtype: torch.dtype,
+               world_size: int, validate: bool):
+    """From the ranks' summed partial sums: (loss in dtype, pair_counts [A, 4], grad_scale); a set
+    flag raises with validate (logits, then features, then overflow) and makes the loss, every
+    gradient and grad_scale NaN; else grad_scale = world_size."""
+    sums, counts, flags = total.split(_partial_sizes(num_attributes, form, bins))
+    if validate:
+        _fail(flags[1] <= 0, values_error("logits"))
+        _fail(flags[2] <= 0, values_error("features"))
+        _fail(flags[0] <= 0, overflow_error(dtype))
+    counts = counts.view(num_attributes, 4).long()
+    sums = sums.view(num_attributes, 2, bins) if form == "distribution" else sums.view(num_attributes, 2)
+    ok = (flags <= 0).all()
+    loss = reduce_sums(form, pair_sums_with_counts(form, sums.to(dtype), counts), reduction)
+    grad_scale = torch.where(ok, float(world_size), math.nan).to(dtype)
+    return poison(loss, total, ok), counts, grad_scale
+
+
 # ---- the whole loss, as the native crl_loss op ---------------------------------------------------------------
 
 

@@ -1,4 +1,4 @@
-// Autograd of crl_ops::crl_loss, pair_distances and pair_sums, in C++: one node per op whose
+// Autograd of crl_ops::crl_loss, pair_distances, pair_sums, shard_sums and shard_loss, in C++: one node per op whose
 // backward is one op call, without the Python function calls a torch.library.register_autograd
 // formula costs on every step. The other ops give no gradient (their outputs are indices and
 // masks) and have no double backward.
@@ -135,6 +135,102 @@ class PairSums : public torch::autograd::Function<PairSums> {
   }
 };
 
+constexpr int kShardSumsInputs = 10, kShardLossInputs = 8;
+
+// crl_ops.distributed's sums of a rank's pairs: the gradient w.r.t. distances and margins.
+class ShardSums : public torch::autograd::Function<ShardSums> {
+ public:
+  static Tensor forward(AutogradContext* ctx, const Tensor& distances, const Tensor& partners, const Tensor& anchors,
+                        const Tensor& margins, const c10::optional<Tensor>& longest, const Tensor& overflow,
+                        const Tensor& checks, c10::string_view form, double apc_margin, int64_t bins) {
+    static const auto op = c10::Dispatcher::singleton()
+                               .findSchemaOrThrow("crl_ops::shard_sums", "")
+                               .typed<Tensor(const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                                             const c10::optional<Tensor>&, const Tensor&, const Tensor&,
+                                             c10::string_view, double, int64_t)>();
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    Tensor partial = op.call(distances, partners, anchors, margins, longest, overflow, checks, form, apc_margin, bins);
+    ctx->saved_data["form"] = std::string(form);
+    ctx->saved_data["apc_margin"] = apc_margin;
+    ctx->saved_data["bins"] = bins;
+    ctx->saved_data["has_longest"] = longest.has_value();
+    ctx->save_for_backward({distances, partners, margins, longest.value_or(Tensor())});
+    return partial;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    variable_list result(kShardSumsInputs);
+    static const auto op = c10::Dispatcher::singleton()
+                               .findSchemaOrThrow("crl_ops::shard_sums_backward", "")
+                               .typed<std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&,
+                                                                 const Tensor&, const c10::optional<Tensor>&,
+                                                                 c10::string_view, double, int64_t, bool)>();
+    const auto saved = ctx->get_saved_variables();
+    const c10::optional<Tensor> longest =
+        ctx->saved_data["has_longest"].toBool() ? c10::optional<Tensor>(saved[3]) : c10::nullopt;
+    auto [grad_distances, grad_margins] =
+        op.call(grads[0], saved[0], saved[1], saved[2], longest, ctx->saved_data["form"].toStringRef(),
+                ctx->saved_data["apc_margin"].toDouble(), ctx->saved_data["bins"].toInt(), ctx->needs_input_grad(3));
+    if (ctx->needs_input_grad(0)) result[0] = grad_distances;
+    if (ctx->needs_input_grad(3)) result[3] = grad_margins;
+    return result;
+  }
+};
+
+// The global loss from the summed partial sums: the gradient w.r.t. them.
+class ShardLoss : public torch::autograd::Function<ShardLoss> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const Tensor& total, int64_t num_attributes,
+                               c10::string_view form, int64_t bins, c10::string_view reduction, at::ScalarType dtype,
+                               int64_t world_size, bool validate) {
+    static const auto op = c10::Dispatcher::singleton()
+                               .findSchemaOrThrow("crl_ops::shard_loss", "")
+                               .typed<std::tuple<Tensor, Tensor, Tensor>(const Tensor&, int64_t, c10::string_view,
+                                                                         int64_t, c10::string_view, at::ScalarType,
+                                                                         int64_t, bool)>();
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    auto [loss, pair_counts, grad_scale] =
+        op.call(total, num_attributes, form, bins, reduction, dtype, world_size, validate);
+    ctx->saved_data["num_attributes"] = num_attributes;
+    ctx->saved_data["form"] = std::string(form);
+    ctx->saved_data["bins"] = bins;
+    ctx->saved_data["reduction"] = std::string(reduction);
+    ctx->saved_data["dtype"] = static_cast<int64_t>(dtype);
+    ctx->save_for_backward({total});
+    ctx->mark_non_differentiable({pair_counts, grad_scale});
+    ctx->set_materialize_grads(false);
+    return {loss, pair_counts, grad_scale};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    variable_list result(kShardLossInputs);
+    if (!grads[0].defined() || !ctx->needs_input_grad(0)) return result;
+    static const auto op = c10::Dispatcher::singleton()
+                               .findSchemaOrThrow("crl_ops::shard_loss_backward", "")
+                               .typed<Tensor(const Tensor&, const Tensor&, int64_t, c10::string_view, int64_t,
+                                             c10::string_view, at::ScalarType)>();
+    result[0] = op.call(grads[0], ctx->get_saved_variables()[0], ctx->saved_data["num_attributes"].toInt(),
+                        ctx->saved_data["form"].toStringRef(), ctx->saved_data["bins"].toInt(),
+                        ctx->saved_data["reduction"].toStringRef(),
+                        static_cast<at::ScalarType>(ctx->saved_data["dtype"].toInt()));
+    return result;
+  }
+};
+
+Tensor shard_sums_autograd(const Tensor& distances, const Tensor& partners, const Tensor& anchors, const Tensor& margins,
+                           const c10::optional<Tensor>& longest, const Tensor& overflow, const Tensor& checks,
+                           c10::string_view form, double apc_margin, int64_t bins) {
+  return ShardSums::apply(distances, partners, anchors, margins, longest, overflow, checks, form, apc_margin, bins);
+}
+
+std::tuple<Tensor, Tensor, Tensor> shard_loss_autograd(const Tensor& total, int64_t num_attributes,
+                                                       c10::string_view form, int64_t bins,
+                                                       c10::string_view reduction, at::ScalarType dtype,
+                                                       int64_t world_size, bool validate) {
+  auto out = ShardLoss::apply(total, num_attributes, form, bins, reduction, dtype, world_size, validate);
+  return {out[0], out[1], out[2]};
+}
+
 std::tuple<Tensor, Tensor> pair_distances_autograd(const Tensor& vectors, const Tensor& partners,
                                                    c10::SymInt first_anchor) {
   auto out = PairDistances::apply(vectors, partners, std::move(first_anchor));
@@ -162,8 +258,11 @@ TORCH_LIBRARY_IMPL(crl_ops, Autograd, m) {
   m.impl("crl_loss", &crl::crl_loss_autograd);
   m.impl("pair_distances", &crl::pair_distances_autograd);
   m.impl("pair_sums", &crl::pair_sums_autograd);
-  for (const char* op : {"profile", "class_lists", "mine_class", "mine_instance", "crl_loss_backward",
-                         "pair_distances_backward", "pair_sums_backward"}) {
+  m.impl("shard_sums", &crl::shard_sums_autograd);
+  m.impl("shard_loss", &crl::shard_loss_autograd);
+  for (const char* op : {"profile", "class_lists", "mine_class", "mine_instance", "shard_mine", "crl_loss_backward",
+                         "pair_distances_backward", "pair_sums_backward", "shard_sums_backward",
+                         "shard_loss_backward"}) {
     m.impl(op, torch::autograd::autogradNotImplementedFallback());
   }
 }

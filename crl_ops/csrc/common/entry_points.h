@@ -31,8 +31,19 @@
 #include <tuple>
 
 #include "common/op_checks.h"
+#include "common/shard_loss.h"
 
 namespace crl {
+
+// A flag summed over the ranks must be 0, else ValueError(message): read here on the CPU (no device
+// involved), a device-side assertion elsewhere (no host synchronisation).
+inline void require_clear(const at::Tensor& flag, const std::string& message) {
+  if (flag.is_cpu()) {
+    TORCH_CHECK_VALUE(flag.item<double>() <= 0, message);
+  } else {
+    at::_assert_async(flag.le(0), message);
+  }
+}
 
 template <typename Device>
 struct EntryPoints {
@@ -121,6 +132,101 @@ struct EntryPoints {
                                       longest.value_or(Tensor()), loss_form, apc_margin, bins, margins_grad);
   }
 
+  // ---- crl_ops.distributed's steps (op_schemas.h) ----
+
+  static std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> shard_mine(
+      const c10::optional<Tensor>& vectors, const Tensor& logits, const Tensor& labels_in, const Tensor& num_classes_in,
+      c10::string_view mode, int64_t k, double threshold, int64_t first_anchor, int64_t num_anchors, bool validate) {
+    const Mode mining = parse_mode(mode);
+    check_labels(labels_in, num_classes_in);
+    check_logits(logits, labels_in);
+    if (vectors.has_value()) check_features(*vectors, labels_in);
+    TORCH_CHECK_VALUE(vectors.has_value() || mining == Mode::Class, "crl_ops: instance mining needs vectors");
+    check_k(k);
+    check_threshold(threshold);
+    check_anchor_rows(first_anchor, num_anchors, labels_in.size(0));
+    typename Device::Guard guard(labels_in);
+    const Tensor labels = labels_in.contiguous(), num_classes = num_classes_in.contiguous();
+    // Every rank holds the same gathered labels: a bad one raises on every rank alike.
+    auto [counts, minority, active] = Device::profile(labels, num_classes, max_classes_of(logits), threshold, validate);
+    // The values of this rank's rows only: their flags are summed over the ranks (shard_loss raises).
+    const Tensor own_logits = logits.narrow(0, first_anchor, num_anchors);
+    const Tensor logits_finite = Device::as_tensor(Device::check_finite(Tensor(), own_logits, num_classes, false), labels);
+    const Tensor all_finite =
+        vectors.has_value()
+            ? Device::as_tensor(Device::check_finite(vectors->narrow(0, first_anchor, num_anchors), own_logits,
+                                                     num_classes, false), labels)
+            : logits_finite;
+    const Tensor checks = at::stack({logits_finite.logical_not(), all_finite.logical_not()});
+    Tensor anchors, partners;
+    if (mining == Mode::Class) {
+      std::tie(anchors, partners) =
+          Device::mine_class(logits, labels, num_classes, active, k, first_anchor, num_anchors);
+    } else {  // the overflow of a mined pair is pair_distances' flag
+      std::tie(anchors, partners, std::ignore) =
+          Device::mine_instance(*vectors, logits, labels, num_classes, active, k, first_anchor, num_anchors);
+    }
+    return {counts, minority, active, anchors, partners, checks};
+  }
+
+  static Tensor shard_sums(const Tensor& distances, const Tensor& partners, const Tensor& anchors,
+                           const Tensor& margins, const c10::optional<Tensor>& longest, const Tensor& overflow,
+                           const Tensor& checks, c10::string_view form, double apc_margin, int64_t bins) {
+    const Form loss_form = parse_form(form);
+    check_shard_sums_args(distances, partners, anchors, margins, longest, overflow, checks, loss_form, apc_margin, bins);
+    typename Device::Guard guard(distances);
+    const Tensor sums = Device::pair_sums(distances.contiguous(), partners.contiguous(), margins,
+                                          longest.value_or(Tensor()), loss_form, apc_margin, bins);
+    const Tensor counted = Device::pair_counts(anchors.contiguous(), partners.contiguous());
+    return at::cat({sums.reshape(-1), counted.reshape(-1), overflow.reshape(1), checks}).to(at::kDouble);
+  }
+
+  static std::tuple<Tensor, Tensor> shard_sums_backward(const Tensor& grad, const Tensor& distances,
+                                                        const Tensor& partners, const Tensor& margins,
+                                                        const c10::optional<Tensor>& longest, c10::string_view form,
+                                                        double apc_margin, int64_t bins, bool margins_grad) {
+    const Form loss_form = parse_form(form);
+    check_pair_sums_args(distances, partners, margins, longest, loss_form, apc_margin, bins);
+    const PartialLayout layout{loss_form, partners.size(1), bins};
+    check_partial(grad, "grad", layout);
+    typename Device::Guard guard(distances);
+    const Tensor grad_sums = grad.narrow(0, 0, layout.sums()).view(layout.sums_shape()).to(distances.scalar_type());
+    return Device::pair_sums_backward(grad_sums, distances.contiguous(), partners.contiguous(), margins,
+                                      longest.value_or(Tensor()), loss_form, apc_margin, bins, margins_grad);
+  }
+
+  static std::tuple<Tensor, Tensor, Tensor> shard_loss(const Tensor& total, int64_t num_attributes,
+                                                       c10::string_view form, int64_t bins,
+                                                       c10::string_view reduction, at::ScalarType dtype,
+                                                       int64_t world_size, bool validate) {
+    const PartialLayout layout{parse_form(form), num_attributes, bins};
+    check_shard_loss_args(total, layout, dtype);
+    TORCH_CHECK_VALUE(world_size >= 1, "crl_ops: world_size must be >= 1, got ", world_size);
+    const Reduction mean = parse_reduction(reduction);
+    typename Device::Guard guard(total);
+    if (validate) {  // the single process's order of the value errors
+      const Tensor flags = total.narrow(0, layout.flags(), 3);
+      require_clear(flags[1], values_message("logits"));
+      require_clear(flags[2], values_message("features"));
+      require_clear(flags[0], overflow_message(dtype));
+    }
+    auto [loss, failed] = loss_of_total(total, layout, mean, dtype);
+    const Tensor pair_counts = total.narrow(0, layout.counts(), 4 * num_attributes).view({num_attributes, 4}).to(at::kLong);
+    const Tensor grad_scale = at::where(failed, std::numeric_limits<double>::quiet_NaN(),
+                                        at::scalar_tensor(static_cast<double>(world_size), loss.options()));
+    return {loss, pair_counts, grad_scale};
+  }
+
+  static Tensor shard_loss_backward(const Tensor& grad, const Tensor& total, int64_t num_attributes,
+                                    c10::string_view form, int64_t bins, c10::string_view reduction,
+                                    at::ScalarType dtype) {
+    const PartialLayout layout{parse_form(form), num_attributes, bins};
+    check_shard_loss_args(total, layout, dtype);
+    TORCH_CHECK_VALUE(grad.numel() == 1, "crl_ops: grad must be a scalar, got ", grad.sizes());
+    typename Device::Guard guard(total);
+    return loss_of_total_backward(grad, total, layout, parse_reduction(reduction), dtype);
+  }
+
   static std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> crl_loss(
       const Tensor& features, const Tensor& logits, const Tensor& labels_in, const Tensor& num_classes_in,
       const Tensor& margins, c10::string_view mode, c10::string_view form, int64_t k, double apc_margin, int64_t bins,
@@ -174,6 +280,11 @@ void register_entry_points(torch::Library& m) {
   m.impl("pair_distances_backward", &EntryPoints<Device>::pair_distances_backward);
   m.impl("pair_sums", &EntryPoints<Device>::pair_sums);
   m.impl("pair_sums_backward", &EntryPoints<Device>::pair_sums_backward);
+  m.impl("shard_mine", &EntryPoints<Device>::shard_mine);
+  m.impl("shard_sums", &EntryPoints<Device>::shard_sums);
+  m.impl("shard_sums_backward", &EntryPoints<Device>::shard_sums_backward);
+  m.impl("shard_loss", &EntryPoints<Device>::shard_loss);
+  m.impl("shard_loss_backward", &EntryPoints<Device>::shard_loss_backward);
   m.impl("crl_loss", &EntryPoints<Device>::crl_loss);
   m.impl("crl_loss_backward", &EntryPoints<Device>::crl_loss_backward);
 }

@@ -54,6 +54,11 @@ inline std::string overflow_message(at::ScalarType t) {
          accumulation_name(t) + "; scale them down (normalize=True does) or use a wider dtype";
 }
 
+// The ValueError message of non-finite logits or features (section 6).
+inline std::string values_message(const char* name) {
+  return std::string(name) + " contain NaN or inf; CRL needs finite " + name;
+}
+
 inline bool is_feature_type(at::ScalarType t) {
   return t == at::kHalf || t == at::kBFloat16 || t == at::kFloat || t == at::kDouble;
 }
@@ -256,6 +261,50 @@ inline void check_pair_sums_backward_args(const at::Tensor& grad, const at::Tens
                     "crl_ops: grad must be a floating tensor ", at::IntArrayRef(shape), " (pair_sums' output), got ",
                     grad.sizes());
   check_same_device(grad, "grad", distances, "distances");
+}
+
+// The pieces of crl_ops.distributed's partial sums vector (op_schemas.h): pair_sums' output, the
+// pair counts [A, 4] and three flags, all float64.
+struct PartialLayout {
+  Form form;
+  int64_t attributes, bins;
+
+  std::vector<int64_t> sums_shape() const { return pair_sums_shape(form, attributes, bins); }
+  int64_t sums() const { return form == Form::Distribution ? 2 * attributes * bins : 2 * attributes; }
+  int64_t counts() const { return sums(); }  // offset of the pair counts
+  int64_t flags() const { return sums() + 4 * attributes; }
+  int64_t size() const { return flags() + 3; }
+};
+
+inline void check_partial(const at::Tensor& t, const char* name, const PartialLayout& layout) {
+  TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == layout.size() && t.scalar_type() == at::kDouble,
+                    "crl_ops: ", name, " must be a float64 vector [", layout.size(), "] (shard_sums' output for A = ",
+                    layout.attributes, "), got ", t.scalar_type(), " ", t.sizes());
+}
+
+// The mined rows' checks [2] bool and overflow flag (0-dim bool) of shard_sums.
+inline void check_shard_sums_args(const at::Tensor& distances, const at::Tensor& partners, const at::Tensor& anchors,
+                                  const at::Tensor& margins, const c10::optional<at::Tensor>& longest,
+                                  const at::Tensor& overflow, const at::Tensor& checks, Form form, double apc_margin,
+                                  int64_t bins) {
+  check_pair_sums_args(distances, partners, margins, longest, form, apc_margin, bins);
+  TORCH_CHECK_VALUE(anchors.dim() == 2 && anchors.size(0) == partners.size(0) && anchors.size(1) == partners.size(1) &&
+                        anchors.scalar_type() == at::kBool,
+                    "crl_ops: anchors must be a bool tensor [R, A] = [", partners.size(0), ", ", partners.size(1),
+                    "], got ", anchors.scalar_type(), " ", anchors.sizes());
+  TORCH_CHECK_VALUE(overflow.dim() == 0 && overflow.scalar_type() == at::kBool,
+                    "crl_ops: overflow must be a 0-dim bool tensor, got ", overflow.scalar_type(), " ", overflow.sizes());
+  TORCH_CHECK_VALUE(checks.dim() == 1 && checks.size(0) == 2 && checks.scalar_type() == at::kBool,
+                    "crl_ops: checks must be a bool tensor [2], got ", checks.scalar_type(), " ", checks.sizes());
+  for (const at::Tensor* t : {&anchors, &overflow, &checks}) check_same_device(*t, "every argument", distances, "distances");
+}
+
+inline void check_shard_loss_args(const at::Tensor& total, const PartialLayout& layout, at::ScalarType dtype) {
+  TORCH_CHECK_VALUE(layout.attributes >= 1, "crl_ops: num_attributes must be >= 1, got ", layout.attributes);
+  check_bins(layout.bins);
+  check_partial(total, "total", layout);
+  TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kDouble, "crl_ops: dtype must be float32 or float64, got ",
+                   dtype);
 }
 
 // The forward's outputs handed back to crl_loss_backward.

@@ -51,6 +51,30 @@ inline void define_op_schemas(torch::Library& m) {
         "int bins) -> Tensor");
   m.def("pair_sums_backward(Tensor grad, Tensor distances, Tensor partners, Tensor margins, Tensor? longest, "
         "str form, float apc_margin, int bins, bool margins_grad) -> (Tensor grad_distances, Tensor grad_margins)");
+  // The steps of crl_ops.distributed, a rank's share of the global batch's loss (docs/scaling.md). The
+  // partial sums of the ranks add up; they travel as one float64 vector `partial` [S + 4A + 3]: the
+  // pair_sums output (S = 2A, or 2A bins for the distribution form), the pair counts [A, 4], and three
+  // flags: an overflowing pair distance, non-finite logits, non-finite features or logits.
+  // shard_mine: on the gathered batch (every rank the same), the profile (validate: a bad label raises
+  // on every rank alike) and the mining of the anchor rows first_anchor..first_anchor + num_anchors;
+  // checks [2] bool: whether those rows' logits, and their vectors (when given) or logits, are not finite.
+  m.def("shard_mine(Tensor? vectors, Tensor logits, Tensor labels, Tensor num_classes, str mode, int k, "
+        "float threshold, SymInt first_anchor, SymInt num_anchors, bool validate) -> (Tensor counts, Tensor minority, "
+        "Tensor active, Tensor anchors, Tensor partners, Tensor checks)");
+  // shard_sums: `partial` of the mined pairs (their distances, overflow flag and checks). Differentiable
+  // w.r.t. distances and margins.
+  m.def("shard_sums(Tensor distances, Tensor partners, Tensor anchors, Tensor margins, Tensor? longest, "
+        "Tensor overflow, Tensor checks, str form, float apc_margin, int bins) -> Tensor");
+  m.def("shard_sums_backward(Tensor grad, Tensor distances, Tensor partners, Tensor margins, Tensor? longest, "
+        "str form, float apc_margin, int bins, bool margins_grad) -> (Tensor grad_distances, Tensor grad_margins)");
+  // shard_loss: from the sum over the ranks of `partial`, the loss (in dtype; NaN where a flag is set,
+  // and validate: the flag's error, logits before features before overflow), pair_counts [A, 4] and
+  // grad_scale, the factor of a rank's gradient: world_size (docs/scaling.md), NaN where a flag is set.
+  // Differentiable w.r.t. total.
+  m.def("shard_loss(Tensor total, int num_attributes, str form, int bins, str reduction, ScalarType dtype, "
+        "int world_size, bool validate) -> (Tensor loss, Tensor pair_counts, Tensor grad_scale)");
+  m.def("shard_loss_backward(Tensor grad, Tensor total, int num_attributes, str form, int bins, str reduction, "
+        "ScalarType dtype) -> Tensor");
   // The whole loss of sections 1-3 in one op (one dispatch and one autograd node per step):
   // loss; counts, minority, active; anchors[B, A], partners[B, A, 2K]; pair_counts[A, 4] (anchors,
   // positive pairs, negative pairs, triplets); and for the backward: distances[B, A, 2K], sums[A, 2]
