@@ -170,13 +170,13 @@ def check_tensor(name: str, value, floating: bool) -> Tensor:
     return value
 
 
-def _normalise_labels(labels) -> Tensor:
+def _normalise_labels(labels, empty_ok: bool = False) -> Tensor:
     labels = check_tensor("labels", labels, floating=False)
     if labels.dim() == 1:
         labels = labels[:, None]
     elif labels.dim() != 2:
         raise ValueError(f"labels must have shape [B, A] or [B], got {_shape(labels)}")
-    if labels.shape[0] < 1:
+    if labels.shape[0] < 1 and not empty_ok:
         raise ValueError("labels must hold at least one sample (B >= 1)")
     if labels.shape[1] < 1:
         raise ValueError("labels must have at least one attribute (A >= 1), got shape " + _shape(labels))
@@ -256,13 +256,14 @@ def _normalise_features(features, batch_size: int, num_attributes: int) -> Tenso
     return features
 
 
-def normalise(features, logits: LogitsLike, labels, with_features: bool = True) -> Batch:
+def normalise(features, logits: LogitsLike, labels, with_features: bool = True, empty_ok: bool = False) -> Batch:
     """Checks shapes, dtypes and devices, and normalises. with_features=False: the cross-entropy
-    alone, without features (`features` must be None).
+    alone, without features (`features` must be None). empty_ok: a batch of no sample is accepted
+    (distributed=True: a rank's share of the global batch may be empty).
 
     The value checks (label ranges, finite values) happen inside the ops (validate=True)."""
     labels_1d = isinstance(labels, Tensor) and labels.dim() == 1
-    labels = _normalise_labels(labels)
+    labels = _normalise_labels(labels, empty_ok)
     batch_size, num_attributes = labels.shape
     if with_features:
         features = _normalise_features(features, batch_size, num_attributes)

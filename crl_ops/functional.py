@@ -256,7 +256,7 @@ def class_rectification_loss(features: Tensor, logits: LogitsLike, labels: Tenso
                              return_stats: bool = False):
     options = Options.checked(mode, form, k, apc_margin, bins, threshold, normalize, reduction, distance, backend,
                               validate, distributed, batch_sizes)
-    loss, stats = _crl(options, check_margin(margin), normalise(features, logits, labels))
+    loss, stats = _crl(options, check_margin(margin), normalise(features, logits, labels, empty_ok=distributed))
     return (loss, stats) if check_bool("return_stats", return_stats) else loss
 
 
