@@ -12,23 +12,29 @@ into it (crl_ops version, sources, torch build, compiler, flags, CUDA architectu
   kernels and the autograd registration;
 - "cuda": csrc/cuda/*.cpp and *.cu: only CUDA registrations, loaded on top of the schemas of
   either the "cpu" library or the prebuilt crl_ops._C.
-The compiler is driven directly (one process per translation unit, then a link), so neither
-ninja nor setuptools is needed. setup.py loads this file by path for the same source lists and
+The compiler is driven directly (one process per translation unit, then a link, none outliving
+this process: CompilerProcesses), so neither ninja nor setuptools is needed. A failed compile is
+remembered in its cache folder when the sources failed, not when the machine did (killed, out of
+disk or memory): remembered_failure. setup.py loads this file by path for the same source lists and
 flags, so it imports nothing from crl_ops at module level.
 """
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import functools
 import glob
 import hashlib
 import importlib
 import importlib.util
+import json
 import logging
 import math
 import os
 import re
 import shlex
 import shutil
+import signal
 import struct
 import subprocess
 import sys
@@ -59,7 +65,7 @@ LOCK_TIMEOUT_S = 20 * 60  # CRL_OPS_LOCK_TIMEOUT overrides
 EXPECTED_DURATION = {"cpu": "about a minute", "cuda": "a few minutes per CUDA architecture"}
 BUILD_LOG = "build.log"
 DIGEST_SUFFIX = ".digest"  # beside a compiled library: its size and BLAKE2b digest, written when its build ends
-FAILED_MARK = "failed"  # a failed compile is not retried on every use; `python -m crl_ops.build` retries
+FAILED_MARK = "failed"  # a compile that failed on its sources is not retried on every use (remembered_failure)
 
 
 def core_sources(source_dir: str | os.PathLike = SOURCE_DIR) -> list[str]:
@@ -259,12 +265,192 @@ def _check_nvcc_version(nvcc: str) -> None:
         raise BuildError(f"nvcc {nvcc} is CUDA {found.group(1)}.{found.group(2)} but torch is built with CUDA {torch.version.cuda}")
 
 
-def _run(argv: list[str]) -> tuple[list[str], int, str]:
+# ---- the compiler processes: none outlives the process that started it -----------------------------
+
+# Each compiler runs under this sh guard, the leader of a process group of its own that holds the
+# compiler and what the compiler starts (cc1plus, as, cicc, ptxas): a driver killed alone would
+# leave those running. On SIGTERM, which Linux sends it when the thread that started it dies
+# (PR_SET_PDEATHSIG; a process killed by SIGKILL too), it kills the whole group. Its exit status is
+# the compiler's, 128 + N for a compiler killed by signal N.
+COMPILER_GUARD = 'trap "kill -KILL 0" TERM; "$@" & wait $!'
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+@functools.lru_cache(maxsize=None)
+def _prctl():
+    """libc's prctl on Linux, else None."""
+    if not sys.platform.startswith("linux"):
+        return None
     try:
-        result = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    except OSError as error:
-        return argv, 127, str(error)
-    return argv, result.returncode, result.stdout
+        return ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+
+
+def _die_with_parent():
+    """A preexec_fn that has the kernel send SIGTERM to the child when the thread that started it
+    dies (Linux); None elsewhere, where only an exception in this process stops its compilers."""
+    prctl = _prctl()
+    if prctl is None:
+        return None
+    parent = os.getpid()
+
+    def preexec():
+        prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        if os.getppid() != parent:  # the parent died before the line above: no signal would come
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return preexec
+
+
+class CompilerProcesses:
+    """Runs the compiler processes of one build, from any number of threads. Leaving its `with`
+    block by an exception (KeyboardInterrupt included) kills the processes still running, with what
+    they started, and starts no more, so that the exception does not wait for their compiles."""
+
+    def __init__(self, environment: dict | None = None):
+        self.environment = environment
+        self._lock = threading.Lock()
+        self._running: set[subprocess.Popen] = set()
+        self._stopped = False
+
+    def __enter__(self) -> "CompilerProcesses":
+        return self
+
+    def __exit__(self, kind, error, traceback) -> None:
+        if kind is not None:
+            self.stop()
+
+    def run(self, argv: list[str]) -> tuple[list[str], int, str]:
+        """argv's exit status and output (stderr included); status 127 when it cannot start."""
+        with self._lock:  # so that stop() sees every process started
+            if self._stopped:
+                return argv, 128 + signal.SIGKILL, "not started: the build was interrupted"
+            try:
+                process = subprocess.Popen(
+                    ["/bin/sh", "-c", COMPILER_GUARD, "sh", *argv], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                    text=True, errors="replace", env=self.environment, start_new_session=True,
+                    preexec_fn=_die_with_parent(),
+                )
+            except OSError as error:
+                return argv, 127, str(error)
+            self._running.add(process)
+        try:
+            output, _ = process.communicate()
+        finally:
+            with self._lock:
+                self._running.discard(process)
+        return argv, process.returncode, output
+
+    def stop(self) -> None:
+        """Kills the running processes' groups and waits (a few seconds at most) for them to end."""
+        with self._lock:
+            self._stopped = True
+            running = [process for process in self._running if process.returncode is None]
+            for process in running:
+                with contextlib.suppress(OSError):
+                    os.killpg(process.pid, signal.SIGKILL)
+        for process in running:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                process.wait(5)
+
+
+def _run(argv: list[str]) -> tuple[list[str], int, str]:
+    """One compiler process outside a build (tests/cuda_emulation.py): exit status and output."""
+    with CompilerProcesses() as processes:
+        return processes.run(argv)
+
+
+# ---- failed compiles: remembered when the sources failed, not when the machine did ----------------
+
+# Compiler output that tells of the machine, not of the sources: a full disk or quota, exhausted
+# memory (gcc's "Killed signal terminated program cc1plus" is the OOM killer's work), a compiler
+# stage killed by a signal (nvcc's "died due to signal", clang's "failed due to signal").
+MACHINE_FAILURES = re.compile(
+    r"No space left on device|Disk quota exceeded|Cannot allocate memory|out of memory allocating|"
+    r"virtual memory exhausted|Killed signal terminated program|internal compiler error: Killed|due to signal|"
+    r"Resource temporarily unavailable",
+    re.IGNORECASE,
+)
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
+
+
+def _killed_by(returncode: int) -> int | None:
+    """The signal that killed a compiler: the guard reports it as 128 + N (a wrapper script too)."""
+    if returncode < 0:
+        return -returncode
+    return returncode - 128 if returncode - 128 in signal.valid_signals() else None
+
+
+def machine_failure(returncode: int, output: str) -> str | None:
+    """Why a failed command says nothing about the sources, so that the same compile may well
+    succeed later (it was killed, could not start, or ran out of disk or memory); None when the
+    compiler ran to its end and reported an error."""
+    killed = _killed_by(returncode)
+    if killed is not None:
+        return f"killed by {_signal_name(killed)}"
+    if returncode in (126, 127):
+        return "the compiler could not be started"
+    found = MACHINE_FAILURES.search(output)
+    return f"'{found.group(0)}'" if found else None
+
+
+class CompileFailed(BuildError):
+    """A compile that ran and failed. `machine_failure` says why it is not remembered (a killed
+    compiler, a full disk, ...), or is None for a failure of the sources, which is."""
+
+    def __init__(self, message: str, machine_failure: str | None):
+        super().__init__(message)
+        self.machine_failure = machine_failure
+
+
+def _compile_failed(lib: Library, failed: list[tuple[list[str], int, str]], log_path: Path) -> CompileFailed:
+    """The error of a compile whose commands `failed`: what the first said, and whether the machine
+    failed (any command's failure from the machine makes the whole compile's unreliable)."""
+    argv, returncode, output = failed[0]
+    killed = _killed_by(returncode)
+    said = f"was killed by {_signal_name(killed)}" if killed is not None else f"said: {_first_error(output)}"
+    message = f"compiling the native {lib.kind} kernels failed: `{Path(argv[0]).name}` {said} (full log: {log_path})"
+    why = next(filter(None, (machine_failure(rc, out) for _, rc, out in failed)), None)
+    if why is not None:
+        message += f"; not remembered, as the machine failed ({why}), not the sources: a new process compiles again"
+    return CompileFailed(message, why)
+
+
+def compiler_identity(lib: Library) -> list:
+    """The compilers' paths, sizes and modification times. The cache folder's name holds their
+    paths only: a compiler upgraded in place makes a remembered failure stale."""
+    identity = []
+    for path in filter(None, (lib.cxx, lib.nvcc)):
+        try:
+            stat = os.stat(path)
+            identity.append([path, stat.st_size, stat.st_mtime_ns])
+        except OSError:
+            identity.append([path, None, None])
+    return identity
+
+
+def remember_failure(mark: Path, lib: Library, reason: str) -> None:
+    with contextlib.suppress(OSError):  # a mark that cannot be written (a full disk) is just not there
+        mark.write_text(json.dumps({"reason": reason, "compilers": compiler_identity(lib)}))
+
+
+def remembered_failure(mark: Path, lib: Library) -> str | None:
+    """The reason of an earlier compile of these sources that failed on them, or None: no mark, a
+    mark made with compilers that have changed since, or one from an older crl-ops (its reason
+    only: it may have come from a killed compile)."""
+    try:
+        recorded = json.loads(mark.read_text())
+        reason, compilers = recorded["reason"], recorded["compilers"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return reason if compilers == compiler_identity(lib) else None
 
 
 def _first_error(output: str) -> str:
@@ -289,22 +475,23 @@ def compile_library(lib: Library, directory: Path) -> float:
         else:
             commands.append([lib.cxx, "-c", source, "-o", obj, *lib.cxx_flags, *include])
     objects = [argv[argv.index("-o") + 1] for argv in commands]
+    link = [lib.cxx, "-shared", "-o", str(target), *objects, *lib.link_flags, *_link_libraries(lib.part)]
     jobs = max_jobs()
+    # The compilers' temporary files go in the build folder, removed below or by the next compile.
+    environment = dict(os.environ, TMPDIR=str(build))
     try:
         with open(log_path, "w") as log:
-            with ThreadPoolExecutor(max(1, min(jobs, len(commands)))) as pool:
-                results = list(pool.map(_run, commands))
-            if all(rc == 0 for _, rc, _ in results):
-                results.append(_run([lib.cxx, "-shared", "-o", str(target), *objects, *lib.link_flags, *_link_libraries(lib.part)]))
+            # The processes' block is left first: an exception kills the compilers, then the pool ends.
+            with ThreadPoolExecutor(max(1, min(jobs, len(commands)))) as pool, \
+                    CompilerProcesses(environment) as processes:
+                results = list(pool.map(processes.run, commands))
+                if all(rc == 0 for _, rc, _ in results):
+                    results.append(processes.run(link))
             for argv, rc, output in results:
                 log.write(f"$ {shlex.join(argv)}\n{output}{'' if rc == 0 else f'[exit status {rc}]'}\n")
-        failed = [(argv, output) for argv, rc, output in results if rc != 0]
+        failed = [result for result in results if result[1] != 0]
         if failed:
-            argv, output = failed[0]
-            raise BuildError(
-                f"compiling the native {lib.kind} kernels failed: `{Path(argv[0]).name}` said: {_first_error(output)} "
-                f"(full log: {log_path})"
-            )
+            raise _compile_failed(lib, failed, log_path)
         # The digest goes in place first: a library with no digest, or another one, is never loaded.
         digest = build / f"{target.name}{DIGEST_SUFFIX}"
         digest.write_text(_fingerprint(target))
@@ -474,8 +661,10 @@ def _compile_once(lib: Library, directory: Path, path: Path, retry: bool) -> flo
             logger.warning("crl_ops: not loading %s: %s; compiling it again", path, why)
             path.unlink()
         failed = directory / FAILED_MARK
-        if failed.exists() and not retry:
-            raise BuildError(f"{failed.read_text().strip()}; to try again, delete {directory} or run `python -m crl_ops.build`")
+        remembered = remembered_failure(failed, lib)
+        if remembered is not None and not retry:
+            raise BuildError(f"{remembered}; to try again, delete {directory} or run `python -m crl_ops.build`")
+        failed.unlink(missing_ok=True)  # this compile's outcome replaces it
         for stale in directory.glob("tmp-build-*"):  # left by a killed compile; none is running (the lock)
             shutil.rmtree(stale, ignore_errors=True)
         if lib.nvcc:
@@ -486,10 +675,10 @@ def _compile_once(lib: Library, directory: Path, path: Path, retry: bool) -> flo
         )
         try:
             seconds = compile_library(lib, directory)
-        except BuildError as error:
-            failed.write_text(str(error))
+        except CompileFailed as error:
+            if error.machine_failure is None:
+                remember_failure(failed, lib, str(error))
             raise
-        failed.unlink(missing_ok=True)
         logger.warning("crl_ops: compiled the native %s kernels in %.0f s", lib.kind, seconds)
         return seconds
 

@@ -114,11 +114,31 @@ def _register_fake_kernels() -> None:
         return torch.empty_like(distances), margins.new_empty(margins.shape if margins_grad else (0,))
 
     @torch.library.register_fake("crl_ops::shard_mine")
-    def _(vectors, logits, labels, num_classes, mode, k, threshold, first_anchor, num_anchors, validate):
+    def _(vectors, logits, labels, num_classes, mode, k, threshold, first_anchor, num_anchors, partner_rows,
+          validate):
         shape = (labels.shape[1], logits.shape[2] if logits.dim() == 3 else 2)
         return (labels.new_empty(shape), labels.new_empty(shape, dtype=torch.bool),
                 labels.new_empty(shape, dtype=torch.bool), *mined(labels, k, num_anchors),
-                labels.new_empty((2,), dtype=torch.bool))
+                labels.new_empty((2,), dtype=torch.bool), labels.new_empty((*shape, 2 * k) if partner_rows else (0,)))
+
+    @torch.library.register_fake("crl_ops::shard_table")
+    def _(vectors, lists, first_anchor):
+        return vectors.new_empty((lists.shape[1] * lists.shape[2], lists.shape[0], vectors.shape[2]))
+
+    @torch.library.register_fake("crl_ops::shard_table_backward")
+    def _(grad_table, grad_rows, lists, first_anchor, grad_scale):
+        return torch.empty_like(grad_rows, memory_format=torch.contiguous_format)
+
+    @torch.library.register_fake("crl_ops::table_distances")
+    def _(vectors, table, partners):
+        acc = accumulation_dtype(vectors.dtype)
+        return (vectors.new_empty(partners.shape, dtype=acc), vectors.new_empty((), dtype=torch.bool),
+                vectors.new_empty((partners.shape[1],), dtype=acc))
+
+    @torch.library.register_fake("crl_ops::table_distances_backward")
+    def _(grad, vectors, table, partners, distances):
+        return (vectors.new_empty((vectors.shape[0], 1 if vectors.shape[1] == 1 else table.shape[1], vectors.shape[2])),
+                torch.empty_like(table, memory_format=torch.contiguous_format))
 
     def partial_size(num_attributes, form, bins):
         return 2 * num_attributes * (bins if form == "distribution" else 1) + 4 * num_attributes + 3
@@ -206,9 +226,27 @@ def crl_loss(features: Tensor, logits: Tensor, labels: Tensor, num_classes: Tens
 
 
 def shard_mine(vectors: Optional[Tensor], logits: Tensor, labels: Tensor, num_classes: Tensor, mode: str, k: int,
-               threshold: float, first_anchor: int, num_anchors: int, validate: bool):
+               threshold: float, first_anchor: int, num_anchors: int, partner_rows: bool, validate: bool):
     return torch.ops.crl_ops.shard_mine.default(None if vectors is None else vectors.detach(), logits.detach(), labels,
-                                                num_classes, mode, k, threshold, first_anchor, num_anchors, validate)
+                                                num_classes, mode, k, threshold, first_anchor, num_anchors,
+                                                partner_rows, validate)
+
+
+def shard_table(vectors: Tensor, lists: Tensor, first_anchor: int) -> Tensor:
+    return torch.ops.crl_ops.shard_table.default(vectors, lists, first_anchor)
+
+
+def shard_table_backward(grad_table: Tensor, grad_rows: Tensor, lists: Tensor, first_anchor: int,
+                         grad_scale: Tensor) -> Tensor:
+    return torch.ops.crl_ops.shard_table_backward.default(grad_table, grad_rows, lists, first_anchor, grad_scale)
+
+
+def table_distances(vectors: Tensor, table: Tensor, partners: Tensor):
+    return torch.ops.crl_ops.table_distances.default(vectors, table, partners)
+
+
+def table_distances_backward(grad: Tensor, vectors: Tensor, table: Tensor, partners: Tensor, distances: Tensor):
+    return torch.ops.crl_ops.table_distances_backward.default(grad, vectors, table, partners, distances)
 
 
 def shard_sums(d: Tensor, partners: Tensor, anchors: Tensor, margins: Tensor, longest: Optional[Tensor],

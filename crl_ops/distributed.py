@@ -213,6 +213,16 @@ def _gather_rows(sizes: tuple, parts: list) -> list:
 _TOKENS: dict = {}  # dtype -> a 0-dim tensor whose views carry grad_scale back (see _GatherRows)
 
 
+def _token(dtype: torch.dtype) -> Tensor:
+    """A view of a constant 0-dim tensor, an output of the autograd functions below whose gradient is
+    shard_loss's grad_scale (passed by _WithGradScale): how the factor of the gradient convention,
+    known only after the all-reduce, reaches the backward that returns the ranks' gradients."""
+    token = _TOKENS.get(dtype)
+    if token is None:
+        token = _TOKENS[dtype] = torch.zeros((), dtype=dtype)
+    return token.view_as(token)
+
+
 class _GatherRows(torch.autograd.Function):
     """The rows of all ranks, in one all-gather: CRL's vectors, then the tensors that only steer the
     mining (`steering`: (tensor, fill) pairs; no gradient), and a token. Backward: the vectors'
@@ -225,10 +235,7 @@ class _GatherRows(torch.autograd.Function):
         gathered = _gather_rows(sizes, [(vectors, 0)] + [(t.detach(), fill) for t, fill in steering])
         ctx.mark_non_differentiable(*gathered[1:])
         ctx.set_materialize_grads(False)  # the steering tensors take no zero-filled gradients
-        token = _TOKENS.get(token_dtype)
-        if token is None:
-            token = _TOKENS[token_dtype] = torch.zeros((), dtype=token_dtype)
-        return (*gathered, token.view_as(token))
+        return (*gathered, _token(token_dtype))
 
     @staticmethod
     def backward(ctx, grad: Tensor, *rest):
@@ -239,6 +246,35 @@ class _GatherRows(torch.autograd.Function):
             rows = _concatenated_rows(ctx.sizes, grad.device)
             grad = grad.new_zeros((len(ctx.sizes) * max(ctx.sizes), *grad.shape[1:])).index_copy_(0, rows, grad)
         return None, _reduce_scatter(grad)[: ctx.own] * grad_scale, None, None
+
+
+class _PartnerDistances(torch.autograd.Function):
+    """Class mode: the distances of this rank's anchors to their partners, whose vectors come from
+    their owners: each rank fills its entries of the partner table (backend.shard_table), one
+    all-reduce (sum) completes it, backend.table_distances measures. Backward: the table's gradient
+    is all-reduced (every rank's anchors use it) and each owner adds its entries' to its anchors'
+    gradient, times the token's gradient, grad_scale (backend.shard_table_backward)."""
+
+    @staticmethod
+    def forward(ctx, vectors: Tensor, partners: Tensor, lists: Tensor, first: int, backend, token_dtype):
+        vectors = vectors.detach()
+        table = _all_reduce(backend.shard_table(vectors, lists, first), "sum", in_place=True)
+        d, overflow, longest = backend.table_distances(vectors, table, partners)
+        ctx.save_for_backward(vectors, table, partners, lists, d)
+        ctx.first, ctx.backend = first, backend
+        ctx.mark_non_differentiable(overflow, longest)
+        ctx.set_materialize_grads(False)
+        return d, overflow, longest, _token(token_dtype)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor, _overflow, _longest, grad_scale: Tensor):
+        if grad is None:
+            return None, None, None, None, None, None
+        vectors, table, partners, lists, d = ctx.saved_tensors
+        grad_rows, grad_table = ctx.backend.table_distances_backward(grad, vectors, table, partners, d)
+        grad_table = _all_reduce(grad_table, "sum", in_place=True)
+        return (ctx.backend.shard_table_backward(grad_table, grad_rows, lists, ctx.first, grad_scale),
+                None, None, None, None, None)
 
 
 class _WithGradScale(torch.autograd.Function):
@@ -306,16 +342,32 @@ def class_rectification_loss(options, margin, batch: Batch):
     num_attributes = batch.labels.shape[1]
     accumulation = accumulation_dtype(vectors.dtype)
 
-    steering = ((batch.labels, -1),) if score_space else ((batch.labels, -1), (batch.logits, 0))
-    gathered, labels, *logits, token = _GatherRows.apply(sizes, vectors[:, :1] if shared else vectors, steering,
-                                                          accumulation)
-    logits = gathered.detach() if score_space else logits[0]
+    backend = _backends.resolve(options.backend, batch.labels.device)
+    # Class mode needs its anchors' partners only: their rows travel in a table [Cmax 2K, A, D],
+    # where that is smaller than the gathered vectors [N, Ax, D] (docs/scaling.md).
+    table_vectors = batch.max_classes * 2 * options.k * num_attributes
+    gathered_vectors = sum(sizes) * (1 if shared else num_attributes)
+    partner_rows = options.mode == "class" and not score_space and table_vectors < gathered_vectors
+    steering = [(batch.labels, -1)] + ([] if score_space else [(batch.logits.detach(), 0)])
+    if partner_rows:  # labels and logits only
+        labels, logits = _gather_rows(sizes, steering)
+    else:
+        gathered, labels, *logits, token = _GatherRows.apply(sizes, vectors[:, :1] if shared else vectors,
+                                                              tuple(steering), accumulation)
+        logits = gathered.detach() if score_space else logits[0]
 
-    backend = _backends.resolve(options.backend, labels.device)
-    counts, minority, active, anchors, partners, checks = backend.shard_mine(
-        None if score_space else (gathered.expand(-1, num_attributes, -1) if shared else gathered), logits, labels,
-        num_classes, options.mode, options.k, options.threshold, first, own, options.validate)
-    if score_space:  # the distances are torch operations on the scores of the whole batch
+    if options.mode == "instance":  # mined against the gathered vectors
+        mined_vectors = gathered.expand(-1, num_attributes, -1) if shared else gathered
+    else:  # this rank's own rows, checked
+        mined_vectors = None if score_space else vectors
+    counts, minority, active, anchors, partners, checks, lists = backend.shard_mine(
+        mined_vectors, logits, labels, num_classes, options.mode, options.k, options.threshold, first, own,
+        partner_rows, options.validate)
+    longest = None
+    if partner_rows:
+        d, overflow, longest, token = _PartnerDistances.apply(vectors[:, :1] if shared else vectors, partners, lists,
+                                                              first, backend, accumulation)
+    elif score_space:  # the distances are torch operations on the scores of the whole batch
         features_finite = torch.isfinite(batch.features).all()
         checks = torch.stack([checks[0], checks[1] | ~features_finite])
         total_rows = labels.shape[0]
@@ -326,10 +378,10 @@ def class_rectification_loss(options, margin, batch: Batch):
         overflow = torch.zeros((), dtype=torch.bool, device=d.device)
     else:
         d, overflow = backend.pair_distances(gathered, partners, first)
-    longest = None
     if options.form == "distribution":  # every rank's histograms on the same nodes: the global longest distance
-        longest = _all_reduce(d.detach().amax(dim=(0, 2)) if own else d.new_zeros(num_attributes), "max",
-                              in_place=True)
+        if longest is None:
+            longest = d.detach().amax(dim=(0, 2)) if own else d.new_zeros(num_attributes)
+        longest = _all_reduce(longest, "max", in_place=True)
     margins = margins_tensor(margin, batch.num_classes, d.dtype, d.device)
     if margins.requires_grad:
         margins = _Replicated.apply(margins)

@@ -9,6 +9,15 @@ from ._inputs import LogitsLike, MarginLike, check_bool, check_float, check_marg
 from .functional import INPUTS_DOC, OPTIONS_DOC, RAISES_DOC, BatchStats, Options, _crl, _cross_entropy
 
 
+# What a module does with a tensor margin, said under `margin` in its Args.
+MODULE_OPTIONS_DOC = OPTIONS_DOC.replace(
+    "or a float tensor [A] or [] (which may require grad).",
+    "or a float tensor [A] or [] (which may require grad).\n"
+    "        A module keeps a tensor margin as a buffer (an nn.Parameter one as a parameter): `.to()`,\n"
+    "        `.cuda()` and `.double()` move and convert it with the module, and `state_dict` saves it.",
+)
+
+
 class CRL(nn.Module):
     def __init__(self, mode: str = "instance", form: str = "relative", *, k: int = 5, margin: MarginLike = None,
                  apc_margin: float = 1.0, bins: int = 100, threshold: float = 0.5, normalize: bool = False,
@@ -17,9 +26,27 @@ class CRL(nn.Module):
         super().__init__()
         self.options = Options.checked(mode, form, k, apc_margin, bins, threshold, normalize, reduction, distance,
                                        backend, validate, distributed, batch_sizes)
-        self.margin = check_margin(margin)  # an nn.Parameter margin becomes this module's parameter
+        margin = check_margin(margin)
+        if isinstance(margin, Tensor) and not isinstance(margin, nn.Parameter):
+            # a buffer: it moves and converts with the module (.to(), .cuda(), .double()) and is saved
+            # in state_dict; an nn.Parameter margin is a parameter, floats stay plain attributes
+            self.register_buffer("margin", margin)
+        else:
+            self.margin = margin
         self.track_stats = check_bool("track_stats", track_stats)
         self.last_stats: Optional[BatchStats] = None
+
+    # 2: a tensor margin that is not an nn.Parameter is a buffer, saved in state_dict
+    _version = 2
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        key = prefix + "margin"
+        if (local_metadata.get("version") or 1) < 2 and "margin" in self._buffers and key not in state_dict:
+            # a checkpoint saved before margins were: the margin given to the constructor stays
+            state_dict[key] = self._buffers["margin"]
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
 
     def extra_repr(self) -> str:
         defaults = Options()
@@ -32,7 +59,8 @@ class CRL(nn.Module):
                         "formats); use torch.compile or torch.jit.trace")
 
     def forward(self, features: Tensor, logits: LogitsLike, labels: Tensor) -> Tensor:
-        loss, stats = _crl(self.options, self.margin, normalise(features, logits, labels))
+        loss, stats = _crl(self.options, self.margin, normalise(features, logits, labels,
+                                                                     empty_ok=self.options.distributed))
         if self.track_stats:
             self.last_stats = stats
         return loss
@@ -45,7 +73,7 @@ CRL.__doc__ = f"""Class Rectification Loss l_crl (Dong, Gong, Zhu, ICCV 2017): a
 (or use `BalancedLoss`). After each forward, `last_stats` describes what was mined (`BatchStats`).
 
 Args:
-{OPTIONS_DOC}
+{MODULE_OPTIONS_DOC}
     track_stats: keep the last batch's `BatchStats` in `last_stats` (tensors the loss op
         returned; under CUDA graphs they are graph outputs, which the next replay overwrites:
         read them before it, or pass False to keep nothing).
@@ -80,7 +108,7 @@ class BalancedLoss(nn.Module):
 
     def forward(self, features: Tensor, logits: LogitsLike, labels: Tensor) -> Tensor:
         crl = self.crl
-        batch = normalise(features, logits, labels)
+        batch = normalise(features, logits, labels, empty_ok=self.crl.options.distributed)
         loss, stats = _crl(crl.options, crl.margin, batch)  # first: its ops check the values
         if crl.track_stats:
             crl.last_stats = stats

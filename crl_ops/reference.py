@@ -480,21 +480,80 @@ def poison(loss: Tensor, features: Tensor, ok: Tensor) -> Tensor:
 
 
 def shard_mine(vectors: Optional[Tensor], logits: Tensor, labels: Tensor, num_classes: Tensor, mode: str, k: int,
-               threshold: float, first_anchor: int, num_anchors: int, validate: bool):
+               threshold: float, first_anchor: int, num_anchors: int, partner_rows: bool, validate: bool):
     """On the gathered batch: (counts, minority, active) of its profile (validate: a bad label
-    raises), the (anchors, partners) of the rows first_anchor..+num_anchors, and checks [2] bool:
-    whether those rows' logits, and their vectors (when given) or logits, are not finite."""
+    raises), the (anchors, partners) of the rows first_anchor..+num_anchors, checks [2] bool:
+    whether those rows' logits, and their vectors (when given) or logits, are not finite, and the
+    class lists (partner_rows, see the op's schema). vectors: instance mode, the gathered ones;
+    class mode, this rank's rows."""
     counts, minority, active = profile(labels, num_classes, logits.shape[-1] if logits.dim() == 3 else 2, threshold,
                                        validate)
     labels = check_labels(labels, num_classes, validate=False)
     rows = slice(first_anchor, first_anchor + num_anchors)
     logits_finite = _logits_finite(logits.detach()[rows], num_classes)
-    all_finite = logits_finite if vectors is None else logits_finite & torch.isfinite(vectors.detach()[rows]).all()
-    if mode == "class":
+    own_vectors = None if vectors is None else vectors.detach() if mode == "class" else vectors.detach()[rows]
+    all_finite = logits_finite if own_vectors is None else logits_finite & torch.isfinite(own_vectors).all()
+    lists = labels.new_empty(0)
+    if partner_rows:
+        lists = _class_lists(logits, labels, num_classes, active, k)[1]
+        anchors, partners = class_rows(lists, labels[rows], active, first_anchor)
+        slot = torch.arange(2 * k, device=labels.device)
+        partners = torch.where(partners >= 0, num_anchors + labels[rows].clamp_min(0)[..., None] * 2 * k + slot, -1)
+    elif mode == "class":
         anchors, partners = _mine_class(logits, labels, num_classes, active, k, rows)
     else:
         anchors, partners, _ = _mine_instance(vectors, logits, labels, num_classes, active, k, rows)
-    return counts, minority, active, anchors, partners, torch.stack([~logits_finite, ~all_finite])
+    return counts, minority, active, anchors, partners, torch.stack([~logits_finite, ~all_finite]), lists
+
+
+def _owned_entries(lists: Tensor, first_anchor: int, rows: int):
+    """(row of this rank, whether owned) of each table entry [Cmax 2K, A]."""
+    local = lists.permute(1, 2, 0).reshape(-1, lists.shape[0]) - first_anchor
+    owned = (local >= 0) & (local < rows)
+    column = torch.arange(lists.shape[0], device=lists.device).expand_as(local)
+    return torch.where(owned, local, 0), owned, column
+
+
+def shard_table(vectors: Tensor, lists: Tensor, first_anchor: int) -> Tensor:
+    """This rank's entries of the partner table [Cmax 2K, A, D]: table[c 2K + s, j] = the vector of
+    row lists[j, c, s] for attribute j where this rank holds that row (vectors [R, Ax, D] are rows
+    first_anchor..), 0 elsewhere."""
+    local, owned, column = _owned_entries(lists, first_anchor, vectors.shape[0])
+    if vectors.shape[0] == 0:
+        return vectors.new_zeros((*local.shape, vectors.shape[2]))
+    picked = vectors.expand(-1, lists.shape[0], -1)[local, column]
+    return torch.where(owned[..., None], picked, 0.0)
+
+
+def shard_table_backward(grad_table: Tensor, grad_rows: Tensor, lists: Tensor, first_anchor: int,
+                         grad_scale: Tensor) -> Tensor:
+    """grad_rows [R, Ax, D] plus the table's gradient at this rank's entries, times grad_scale."""
+    local, owned, column = _owned_entries(lists, first_anchor, grad_rows.shape[0])
+    if grad_rows.shape[1] == 1:
+        column = torch.zeros_like(column)
+    grad = grad_rows.clone().index_put_((local[owned], column[owned]), grad_table[owned].to(grad_rows.dtype),
+                                        accumulate=True)
+    return grad * grad_scale
+
+
+def _joined(vectors: Tensor, table: Tensor) -> Tensor:
+    return torch.cat([vectors.expand(-1, table.shape[1], -1), table])
+
+
+def table_distances(vectors: Tensor, table: Tensor, partners: Tensor):
+    """(distances, overflow) of pair_distances from the anchors vectors [R, Ax, D] to their partners,
+    rows of [vectors; table], and the longest distance of each attribute [A]."""
+    d, overflow = pair_distances(_joined(vectors, table), partners, 0)
+    longest = longest_distance(d, partners) if d.shape[0] else d.new_zeros(d.shape[1])
+    return d, overflow, longest
+
+
+def table_distances_backward(grad: Tensor, vectors: Tensor, table: Tensor, partners: Tensor, distances: Tensor):
+    """(d loss / d vectors, d loss / d table) for the distances' gradient `grad`."""
+    with torch.enable_grad():
+        leaves = vectors.detach().requires_grad_(), table.detach().requires_grad_()
+        d, _ = pair_distances(_joined(*leaves), partners, 0)
+        return torch.autograd.grad(d, leaves, grad)
 
 
 def _partial_sizes(num_attributes: int, form: str, bins: int) -> list:

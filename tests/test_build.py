@@ -3,14 +3,18 @@
 No test here runs a real compiler (fake ones stand in, and nothing compiled is loaded into this
 process, which has the schemas already): tools/check_install.sh compiles and runs the kernels
 from a plain `pip install` in a fresh environment."""
+import contextlib
 import dataclasses
+import errno
 import fcntl
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -212,6 +216,84 @@ def test_failed_compile_is_not_retried_on_every_use(cache, fake_compiler, unbuil
     assert len(fake_compiler.read_text().splitlines()) == 2 * calls
 
 
+def _failing_compiler(tmp_path, monkeypatch, failure: str) -> Path:
+    """CXX is a script that logs each call to calls.txt, then runs the shell line `failure`."""
+    calls = tmp_path / "calls.txt"
+    script = tmp_path / "failing-c++"
+    script.write_text(f'#!/bin/sh\necho "$@" >> {calls}\n{failure}\n')
+    script.chmod(0o755)
+    monkeypatch.setenv("CXX", str(script))
+    return calls
+
+
+MACHINE_FAILURES = {
+    "killed by a signal": "kill -KILL $$",
+    "a wrapper whose compiler was killed": "exit 143",
+    "a full disk": "echo 'fatal error: error writing to /tmp/ccQ.s: No space left on device'; exit 1",
+    "the OOM killer": "echo 'g++: fatal error: Killed signal terminated program cc1plus'; exit 1",
+    "a compiler that cannot start": "exit 126",
+}
+
+
+@pytest.mark.parametrize("failure", MACHINE_FAILURES.values(), ids=MACHINE_FAILURES.keys())
+def test_a_failure_of_the_machine_is_not_remembered(cache, unbuilt, tmp_path, monkeypatch, failure):
+    """A killed compiler, a full disk or exhausted memory says nothing about the sources: the next
+    process compiles again, with no folder to delete."""
+    calls = _failing_compiler(tmp_path, monkeypatch, failure)
+    reason = _build.ensure("cpu")
+    assert reason.startswith("compiling the native CPU kernels failed") and "full log:" in reason, reason
+    assert "not remembered, as the machine failed" in reason and "a new process compiles again" in reason
+    assert not list(cache.rglob(_build.FAILED_MARK))
+    first = len(calls.read_text().splitlines())
+    monkeypatch.setattr(_build, "_FAILURES", {})  # a new process
+    assert "to try again, delete" not in _build.ensure("cpu")
+    assert len(calls.read_text().splitlines()) == 2 * first
+
+
+def test_a_killed_compiler_is_named_with_its_signal(cache, unbuilt, tmp_path, monkeypatch):
+    _failing_compiler(tmp_path, monkeypatch, "kill -TERM $$")
+    assert "`failing-c++` was killed by SIGTERM (full log:" in _build.ensure("cpu")
+
+
+def _touch_compiler(mark, compiler):
+    mtime = compiler.stat().st_mtime_ns + 10**9
+    os.utime(compiler, ns=(mtime, mtime))
+
+
+STALE_MARKS = {
+    "the compiler changed since": _touch_compiler,
+    "a mark of an older crl-ops": lambda mark, compiler: mark.write_text("compiling the native CPU kernels failed: ..."),
+}
+
+
+@pytest.mark.parametrize("make_stale", STALE_MARKS.values(), ids=STALE_MARKS.keys())
+def test_a_stale_failure_mark_is_compiled_again(cache, fake_compiler, unbuilt, monkeypatch, make_stale):
+    """The cache folder's name holds the compiler's path, not its contents: a failure is remembered
+    with the compilers' sizes and times, and forgotten when one is upgraded in place. A mark in the
+    older plain-text form may come from a killed compile: it is compiled again once."""
+    _build.ensure("cpu")
+    mark = next(cache.rglob(_build.FAILED_MARK))
+    make_stale(mark, Path(os.environ["CXX"]))
+    monkeypatch.setattr(_build, "_FAILURES", {})  # a new process
+    again = _build.ensure("cpu")
+    assert again.startswith("compiling the native CPU kernels failed") and "to try again, delete" not in again
+    calls = len(fake_compiler.read_text().splitlines())
+    assert calls == 2 * len(_build.core_sources())
+    monkeypatch.setattr(_build, "_FAILURES", {})  # remembered again, with the compiler as it is now
+    assert "to try again, delete" in _build.ensure("cpu")
+    assert len(fake_compiler.read_text().splitlines()) == calls
+
+
+def test_a_full_disk_before_compiling_is_not_remembered(cache, fake_compiler, unbuilt, monkeypatch):
+    def no_space(**kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(_build.tempfile, "mkdtemp", no_space)
+    reason = _build.ensure("cpu")
+    assert reason.startswith("cannot compile into") and "No space left on device" in reason, reason
+    assert not list(cache.rglob(_build.FAILED_MARK))
+
+
 def test_missing_compiler_gives_a_reason(cache, unbuilt, monkeypatch):
     monkeypatch.setenv("CXX", "no-such-compiler-crl")
     assert _build.ensure("cpu") == "no C++ compiler: `no-such-compiler-crl` is not on PATH (install g++ or set CXX)"
@@ -361,6 +443,130 @@ def test_threaded_first_use_with_meta_tensors():
         process = subprocess.run([sys.executable, "-c", THREADED_FIRST_USE], capture_output=True, text=True,
                                  timeout=300)
         assert process.returncode == 0 and "ERRORS []" in process.stdout, process.stdout + process.stderr[-3000:]
+
+
+# ---- no compiler outlives the process that started it ---------------------------------------------
+
+
+@pytest.fixture
+def sleeping_compiler(tmp_path, monkeypatch):
+    """CXX starts a process that sleeps 60 s (as g++ starts cc1plus), writes its own pid and that
+    process's to pids.txt, and waits for it. Returns (pids.txt, the script)."""
+    pids = tmp_path / "pids.txt"
+    script = tmp_path / "sleeping-c++"
+    script.write_text(f'#!/bin/sh\nsleep 60 &\necho "$$ $!" >> {pids}\nwait\n')
+    script.chmod(0o755)
+    monkeypatch.setenv("CXX", str(script))
+    return pids, script
+
+
+def _alive(pid: int) -> bool:
+    """Whether the process runs: a zombie (dead, not yet reaped by its new parent) does not."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")
+
+
+def _started_compilers(pids_file: Path, count: int, timeout: float = 60) -> list[int]:
+    """The pids of the first `count` compilers and of the processes they started."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        lines = pids_file.read_text().splitlines() if pids_file.exists() else []
+        if len(lines) >= count:
+            return [int(pid) for line in lines for pid in line.split()]
+        time.sleep(0.05)
+    raise AssertionError(f"{count} compilers did not start within {timeout} s")
+
+
+def _still_alive_after(pids: list[int], seconds: float) -> list[int]:
+    deadline = time.monotonic() + seconds
+    while any(_alive(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return [pid for pid in pids if _alive(pid)]
+
+
+def _kill_leftovers(pids_file: Path) -> None:
+    """Ends what a failing test left running: only the processes its fake compilers recorded."""
+    for line in pids_file.read_text().splitlines() if pids_file.exists() else []:
+        for pid in map(int, line.split()):
+            if _alive(pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+
+
+BUILD_IN_A_CHILD = """
+import sys
+from pathlib import Path
+from crl_ops import _build
+_build.compile_library(_build.library("cpu"), Path(sys.argv[1]))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent-death signal is Linux's")
+@pytest.mark.parametrize("stop", ["SIGKILL", "KeyboardInterrupt"])
+def test_compilers_end_with_the_process_that_started_them(tmp_path, sleeping_compiler, monkeypatch, stop):
+    """A build killed by SIGKILL, or interrupted by Ctrl-C, leaves no compiler running, nor what
+    the compilers started; the interrupted one does not wait for them and removes its build folder."""
+    pids_file, _ = sleeping_compiler
+    monkeypatch.setenv("MAX_JOBS", "2")
+    directory = tmp_path / "cache-folder"
+    directory.mkdir()
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    builder = subprocess.Popen([sys.executable, "-c", BUILD_IN_A_CHILD, str(directory)], env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        pids = _started_compilers(pids_file, 2)
+        if stop == "SIGKILL":
+            builder.kill()
+            builder.wait(10)
+        else:
+            builder.send_signal(signal.SIGINT)
+            _, stderr = builder.communicate(timeout=10)
+            assert "KeyboardInterrupt" in stderr, stderr[-3000:]
+            assert not list(directory.glob("tmp-build-*"))
+        assert _still_alive_after(pids, 5) == []
+        assert len(pids_file.read_text().splitlines()) == 2, "no compile started after the stop"
+    finally:
+        if builder.poll() is None:
+            builder.kill()
+            builder.wait()
+        _kill_leftovers(pids_file)
+
+
+def test_an_exception_while_compiling_kills_the_compilers(sleeping_compiler):
+    pids_file, script = sleeping_compiler
+    start = time.monotonic()
+    try:
+        with pytest.raises(RuntimeError, match="stop here"):
+            with ThreadPoolExecutor(2) as pool, _build.CompilerProcesses() as processes:
+                runs = [pool.submit(processes.run, [str(script)]) for _ in range(3)]
+                pids = _started_compilers(pids_file, 2)
+                raise RuntimeError("stop here")
+        assert time.monotonic() - start < 10, "the exception waited for the compiles"
+        assert _still_alive_after(pids, 5) == []
+        argv, status, output = runs[2].result()
+        assert status != 0 and output == "not started: the build was interrupted"
+    finally:
+        _kill_leftovers(pids_file)
+
+
+def test_the_compilers_temporary_files_go_in_the_build_folder(cache, tmp_path, monkeypatch):
+    """What a killed compiler leaves (gcc's /tmp/cc*.s) is removed with the build folder."""
+    folders = tmp_path / "tmpdirs.txt"
+    script = tmp_path / "tmpdir-c++"
+    script.write_text(f'#!/bin/sh\necho "$TMPDIR" >> {folders}\nexit 1\n')
+    script.chmod(0o755)
+    monkeypatch.setenv("CXX", str(script))
+    lib = _build.library("cpu")
+    directory = cache / "crl_ops" / f"cpu-{lib.key()}"
+    directory.mkdir(parents=True)
+    with pytest.raises(BuildError):
+        _build.compile_library(lib, directory)
+    used = set(folders.read_text().split())
+    assert len(used) == 1 and Path(used.pop()).parent == directory
+    assert not list(directory.glob("tmp-build-*"))
 
 
 # ---- what is loaded is what was built ------------------------------------------------------------

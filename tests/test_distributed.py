@@ -269,6 +269,17 @@ def _rank_results(world_size, rank):
                                                                 distributed=True, batch_sizes="equal")
             results[f"equal/{mode}/{form}/{backend}"] = _run_loss(
                 equal, _balanced_problem(world_size, mode, form, EQUAL_ROWS_PER_RANK), equal_rows)
+        for form in FORMS:  # class mode with k=1: the partner table is smaller than the gathered vectors
+            partner = crl_ops.BalancedLoss(mode="class", form=form, k=1, bins=7, backend=backend, distributed=True)
+            results[f"partner rows/{form}/{backend}"] = _run_loss(partner, _balanced_problem(world_size, "class", form),
+                                                                  rows)
+            shared = crl_ops.CRL(mode="class", form=form, k=1, bins=7, backend=backend, distributed=True)
+            results[f"partner rows/shared/{form}/{backend}"] = _run_loss(shared, _shared_feature_problem(world_size),
+                                                                         rows)
+            equal = crl_ops.CRL(mode="class", form=form, k=1, bins=7, backend=backend, distributed=True,
+                                batch_sizes="equal")
+            results[f"partner rows/equal/{form}/{backend}"] = _run_loss(
+                equal, _balanced_problem(world_size, "class", form, EQUAL_ROWS_PER_RANK), equal_rows)
         for mode in MODES:  # CRL alone, with the other input formats
             problem = _shared_feature_problem(world_size)
             crl = crl_ops.CRL(mode=mode, k=3, backend=backend, distributed=True)
@@ -280,17 +291,19 @@ def _rank_results(world_size, rank):
 
         x, labels = _ddp_problem(world_size)
         for mode, form in VARIANTS:
-            torch.manual_seed(0)
-            model = nn.parallel.DistributedDataParallel(Heads().double())
-            loss_fn = crl_ops.BalancedLoss(mode=mode, form=form, k=3, backend=backend, distributed=True)
-            results[f"ddp/{mode}/{form}/{backend}"] = _train_step_grads(model, loss_fn, x[rows], labels[rows])
+            for k in (3, 1) if mode == "class" else (3,):  # class mode k=1: partner rows
+                torch.manual_seed(0)
+                model = nn.parallel.DistributedDataParallel(Heads().double())
+                loss_fn = crl_ops.BalancedLoss(mode=mode, form=form, k=k, backend=backend, distributed=True)
+                results[f"ddp/{mode}/{form}/{k}/{backend}"] = _train_step_grads(model, loss_fn, x[rows], labels[rows])
 
     backend = _available_backends()[-1]
     for mode, form in VARIANTS:  # logits [B, A, C]: no list to stack
         problem = _problem(world_size, seed=20, logit_format="tensor3d", num_classes=(3, 3, 3),
                            rows_per_rank=EQUAL_ROWS_PER_RANK)
-        for batch_sizes in ("gathered", "equal"):
-            loss_fn = crl_ops.CRL(mode=mode, form=form, k=3, backend=backend, distributed=True, batch_sizes=batch_sizes)
+        for batch_sizes in ("gathered", "equal"):  # class mode with k=1: partner rows
+            loss_fn = crl_ops.CRL(mode=mode, form=form, k=3 if mode == "instance" else 1, backend=backend,
+                                  distributed=True, batch_sizes=batch_sizes)
             results[f"ops/{batch_sizes}/{mode}-{form}"] = _ops_of_one_step(loss_fn, problem, equal_rows,
                                                                            _CountingTolist)
     for mode in MODES:
@@ -340,6 +353,7 @@ def _error_messages(world_size, rank):
             "nan": raised(crl(), with_nan if last else features, logits, labels),
             "nan logits": raised(crl(), features, nan_logits if last else logits, labels),
             "label": raised(crl(), features, logits, bad_label if last else labels),
+            "class nan": raised(crl(mode="class", k=1), with_nan if last else features, logits, labels),
             "equal/feature size": raised(crl(batch_sizes="equal"), wider if last else features, logits, labels),
             "equal/uneven sizes": raised(crl(batch_sizes="equal"), features, logits, labels),
             "logits format": raised(crl(), shared_features, two_column if last else binary_logits, binary_labels),
@@ -439,6 +453,23 @@ def test_declared_equal_batches_give_the_global_batch_loss(ranks, mode, form, ba
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("form", FORMS)
+def test_class_mode_exchanging_partner_rows_gives_the_global_batch_loss(ranks, form, backend):
+    world_size, per_rank = ranks
+    balanced = crl_ops.BalancedLoss(mode="class", form=form, k=1, bins=7, backend=backend)
+    single = _run_loss(balanced, _balanced_problem(world_size, "class", form))
+    assert single["stats"]["pair_counts"][:, 3].sum() > 0
+    _check_against_single_process(world_size, [r[f"partner rows/{form}/{backend}"] for r in per_rank], single)
+    single = _run_loss(crl_ops.CRL(mode="class", form=form, k=1, bins=7, backend=backend),
+                       _shared_feature_problem(world_size))
+    _check_against_single_process(world_size, [r[f"partner rows/shared/{form}/{backend}"] for r in per_rank], single)
+    single = _run_loss(crl_ops.CRL(mode="class", form=form, k=1, bins=7, backend=backend),
+                       _balanced_problem(world_size, "class", form, EQUAL_ROWS_PER_RANK))
+    _check_against_single_process(world_size, [r[f"partner rows/equal/{form}/{backend}"] for r in per_rank], single,
+                                  EQUAL_ROWS_PER_RANK)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("mode", MODES)
 def test_crl_with_shared_features_and_binary_logits(ranks, mode, backend):
     world_size, per_rank = ranks
@@ -467,14 +498,15 @@ def test_ranks_alone_would_get_other_losses(ranks):
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
-@pytest.mark.parametrize("mode, form", VARIANTS)
-def test_ddp_step_gives_single_process_gradients(ranks, mode, form, backend):
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("mode, k", [("instance", 3), ("class", 3), ("class", 1)])  # class k=1: partner rows
+def test_ddp_step_gives_single_process_gradients(ranks, mode, k, form, backend):
     world_size, per_rank = ranks
     x, labels = _ddp_problem(world_size)
     torch.manual_seed(0)
     model = Heads().double()
-    single = _train_step_grads(model, crl_ops.BalancedLoss(mode=mode, form=form, k=3, backend=backend), x, labels)
-    for result in (r[f"ddp/{mode}/{form}/{backend}"] for r in per_rank):
+    single = _train_step_grads(model, crl_ops.BalancedLoss(mode=mode, form=form, k=k, backend=backend), x, labels)
+    for result in (r[f"ddp/{mode}/{form}/{k}/{backend}"] for r in per_rank):
         torch.testing.assert_close(result["loss"], single["loss"], rtol=1e-12, atol=1e-12)
         assert result["grads"].keys() == {f"module.{name}" for name in single["grads"]}
         for name, grad in single["grads"].items():
@@ -487,7 +519,11 @@ def test_a_step_with_equal_batches_declared_has_no_host_synchronisation(ranks, m
     # The default validate=True. Forward: CRL vectors, labels and logits in one all-gather; the
     # sums, pair counts and value flags (and the histogram form's R) all-reduced. Backward: one
     # reduce-scatter of the vectors' gradient. The value checks read nothing on the host.
+    # Class mode (partner rows, k=1 here): labels and logits in the all-gather, the partner table
+    # all-reduced in the forward and its gradient in the backward, no reduce-scatter.
     equal = {"all-gather": 1, "all-reduce": 2 if form == "distribution" else 1, "reduce-scatter": 1}
+    if mode == "class":
+        equal = {"all-gather": 1, "all-reduce": equal["all-reduce"] + 2}
     gathered = {**equal, "all-gather": 2, "host read": 1}  # + the batch sizes, read on the host
     for result in per_rank:
         assert {k: v for k, v in result[f"ops/equal/{mode}-{form}"].items() if k != "compute"} == equal
@@ -499,11 +535,16 @@ def test_a_step_is_a_few_fused_ops(ranks, mode, form):
     _, per_rank = ranks
     if "native" not in _available_backends():
         pytest.skip("the native kernels are not built")
-    # The packing of the gathered rows, the three forward ops (and the histogram form's longest
-    # distance), shard_loss, their backward ops and the gradient's scale: at most 10.
-    forward = ["cat", "shard_mine", "pair_distances"] + (["amax"] if form == "distribution" else []) + [
-        "shard_sums", "shard_loss"]
-    backward = ["shard_loss_backward", "shard_sums_backward", "pair_distances_backward", "mul"]
+    # The packing of the gathered rows, the forward ops (and the histogram form's longest distance),
+    # shard_loss, their backward ops and (instance mode) the gradient's scale: at most 10.
+    if mode == "instance":
+        forward = ["cat", "shard_mine", "pair_distances"] + (["amax"] if form == "distribution" else [])
+        backward = ["pair_distances_backward", "mul"]
+    else:  # partner rows (k=1 here), the table's all-reduce among the collectives
+        forward = ["cat", "shard_mine", "shard_table", "table_distances"]
+        backward = ["table_distances_backward", "shard_table_backward"]
+    forward += ["shard_sums", "shard_loss"]
+    backward = ["shard_loss_backward", "shard_sums_backward"] + backward
     for result in per_rank:
         assert result[f"ops/equal/{mode}-{form}"]["compute"] == forward + backward
         assert len(forward + backward) <= 10
@@ -566,6 +607,7 @@ def test_bad_input_on_one_rank_raises_on_every_rank(ranks, backend):
         assert messages["label"] == _single_process_error(problem, bad_label)
         assert messages["nan logits"] == _single_process_error(problem, inf_logit)
         assert messages["nan"] == _single_process_error(problem, nan_feature)
+        assert messages["class nan"] == messages["nan"]
         assert messages["equal/uneven sizes"] == (f"batch_sizes='equal' but the ranks' batch sizes are {sizes}; pass "
                                                   "batch_sizes='gathered' where they may differ")
         assert messages["all empty"] == ("distributed=True: every rank's labels are empty; the global batch must "

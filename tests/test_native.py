@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import crl_ops
-from crl_ops import _native, distributed, reference
+from crl_ops import _native, reference
 
 from .checks import gradcheck_crl
 from .problems import FORMS, MODES, make_problem
@@ -243,6 +243,32 @@ def _op_samples(device):
         grad = torch.randn_like(ops.pair_sums(*args))
         samples.append((ops.pair_sums_backward.default, (grad, *[a.detach() if isinstance(a, torch.Tensor) else a
                                                                 for a in args], True)))
+    # crl_ops.distributed's steps
+    own = vectors[10:35]
+    samples += [(ops.shard_mine.default, (vectors.detach(), batch.logits, batch.labels, classes, "instance", 3, 0.5, 10,
+                                          25, False, True)),
+                (ops.shard_mine.default, (own.detach(), batch.logits, batch.labels, classes, "class", 3, 0.5, 10, 25,
+                                          True, True))]
+    anchors, partners, checks, lists = ops.shard_mine(own.detach(), batch.logits, batch.labels, classes, "class", 3,
+                                                      0.5, 10, 25, True, True)[3:]
+    table = ops.shard_table(own.detach(), lists, 10)
+    d, overflow, longest = ops.table_distances(own.detach(), table, partners)
+    scale = torch.tensor(2.0, dtype=torch.float64, device=device)
+    samples += [(ops.shard_table.default, (own.detach(), lists, 10)),
+                (ops.shard_table_backward.default, (torch.randn_like(table), torch.randn_like(own), lists, 10, scale)),
+                (ops.table_distances.default, (own.detach(), table, partners)),
+                (ops.table_distances_backward.default, (torch.randn_like(d), own.detach(), table, partners, d))]
+    for form in FORMS:
+        args = (d.detach().requires_grad_(), partners, anchors, margins, longest if form == "distribution" else None, overflow,
+                checks, form, 1.0, 10)
+        samples.append((ops.shard_sums.default, args))
+        partial = ops.shard_sums(*args)
+        samples.append((ops.shard_sums_backward.default, (torch.randn_like(partial), d.detach(), partners,
+                                                          margins.detach(), args[4], form, 1.0, 10, True)))
+        total = partial.detach().requires_grad_()
+        samples += [(ops.shard_loss.default, (total, 2, form, 10, "pooled", torch.float64, 2, True)),
+                    (ops.shard_loss_backward.default, (torch.ones((), dtype=torch.float64, device=device),
+                                                       total.detach(), 2, form, 10, "attribute", torch.float64))]
     return samples
 
 
@@ -322,7 +348,7 @@ def test_cpu_op_rejects_bad_indices_and_class_counts():
         ops.profile(torch.tensor([[0], [1]]), torch.tensor([3]), 2, 0.5, True)
 
 
-# ---- class lists (class mining of a rank's own rows under distributed=True) ---------------------------------
+# ---- class lists and the steps of distributed=True ---------------------------------------------------------
 
 
 def _class_problem(device, logit_format="list"):
@@ -354,23 +380,83 @@ def test_class_lists_give_the_rows_of_mine_class(device, backend, logit_format):
             assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
 
-@pytest.mark.parametrize("backend", [_native, reference], ids=["native", "reference"])
-def test_merged_class_lists_of_parts_are_the_lists_of_the_whole(device, backend):
-    """distributed=True, class mode: the lists of each rank's rows, merged, equal the lists of the
-    concatenated batch (ties between duplicates and tied logits go to the lower global index)."""
+def _shard_outputs(backend, batch, classes, vectors, mode, partner_rows, first, rows, form):
+    """A rank's steps (crl_ops.distributed) on the batch: the mined pairs, the distances and the
+    partial sums vector, and the gradients of its rows for a gradient of the sums."""
+    own = vectors[first:first + rows].detach().requires_grad_()
+    mined = backend.shard_mine(own if mode == "class" else vectors, batch.logits, batch.labels, classes, mode, 3, 0.5,
+                               first, rows, partner_rows, True)
+    counts, minority, active, anchors, partners, checks, lists = mined
+    margins = torch.full((3,), 0.7, dtype=torch.float64, device=vectors.device)
+    if partner_rows:
+        table = backend.shard_table(own.detach(), lists, first)  # one rank holds every listed row here
+        d, overflow, longest = backend.table_distances(own.detach(), table, partners)
+    else:
+        d, overflow = reference.pair_distances(vectors, partners, first)
+        longest = reference.longest_distance(d, partners)
+    d = d.detach().requires_grad_()
+    partial = backend.shard_sums(d, partners, anchors, margins, longest, overflow, checks, form, 1.0, 7)
+    (grad_d,) = torch.autograd.grad(partial, d, torch.linspace(0.5, 1.5, partial.shape[0], dtype=torch.float64,
+                                                               device=d.device))
+    out = {"mined": mined, "d": d.detach(), "longest": longest, "partial": partial.detach(), "grad_d": grad_d}
+    if partner_rows:
+        grad_rows, grad_table = backend.table_distances_backward(grad_d, own.detach(), table, partners, d.detach())
+        scale = torch.tensor(2.0, dtype=torch.float64, device=d.device)
+        out["grad_own"] = backend.shard_table_backward(grad_table, grad_rows, lists, first, scale)
+    return out
+
+
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("mode, partner_rows", [("instance", False), ("class", False), ("class", True)])
+def test_the_distributed_steps_match_the_reference(device, mode, partner_rows, form):
+    """shard_mine, shard_table, table_distances, shard_sums and their backward against the
+    reference, bitwise where no float sum's order differs; class mode's partner rows give the
+    partners, distances and row gradients of mining the whole batch."""
     batch, classes = _class_problem(device)
-    whole = backend.class_lists(batch.logits, batch.labels, classes, None, 4, True)
-    bounds = [(0, 13), (13, 40), (40, 60)]  # uneven parts, each padded to 27 rows
-    parts = [backend.class_lists(batch.logits[a:b], batch.labels[a:b], classes, None, 4, True) for a, b in bounds]
-    padded_rows = 27
-    keys = torch.stack([keys for keys, _ in parts])
-    lists = torch.stack([torch.where(lists >= 0, lists + q * padded_rows, -1) for q, (_, lists) in enumerate(parts)])
-    merged = distributed._merge_class_lists(keys, lists)
-    # back from padded global rows to rows of the concatenated batch
-    start = torch.tensor([a for a, _ in bounds], device=device)
-    rank = merged.clamp_min(0) // padded_rows
-    unpadded = torch.where(merged >= 0, start[rank] + merged.clamp_min(0) % padded_rows, -1)
-    assert torch.equal(unpadded, whole[1])
+    vectors = batch.features.detach()
+    first, rows = (0, 60) if partner_rows else (17, 25)  # the partner table of the whole batch
+    native = _shard_outputs(_native, batch, classes, vectors, mode, partner_rows, first, rows, form)
+    expected = _shard_outputs(reference, batch, classes, vectors, mode, partner_rows, first, rows, form)
+    for got, want in zip(native["mined"], expected["mined"], strict=True):
+        assert torch.equal(got, want)
+    for name in ("d", "longest", "partial", "grad_d") + (("grad_own",) if partner_rows else ()):
+        torch.testing.assert_close(native[name], expected[name], rtol=1e-12, atol=1e-12)
+    if partner_rows:  # the same pairs and distances as mining the rows against the batch
+        whole = _shard_outputs(reference, batch, classes, vectors, mode, False, first, rows, form)
+        assert torch.equal(native["mined"][3], whole["mined"][3])
+        torch.testing.assert_close(native["d"], whole["d"], rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(native["partial"], whole["partial"], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("reduction", ["pooled", "attribute"])
+@pytest.mark.parametrize("form", FORMS)
+def test_shard_loss_is_the_loss_of_the_sums_and_its_gradient(device, form, reduction):
+    batch, classes = _class_problem(device)
+    vectors = batch.features.detach()
+    partial = _shard_outputs(_native, batch, classes, vectors, "instance", False, 0, 60, form)["partial"]
+    got = {}
+    for backend in (_native, reference):
+        total = partial.clone().requires_grad_()
+        loss, pair_counts, grad_scale = backend.shard_loss(total, 3, form, 7, reduction, torch.float64, 3, True)
+        (grad,) = torch.autograd.grad(loss, total)
+        got[backend] = loss, pair_counts, grad_scale, grad
+    for native, expected in zip(got[_native], got[reference], strict=True):
+        torch.testing.assert_close(native, expected, rtol=1e-12, atol=1e-14)
+    loss = crl_ops.CRL(mode="instance", form=form, k=3, margin=0.7, bins=7, reduction=reduction, backend="reference")(
+        batch.features, batch.logits, batch.labels)
+    torch.testing.assert_close(got[_native][0], loss, rtol=1e-12, atol=1e-12)  # the single process's loss
+    assert got[_native][2].item() == 3.0
+    for flag, message in ((1, "logits contain NaN"), (2, "features contain NaN"), (0, "squared distance")):
+        flagged = partial.clone()
+        flagged[-3 + flag] = 1.0
+        for backend in (_native, reference):
+            with pytest.raises(ValueError, match=message):
+                backend.shard_loss(flagged, 3, form, 7, reduction, torch.float64, 3, True)
+            loss, _, grad_scale = backend.shard_loss(flagged.requires_grad_(), 3, form, 7, reduction, torch.float64,
+                                                     3, False)
+            (grad,) = torch.autograd.grad(loss, flagged)
+            assert torch.isnan(loss) and torch.isnan(grad_scale) and torch.isnan(grad).all()
+            flagged = flagged.detach()
 
 
 # ---- the pair ops (a rank's own anchors under distributed=True) ---------------------------------------------
@@ -540,3 +626,106 @@ def test_cpu_memory_far_below_a_distance_matrix():
     extra = int(out.stdout.strip().splitlines()[-1])
     distance_matrix = 8 * 8192 * 8192 * 4  # one [A, B, B] float32 matrix: 2 GiB
     assert extra < distance_matrix / 8, f"peak extra memory {extra / 2**20:.0f} MiB"
+
+
+# ---- a tensor margin is the module's state; double backward ------------------------------------------------
+
+BACKENDS = ["reference", "native"]
+
+
+def _margin_problem(backend):
+    if backend == "native":
+        _native.require(torch.device("cpu"))
+    problem = make_problem(40, 24, (2, 3), 4, False, "list", skew=1.5)
+    return problem.inputs(torch.float64)[:3]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_tensor_margin_moves_converts_and_is_saved_with_the_module(backend):
+    """A plain tensor margin is a buffer: `.double()`/`.to()` convert and move it (the loss then
+    runs on it) and state_dict saves it; load_state_dict, deepcopy and pickle keep it."""
+    import copy
+    import pickle
+
+    features, logits, labels = _margin_problem(backend)
+    margin = torch.tensor([0.4, 1.3])
+    crl = crl_ops.CRL("instance", margin=margin, backend=backend)
+    assert [name for name, _ in crl.named_buffers()] == ["margin"] and crl.margin is margin
+    assert not list(crl.parameters())
+    want = crl_ops.class_rectification_loss(features, logits, labels, mode="instance", margin=[0.4, 1.3],
+                                            backend=backend)
+    assert crl.double() is crl and crl.margin.dtype == torch.float64
+    torch.testing.assert_close(crl(features, logits, labels), want, rtol=1e-6, atol=1e-9)
+
+    state = crl.state_dict()
+    assert list(state) == ["margin"] and torch.equal(state["margin"], margin.double())
+    other = crl_ops.CRL("instance", margin=torch.zeros(2, dtype=torch.float64), backend=backend)
+    other.load_state_dict(state)
+    assert torch.equal(other.margin, margin.double())
+    torch.testing.assert_close(other(features, logits, labels), want, rtol=1e-6, atol=1e-9)
+    for copied in (copy.deepcopy(crl), pickle.loads(pickle.dumps(crl))):
+        assert torch.equal(copied.margin, crl.margin) and copied.margin.data_ptr() != crl.margin.data_ptr()
+        torch.testing.assert_close(copied(features, logits, labels), want, rtol=1e-6, atol=1e-9)
+    assert list(crl_ops.BalancedLoss(margin=margin, backend=backend).state_dict()) == ["crl.margin"]
+
+    devices = ["meta"] + (["cuda"] if torch.cuda.is_available() and backend == "reference" else [])
+    for device in devices:  # the margin must be on the features' device: it moves with the module
+        moved = copy.deepcopy(crl).to(device)
+        assert moved.margin.device.type == device
+        loss = moved(features.detach().to(device), [x.detach().to(device) for x in logits], labels.to(device))
+        if device != "meta":
+            torch.testing.assert_close(loss.cpu(), want, rtol=1e-6, atol=1e-9)
+
+
+def test_parameter_and_float_margins_stay_what_they_are():
+    parameter = torch.nn.Parameter(torch.tensor([0.4, 1.3]))
+    crl = crl_ops.CRL(margin=parameter)
+    assert [name for name, _ in crl.named_parameters()] == ["margin"] and crl.margin is parameter
+    assert not list(crl.buffers())
+    for margin in (None, 0.5, (0.4, 1.3)):
+        crl = crl_ops.CRL(margin=margin)
+        assert crl.margin == margin and not crl.state_dict()
+
+
+def test_checkpoint_saved_before_margins_were_loads():
+    """A state_dict of the version before tensor margins were saved has no "margin": loading it
+    keeps the constructor's margin; a current one without it is missing a key."""
+    crl = crl_ops.CRL(margin=torch.tensor([0.4, 1.3]))
+    old = crl.state_dict()
+    del old["margin"]
+    old._metadata[""]["version"] = 1
+    crl.load_state_dict(old)
+    assert torch.equal(crl.margin, torch.tensor([0.4, 1.3]))
+    current = crl.state_dict()
+    del current["margin"]
+    with pytest.raises(RuntimeError, match='Missing key.*"margin"'):
+        crl.load_state_dict(current)
+
+
+def test_native_gives_first_derivatives_only_and_the_reference_hessian_vector_products():
+    """backend="native" has no double backward (docs/kernels.md); backend="reference" is plain
+    PyTorch: its Hessian-vector product equals central differences of its gradient. Class mode
+    mines on the logits, so the mined pairs do not change with the features."""
+    _native.require(torch.device("cpu"))
+    problem = make_problem(50, 8, (2, 3), 3, False, "list", skew=1.0, unannotated=0.0)
+    features, logits, labels, _, _ = problem.inputs(torch.float64)
+    logits = [x.detach() for x in logits]
+    direction = torch.randn(features.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+
+    native = crl_ops.CRL("class", margin=4.0, backend="native")
+    grad, = torch.autograd.grad(native(features, logits, labels), features, create_graph=True)
+    with pytest.raises(RuntimeError, match="not implemented"):
+        torch.autograd.grad((grad * direction).sum(), features)
+
+    reference = crl_ops.CRL("class", margin=4.0, backend="reference")
+
+    def gradient(x):
+        return torch.autograd.grad(reference(x, logits, labels), x, create_graph=True)[0]
+
+    assert reference(features, logits, labels) > 0 and reference.last_stats.pair_counts[:, 3].sum() > 0
+    hvp, = torch.autograd.grad((gradient(features) * direction).sum(), features)
+    step = 1e-6
+    plus = gradient((features.detach() + step * direction).requires_grad_())
+    minus = gradient((features.detach() - step * direction).requires_grad_())
+    assert hvp.abs().max() > 1e-3
+    torch.testing.assert_close(hvp, (plus - minus).detach() / (2 * step), rtol=1e-6, atol=1e-8)

@@ -56,8 +56,7 @@ COLLECTIVES = {"all_gather_into_tensor": ("all_gather", 0), "_allgather_base_": 
 
 
 def make_crl(arguments, batch_sizes, distributed, backend):
-    return crl_ops.CRL(backend=backend, validate=False, distributed=distributed, batch_sizes=batch_sizes,
-                       **arguments)
+    return crl_ops.CRL(backend=backend, distributed=distributed, batch_sizes=batch_sizes, **arguments)
 
 
 def global_batch(size, attributes, dim):
@@ -68,11 +67,15 @@ def global_batch(size, attributes, dim):
 
 
 class PayloadLog(TorchDispatchMode):
-    """Payload bytes of every collective dispatched while active: the size of its input."""
+    """While active: the payload bytes of every collective (the size of its input), the other
+    dispatched ops but views and the autograd seed (the collectives' output buffers among them),
+    and the host reads of tensor values."""
 
     def __init__(self):
         super().__init__()
         self.bytes = {}
+        self.ops = 0
+        self.host_reads = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = func.__name__.split(".")[0]
@@ -80,7 +83,26 @@ class PayloadLog(TorchDispatchMode):
             kind, where = COLLECTIVES[name]
             payload = args[where] if isinstance(where, int) else args[where[0]][where[1]]
             self.bytes[kind] = self.bytes.get(kind, 0) + payload.numel() * payload.element_size()
+        elif name == "_local_scalar_dense":
+            self.host_reads += 1
+        elif not (func.is_view or name == "ones_like" or "c10d" in str(func)):
+            self.ops += 1
         return func(*args, **(kwargs or {}))
+
+    def __enter__(self):
+        self.tolist = torch.Tensor.tolist
+        log = self
+
+        def counted_tolist(tensor):  # reads values on the host without dispatching an op
+            log.host_reads += 1
+            return log.tolist(tensor)
+
+        torch.Tensor.tolist = counted_tolist
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        torch.Tensor.tolist = self.tolist
+        return super().__exit__(*exc)
 
 
 class CollectiveTimer:
@@ -98,10 +120,10 @@ class CollectiveTimer:
                 setattr(module, name, self._timed(getattr(module, name)))
 
     def _timed(self, collective):
-        def timed(*args):
+        def timed(*args, **kwargs):
             start = time.process_time()
             try:
-                return collective(*args)
+                return collective(*args, **kwargs)
             finally:
                 self.seconds += time.process_time() - start
 
@@ -110,15 +132,19 @@ class CollectiveTimer:
 
 def formula_bytes(world, rows, attributes, dim, mode, form, bins, k, batch_sizes, dtype_size=4):
     """Payload per rank and step of crl_ops.distributed (docs/scaling.md), by collective kind, for
-    binary attributes (C = 2) and validate=False: class mode gathers the class lists of each
-    rank's rows (a key and an index per entry) instead of the logits."""
+    binary [B, A] logits (C_max = 2): the rows (vectors, labels, logits, padded to whole 8-byte
+    words) in one all-gather; the partial sums, pair counts and three flags in float64. Class mode,
+    where the partner table [2 C_max K, A, D] is smaller than the gathered vectors: no vectors in
+    the all-gather and no reduce-scatter, the table all-reduced forward and its gradient backward."""
     sums = attributes * 2 * bins if form == "distribution" else 2 * attributes
-    steering = rows * attributes * dtype_size if mode == "instance" else attributes * 2 * 2 * k * (dtype_size + 8)
+    table = 2 * 2 * k * attributes * dim * dtype_size
+    partner_rows = mode == "class" and 2 * 2 * k < world * rows
+    row = (0 if partner_rows else attributes * dim * dtype_size) + attributes * 8 + attributes * dtype_size
     return {
-        "all_gather": rows * attributes * 8 + steering + rows * attributes * dim * dtype_size
-        + (16 if batch_sizes == "gathered" else 0),
-        "all_reduce": (sums + 4 * attributes + 2) * 8 + (attributes * dtype_size if form == "distribution" else 0),
-        "reduce_scatter": world * rows * attributes * dim * dtype_size,
+        "all_gather": rows * (row + -row % 8) + (16 if batch_sizes == "gathered" else 0),
+        "all_reduce": (sums + 4 * attributes + 3) * 8 + (attributes * dtype_size if form == "distribution" else 0)
+        + (2 * table if partner_rows else 0),
+        "reduce_scatter": 0 if partner_rows else world * rows * attributes * dim * dtype_size,
     }
 
 
@@ -150,7 +176,7 @@ def measure_rank(crl, features, logits, labels, steps, warmup=2):
             "wall_ms": 1e3 * statistics.median(wall),
             "collective_cpu_ms": 1e3 * statistics.median(inside) if timer.available else None,
             "compute_cpu_ms": 1e3 * statistics.median(c - i for c, i in zip(cpu, inside)),
-            "payload_bytes": log.bytes,
+            "payload_bytes": log.bytes, "ops": log.ops, "host_reads": log.host_reads,
             "peak_rss_growth_mb": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - baseline) / 1024}
 
 
@@ -208,6 +234,7 @@ def run(args):
                 "compute_cpu_ms": max(r["compute_cpu_ms"] for r in ranks),
                 "wall_ms": max(r["wall_ms"] for r in ranks),
                 "payload_bytes": measured, "formula_bytes": None if args.implementation else formula,
+                "ops": ranks[0]["ops"], "host_reads": ranks[0]["host_reads"],
                 "sent_bytes": sent_bytes(world, measured),
                 "peak_rss_growth_mb": max(r["peak_rss_growth_mb"] for r in ranks),
             })
@@ -246,30 +273,33 @@ def write(out_dir, args, rows):
         f"torch {header['torch']}, gloo, one thread per rank, backend={args.backend}, float32. Global batch "
         f"B={args.batch}, A={args.attributes} binary attributes, D={args.dim}, K={args.k}"
         f"{f', bins={args.bins}' if any('distribution' in r['variant'] for r in rows) else ''}; CRL alone, "
-        "validate=False, forward + backward; ranks hold B/W samples each.",
+        "validate=True (the default), forward + backward; ranks hold B/W samples each.",
         "",
         "CPU time per step is the process's (all threads), median of "
         f"{args.steps} steps, for the slowest rank, split into the time inside the collectives (issue to "
         "end, gloo's threads included), which oversubscription (more ranks than cores) inflates, and the "
         "rest. Payload: bytes handed to the collectives per rank and step, measured (formula of "
         "docs/scaling.md); sent: what a rank sends with ring algorithms. Peak memory: growth of the "
-        "rank's peak RSS over its steps.",
+        "rank's peak RSS over its steps. Ops: dispatched operations per step but views and the autograd seed "
+        "(the collectives and their output buffers included); host reads: tensor values read on the host.",
         "",
         "| variant | ranks | CPU ms/step | vs one process | outside collectives | in collectives | wall ms "
-        "| payload KiB (formula) | sent KiB | peak RSS growth MiB |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| ops | host reads | payload KiB (formula) | sent KiB | peak RSS growth MiB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         if r["world"] == "single process":
             lines.append(f"| {r['variant']} | one process, distributed=False | {r['cpu_ms']:.1f} | 1.00 | "
-                         f"{r['cpu_ms']:.1f} | - | {r['wall_ms']:.1f} | - | - | {r['peak_rss_growth_mb']:.1f} |")
+                         f"{r['cpu_ms']:.1f} | - | {r['wall_ms']:.1f} | {r['ops']} | {r['host_reads']} | - | - | "
+                         f"{r['peak_rss_growth_mb']:.1f} |")
             continue
         payload = sum(r["payload_bytes"].values())
         formula = f" ({_kib(sum(r['formula_bytes'].values()))})" if r["formula_bytes"] else ""
         inside = "-" if r["collective_cpu_ms"] is None else f"{r['collective_cpu_ms']:.1f}"
         lines.append(
             f"| {r['variant']} | {r['world']} | {r['cpu_ms']:.1f} | {r['cpu_ms'] / single[r['variant']]:.2f} | "
-            f"{r['compute_cpu_ms']:.1f} | {inside} | {r['wall_ms']:.1f} | {_kib(payload)}{formula} | "
+            f"{r['compute_cpu_ms']:.1f} | {inside} | {r['wall_ms']:.1f} | {r['ops']} | {r['host_reads']} | "
+            f"{_kib(payload)}{formula} | "
             f"{_kib(r['sent_bytes'])} | {r['peak_rss_growth_mb']:.1f} |")
     with open(os.path.join(out_dir, "results.md"), "w") as f:
         f.write("\n".join(lines) + "\n")

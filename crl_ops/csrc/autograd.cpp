@@ -260,9 +260,12 @@ TORCH_LIBRARY_IMPL(crl_ops, Autograd, m) {
   m.impl("pair_sums", &crl::pair_sums_autograd);
   m.impl("shard_sums", &crl::shard_sums_autograd);
   m.impl("shard_loss", &crl::shard_loss_autograd);
+  // crl_ops.distributed's shard_table and table_distances take their gradient from its autograd function
+  // (the table's all-reduce sits between them).
   for (const char* op : {"profile", "class_lists", "mine_class", "mine_instance", "shard_mine", "crl_loss_backward",
                          "pair_distances_backward", "pair_sums_backward", "shard_sums_backward",
-                         "shard_loss_backward"}) {
+                         "shard_loss_backward", "shard_table", "shard_table_backward", "table_distances",
+                         "table_distances_backward"}) {
     m.impl(op, torch::autograd::autogradNotImplementedFallback());
   }
 }

@@ -31,6 +31,7 @@
 #include <tuple>
 
 #include "common/op_checks.h"
+#include "common/partner_rows.h"
 #include "common/shard_loss.h"
 
 namespace crl {
@@ -134,17 +135,22 @@ struct EntryPoints {
 
   // ---- crl_ops.distributed's steps (op_schemas.h) ----
 
-  static std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> shard_mine(
+  static std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> shard_mine(
       const c10::optional<Tensor>& vectors, const Tensor& logits, const Tensor& labels_in, const Tensor& num_classes_in,
-      c10::string_view mode, int64_t k, double threshold, int64_t first_anchor, int64_t num_anchors, bool validate) {
+      c10::string_view mode, int64_t k, double threshold, int64_t first_anchor, int64_t num_anchors,
+      bool partner_rows, bool validate) {
     const Mode mining = parse_mode(mode);
     check_labels(labels_in, num_classes_in);
     check_logits(logits, labels_in);
-    if (vectors.has_value()) check_features(*vectors, labels_in);
-    TORCH_CHECK_VALUE(vectors.has_value() || mining == Mode::Class, "crl_ops: instance mining needs vectors");
     check_k(k);
     check_threshold(threshold);
     check_anchor_rows(first_anchor, num_anchors, labels_in.size(0));
+    TORCH_CHECK_VALUE(vectors.has_value() || mining == Mode::Class, "crl_ops: instance mining needs vectors");
+    TORCH_CHECK_VALUE(!partner_rows || mining == Mode::Class, "crl_ops: partner_rows is for class mining");
+    if (vectors.has_value()) {  // the gathered batch's, or (class mode) this rank's own rows
+      check_features(*vectors, mining == Mode::Class ? labels_in.narrow(0, first_anchor, num_anchors) : labels_in);
+      check_same_device(*vectors, "vectors", labels_in, "labels");
+    }
     typename Device::Guard guard(labels_in);
     const Tensor labels = labels_in.contiguous(), num_classes = num_classes_in.contiguous();
     // Every rank holds the same gathered labels: a bad one raises on every rank alike.
@@ -154,19 +160,74 @@ struct EntryPoints {
     const Tensor logits_finite = Device::as_tensor(Device::check_finite(Tensor(), own_logits, num_classes, false), labels);
     const Tensor all_finite =
         vectors.has_value()
-            ? Device::as_tensor(Device::check_finite(vectors->narrow(0, first_anchor, num_anchors), own_logits,
-                                                     num_classes, false), labels)
+            ? Device::as_tensor(Device::check_finite(mining == Mode::Class ? *vectors
+                                                                           : vectors->narrow(0, first_anchor, num_anchors),
+                                                     own_logits, num_classes, false), labels)
             : logits_finite;
     const Tensor checks = at::stack({logits_finite.logical_not(), all_finite.logical_not()});
-    Tensor anchors, partners;
-    if (mining == Mode::Class) {
+    Tensor anchors, partners, lists = at::empty({0}, labels.options());
+    if (partner_rows) {
+      std::tie(std::ignore, lists) = Device::class_lists(logits, labels, num_classes, active, k);
+      const Tensor own = labels.narrow(0, first_anchor, num_anchors);
+      const Tensor annotated = own.ge(0).logical_and(own.lt(num_classes));
+      const Tensor own_labels = at::where(annotated, own, -1);
+      std::tie(anchors, partners) = partner_rows::rows_of_lists(lists, own_labels, active, first_anchor);
+      partners = partner_rows::joined_partners(partners, own_labels);
+    } else if (mining == Mode::Class) {
       std::tie(anchors, partners) =
           Device::mine_class(logits, labels, num_classes, active, k, first_anchor, num_anchors);
     } else {  // the overflow of a mined pair is pair_distances' flag
       std::tie(anchors, partners, std::ignore) =
           Device::mine_instance(*vectors, logits, labels, num_classes, active, k, first_anchor, num_anchors);
     }
-    return {counts, minority, active, anchors, partners, checks};
+    return {counts, minority, active, anchors, partners, checks, lists};
+  }
+
+  static Tensor shard_table(const Tensor& vectors, const Tensor& lists, int64_t first_anchor) {
+    check_table_args(vectors, lists, first_anchor);
+    typename Device::Guard guard(vectors);
+    return partner_rows::fill_table(vectors, lists, first_anchor);
+  }
+
+  static Tensor shard_table_backward(const Tensor& grad_table, const Tensor& grad_rows, const Tensor& lists,
+                                     int64_t first_anchor, const Tensor& grad_scale) {
+    check_table_args(grad_rows, lists, first_anchor);
+    TORCH_CHECK_VALUE(grad_table.dim() == 3 && grad_table.size(0) == lists.size(1) * lists.size(2) &&
+                          grad_table.size(1) == lists.size(0) && grad_table.size(2) == grad_rows.size(2),
+                      "crl_ops: grad_table must have shape [Cmax 2K, A, D] = [", lists.size(1) * lists.size(2), ", ",
+                      lists.size(0), ", ", grad_rows.size(2), "], got ", grad_table.sizes());
+    TORCH_CHECK_VALUE(grad_scale.dim() == 0 && grad_scale.is_floating_point(),
+                      "crl_ops: grad_scale must be a floating 0-dim tensor, got ", grad_scale.sizes());
+    typename Device::Guard guard(grad_rows);
+    return partner_rows::fill_table_backward(grad_table, grad_rows, lists, first_anchor, grad_scale);
+  }
+
+  static std::tuple<Tensor, Tensor, Tensor> table_distances(const Tensor& vectors, const Tensor& table,
+                                                            const Tensor& partners) {
+    check_table_distances_args(vectors, table, partners);
+    typename Device::Guard guard(vectors);
+    auto [distances, overflow] =
+        Device::pair_distances(partner_rows::joined_vectors(vectors, table), partners.contiguous(), 0);
+    const Tensor longest = partners.size(0) == 0 ? at::zeros({partners.size(1)}, distances.options())
+                                                 : distances.amax({0, 2});  // 0 where empty
+    return {distances, Device::as_tensor(overflow, vectors), longest};
+  }
+
+  static std::tuple<Tensor, Tensor> table_distances_backward(const Tensor& grad, const Tensor& vectors,
+                                                             const Tensor& table, const Tensor& partners,
+                                                             const Tensor& distances) {
+    check_table_distances_args(vectors, table, partners);
+    check_pair_values(distances, "distances", partners, vectors.scalar_type());
+    check_pair_values(grad, "grad", partners, vectors.scalar_type());
+    typename Device::Guard guard(vectors);
+    const Tensor joined = partner_rows::joined_vectors(vectors, table);
+    const Tensor grad_joined = Device::pair_distances_backward(grad.contiguous(), joined, partners.contiguous(),
+                                                               distances.contiguous(), 0);
+    const int64_t rows = vectors.size(0);
+    Tensor grad_vectors = grad_joined.narrow(0, 0, rows);
+    if (vectors.size(1) == 1 && table.size(1) > 1) grad_vectors = grad_vectors.sum(1, /*keepdim=*/true);
+    // A copy: two outputs of an op may not share memory.
+    return {grad_vectors, grad_joined.narrow(0, rows, table.size(0)).to(table.scalar_type(), false, /*copy=*/true)};
   }
 
   static Tensor shard_sums(const Tensor& distances, const Tensor& partners, const Tensor& anchors,
@@ -281,6 +342,10 @@ void register_entry_points(torch::Library& m) {
   m.impl("pair_sums", &EntryPoints<Device>::pair_sums);
   m.impl("pair_sums_backward", &EntryPoints<Device>::pair_sums_backward);
   m.impl("shard_mine", &EntryPoints<Device>::shard_mine);
+  m.impl("shard_table", &EntryPoints<Device>::shard_table);
+  m.impl("shard_table_backward", &EntryPoints<Device>::shard_table_backward);
+  m.impl("table_distances", &EntryPoints<Device>::table_distances);
+  m.impl("table_distances_backward", &EntryPoints<Device>::table_distances_backward);
   m.impl("shard_sums", &EntryPoints<Device>::shard_sums);
   m.impl("shard_sums_backward", &EntryPoints<Device>::shard_sums_backward);
   m.impl("shard_loss", &EntryPoints<Device>::shard_loss);

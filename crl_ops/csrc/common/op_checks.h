@@ -299,6 +299,32 @@ inline void check_shard_sums_args(const at::Tensor& distances, const at::Tensor&
   for (const at::Tensor* t : {&anchors, &overflow, &checks}) check_same_device(*t, "every argument", distances, "distances");
 }
 
+// vectors [R, Ax, D] (floating) and the class lists [A, Cmax, 2K] int64 of shard_table.
+inline void check_table_args(const at::Tensor& vectors, const at::Tensor& lists, int64_t first_anchor) {
+  check_int64(lists, "lists", 3, "[A, Cmax, 2K]");
+  TORCH_CHECK_VALUE(vectors.dim() == 3 && (vectors.size(1) == lists.size(0) || vectors.size(1) == 1) &&
+                        vectors.size(2) >= 1 && is_feature_type(vectors.scalar_type()),
+                    "crl_ops: vectors must be a floating tensor [R, A, D] or [R, 1, D] with A = ", lists.size(0),
+                    " (the lists' attributes), got ", vectors.scalar_type(), " ", vectors.sizes());
+  TORCH_CHECK_VALUE(first_anchor >= 0, "crl_ops: first_anchor must be >= 0, got ", first_anchor);
+  check_same_device(lists, "lists", vectors, "vectors");
+}
+
+// vectors [R, Ax, D], table [M, A, D] of the same dtype, partners [R, A, 2K] (rows of [vectors; table]).
+inline void check_table_distances_args(const at::Tensor& vectors, const at::Tensor& table, const at::Tensor& partners) {
+  check_partners(partners, vectors, "vectors");
+  TORCH_CHECK_VALUE(table.dim() == 3 && table.size(1) == partners.size(1) && table.scalar_type() ==
+                        vectors.scalar_type() && vectors.dim() == 3 && table.size(2) == vectors.size(2) &&
+                        vectors.size(0) == partners.size(0) &&
+                        (vectors.size(1) == 1 || vectors.size(1) == partners.size(1)),
+                    "crl_ops: vectors [R, A or 1, D], table [M, A, D] and partners [R, A, 2K] must agree, got ",
+                    vectors.sizes(), " ", vectors.scalar_type(), ", ", table.sizes(), " ", table.scalar_type(), ", ",
+                    partners.sizes());
+  TORCH_CHECK_VALUE(is_feature_type(vectors.scalar_type()), "crl_ops: vectors must be floating, got ",
+                    vectors.scalar_type());
+  check_same_device(table, "table", vectors, "vectors");
+}
+
 inline void check_shard_loss_args(const at::Tensor& total, const PartialLayout& layout, at::ScalarType dtype) {
   TORCH_CHECK_VALUE(layout.attributes >= 1, "crl_ops: num_attributes must be >= 1, got ", layout.attributes);
   check_bins(layout.bins);

@@ -57,10 +57,29 @@ inline void define_op_schemas(torch::Library& m) {
   // flags: an overflowing pair distance, non-finite logits, non-finite features or logits.
   // shard_mine: on the gathered batch (every rank the same), the profile (validate: a bad label raises
   // on every rank alike) and the mining of the anchor rows first_anchor..first_anchor + num_anchors;
-  // checks [2] bool: whether those rows' logits, and their vectors (when given) or logits, are not finite.
+  // checks [2] bool: whether those rows' logits, and their vectors (when given) or logits, are not
+  // finite. vectors: instance mode, the gathered [N, Ax, D] (mined against); class mode, this rank's
+  // own rows [R, Ax, D] (only checked). partner_rows (class mode): the partners as rows of [own rows;
+  // table] (common/partner_rows.h) and lists [A, Cmax, 2K], the class lists (rows of the gathered
+  // batch); otherwise partners are rows of the gathered batch and lists is empty.
   m.def("shard_mine(Tensor? vectors, Tensor logits, Tensor labels, Tensor num_classes, str mode, int k, "
-        "float threshold, SymInt first_anchor, SymInt num_anchors, bool validate) -> (Tensor counts, Tensor minority, "
-        "Tensor active, Tensor anchors, Tensor partners, Tensor checks)");
+        "float threshold, SymInt first_anchor, SymInt num_anchors, bool partner_rows, bool validate) -> "
+        "(Tensor counts, Tensor minority, Tensor active, Tensor anchors, Tensor partners, Tensor checks, "
+        "Tensor lists)");
+  // shard_table: this rank's entries of the partner table [Cmax 2K, A, D] (the rows first_anchor.. of
+  // the lists that vectors [R, Ax, D] holds), 0 elsewhere; the ranks' tables sum to the whole.
+  // shard_table_backward: grad_rows [R, Ax, D] plus the table's gradient at this rank's entries,
+  // times grad_scale (0-dim).
+  m.def("shard_table(Tensor vectors, Tensor lists, SymInt first_anchor) -> Tensor");
+  m.def("shard_table_backward(Tensor grad_table, Tensor grad_rows, Tensor lists, SymInt first_anchor, "
+        "Tensor grad_scale) -> Tensor");
+  // table_distances: pair_distances of the anchors vectors [R, Ax, D] to their partners (rows of [own
+  // rows; table]), and longest [A], the largest distance of each attribute. Its backward: the
+  // gradients of the vectors and of the table.
+  m.def("table_distances(Tensor vectors, Tensor table, Tensor partners) -> (Tensor distances, Tensor overflow, "
+        "Tensor longest)");
+  m.def("table_distances_backward(Tensor grad, Tensor vectors, Tensor table, Tensor partners, Tensor distances) -> "
+        "(Tensor grad_vectors, Tensor grad_table)");
   // shard_sums: `partial` of the mined pairs (their distances, overflow flag and checks). Differentiable
   // w.r.t. distances and margins.
   m.def("shard_sums(Tensor distances, Tensor partners, Tensor anchors, Tensor margins, Tensor? longest, "

@@ -1,0 +1,83 @@
+// Class mode under crl_ops.distributed exchanges only the partners' rows (docs/scaling.md): every
+// anchor of class c of attribute j takes its partners from the class lists [A, Cmax, 2K] (rows of
+// the gathered batch), so a table [Cmax 2K, A, D] of the listed rows' vectors, table[c 2K + s, j] =
+// the vector of row lists[j, c, s] for attribute j, holds every partner. Each rank fills the entries
+// of its own rows and one all-reduce (sum) completes it. The distances of a rank's anchors to their
+// partners are those of pair_distances on [own rows; table]: the same per-element code as one
+// process. Written with ATen operations, for every device.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <tuple>
+
+namespace crl {
+namespace partner_rows {
+
+using at::Tensor;
+
+// [A] 0..A-1 on `like`'s device.
+inline Tensor attribute_index(int64_t attributes, const Tensor& like) {
+  return at::arange(attributes, like.options().dtype(at::kLong));
+}
+
+// (anchors [R, A], partners [R, A, 2K], rows of the gathered batch) of the rows first.. with labels
+// [R, A] (-1: not annotated), from the lists: as reference.class_rows (an anchor is not its own
+// positive).
+inline std::tuple<Tensor, Tensor> rows_of_lists(const Tensor& lists, const Tensor& labels, const Tensor& active,
+                                                int64_t first) {
+  const int64_t k = lists.size(2) / 2, attributes = labels.size(1);
+  const Tensor attribute = attribute_index(attributes, labels).unsqueeze(0);
+  const Tensor own_class = labels.clamp_min(0);
+  const Tensor listed = lists.index({attribute, own_class});  // [R, A, 2K]
+  const Tensor sample = at::arange(first, first + labels.size(0), labels.options()).view({-1, 1, 1});
+  const Tensor positives = listed.narrow(2, 0, k);
+  const Tensor partners = at::cat({at::where(positives == sample, -1, positives), listed.narrow(2, k, k)}, 2);
+  const Tensor anchors = labels.ge(0).logical_and(active.index({attribute, own_class}));
+  return {anchors, at::where(anchors.unsqueeze(2), partners, -1)};
+}
+
+// [R, A, 2K]: the partners as rows of [own R rows; table]: R + c 2K + s for slot s of the anchor's
+// class c, -1 where empty.
+inline Tensor joined_partners(const Tensor& partners, const Tensor& labels) {
+  const int64_t rows = labels.size(0), slots = partners.size(2);
+  const Tensor slot = at::arange(slots, partners.options()).view({1, 1, -1});
+  return at::where(partners.ge(0), rows + labels.clamp_min(0).unsqueeze(2) * slots + slot, -1);
+}
+
+// [own rows (per attribute); table]: the vectors pair_distances reads.
+inline Tensor joined_vectors(const Tensor& vectors, const Tensor& table) {
+  return at::cat({vectors.expand({vectors.size(0), table.size(1), vectors.size(2)}), table.to(vectors.scalar_type())});
+}
+
+// (the entries of the table this rank owns as indices into its rows, whether owned) [Cmax 2K, A].
+inline std::tuple<Tensor, Tensor> owned_entries(const Tensor& lists, int64_t first, int64_t rows) {
+  const Tensor local = lists.permute({1, 2, 0}).reshape({-1, lists.size(0)}) - first;
+  const Tensor owned = local.ge(0).logical_and(local.lt(rows));
+  return {at::where(owned, local, 0), owned};
+}
+
+// The table [Cmax 2K, A, D] with the vectors [R, Ax, D] of this rank's rows first..first + R, 0 elsewhere.
+inline Tensor fill_table(const Tensor& vectors, const Tensor& lists, int64_t first) {
+  const int64_t attributes = lists.size(0);
+  auto [local, owned] = owned_entries(lists, first, vectors.size(0));
+  Tensor table = at::zeros({local.size(0), attributes, vectors.size(2)}, vectors.options());
+  if (vectors.size(0) == 0) return table;
+  const Tensor column = vectors.size(1) == 1 ? at::zeros_like(local) : attribute_index(attributes, local).expand_as(local);
+  return at::where(owned.unsqueeze(2), vectors.index({local, column}), table).contiguous();
+}
+
+// The gradient of this rank's rows [R, Ax, D]: grad_rows plus the table's gradient at the entries
+// they own, times grad_scale (0-dim).
+inline Tensor fill_table_backward(const Tensor& grad_table, const Tensor& grad_rows, const Tensor& lists,
+                                  int64_t first, const Tensor& grad_scale) {
+  auto [local, owned] = owned_entries(lists, first, grad_rows.size(0));
+  Tensor grad = grad_rows.clone(at::MemoryFormat::Contiguous);
+  const Tensor column = grad.size(1) == 1 ? at::zeros_like(local) : attribute_index(lists.size(0), local).expand_as(local);
+  grad.index_put_({local.masked_select(owned), column.masked_select(owned)},
+                  grad_table.index({owned}).to(grad.scalar_type()), /*accumulate=*/true);
+  return grad.mul_(grad_scale);
+}
+
+}  // namespace partner_rows
+}  // namespace crl
