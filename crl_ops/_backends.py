@@ -1,8 +1,9 @@
 """Backend selection: the native kernels (when they can run on the tensors' device) or the reference.
 
 A backend is a module with the functions of `crl_ops.reference` (profile, class_lists,
-mine_class, mine_instance, pair_distances, pair_sums, crl_loss) and the same signatures; `crl_ops._native`
-wraps the compiled ops behind that interface.
+mine_class, mine_instance, pair_distances, pair_sums, crl_loss, and crl_ops.distributed's
+shard_mine, shard_table(_backward), table_distances(_backward), shard_sums, shard_loss) and the
+same signatures; `crl_ops._native` wraps the compiled ops behind that interface.
 """
 from __future__ import annotations
 

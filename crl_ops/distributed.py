@@ -117,19 +117,21 @@ def _margin_text(margin) -> str:
     if margin is None:
         return "2*pi/C_j"
     if isinstance(margin, Tensor):  # a parameter's values are the same everywhere under DDP; not read here
-        return f"tensor {list(margin.shape)} {margin.dtype}"
+        return f"tensor {list(margin.shape)} {margin.dtype}{' requiring grad' if margin.requires_grad else ''}"
     return repr(margin)
 
 
-def _layout(options, margin, batch: Batch, vectors: Tensor) -> str:
-    """Everything but the batch size that must agree across ranks: the collectives' sizes, and the
-    options that decide what every rank computes from the same global sums."""
+def _layout(options, margin, batch: Batch, vectors: Tensor, caller: str) -> str:
+    """Everything but the batch size that must agree across ranks: the collectives' sizes, the
+    options that decide what every rank computes from the same global sums, and what decides
+    which collectives run (the caller's, and the backward's: whether the vectors and a margin
+    tensor take a gradient)."""
     features, logits = batch.features, batch.logits
     return (
-        f"features [*, {', '.join(map(str, features.shape[1:]))}] {features.dtype}"
+        f"{caller}: features [*, {', '.join(map(str, features.shape[1:]))}] {features.dtype}"
         f"{' (shared by all attributes)' if _shares_features(features) else ''} on {features.device.type}, "
         f"logits [*, {', '.join(map(str, logits.shape[1:]))}] {logits.dtype} with classes {batch.num_classes}, "
-        f"CRL vectors {vectors.dtype}, options mode={options.mode} form={options.form} k={options.k} "
+        f"CRL vectors {vectors.dtype}{' requiring grad' if vectors.requires_grad else ''}, options mode={options.mode} form={options.form} k={options.k} "
         f"margin={_margin_text(margin)} apc_margin={options.apc_margin} bins={options.bins} "
         f"threshold={options.threshold} normalize={options.normalize} reduction={options.reduction} "
         f"distance={options.distance} validate={options.validate} batch_sizes={options.batch_sizes}"
@@ -326,7 +328,7 @@ def _own_rows(t: Tensor, first: int, own: int, total: int, fill) -> Tensor:
     return torch.cat([t.new_full((first, *t.shape[1:]), fill), t, t.new_full((total - first - own, *t.shape[1:]), fill)])
 
 
-def class_rectification_loss(options, margin, batch: Batch):
+def class_rectification_loss(options, margin, batch: Batch, caller: str = "CRL"):
     """l_crl of the global batch on every rank, and its statistics (the entry of crl_ops.functional)."""
     from .functional import BatchStats, crl_features, margins_tensor
 
@@ -336,7 +338,8 @@ def class_rectification_loss(options, margin, batch: Batch):
     vectors = batch.logits if score_space else crl_features(options, batch)
     shared = not score_space and _shares_features(vectors)
     own = batch.labels.shape[0]
-    sizes = _rank_sizes(_layout(options, margin, batch, vectors), own, options.batch_sizes, batch.labels.device)
+    sizes = _rank_sizes(_layout(options, margin, batch, vectors, caller), own, options.batch_sizes,
+                        batch.labels.device)
     first = sum(sizes[: dist.get_rank()])  # this rank's first row in the concatenated batch
     num_classes = batch.classes_tensor()
     num_attributes = batch.labels.shape[1]

@@ -211,13 +211,14 @@ def _normalized(x: Tensor) -> Tensor:
     return torch.nn.functional.normalize(x / torch.where(largest > 1e15, largest, 1.0), dim=-1)
 
 
-def _crl(options: Options, margin: MarginLike, batch: Batch) -> tuple[Tensor, BatchStats]:
+def _crl(options: Options, margin: MarginLike, batch: Batch, caller: str = "CRL") -> tuple[Tensor, BatchStats]:
     """l_crl of a normalised batch, and its statistics: this process's, or with options.distributed
-    the global batch's (crl_ops.distributed)."""
+    the global batch's (crl_ops.distributed; `caller` names what the ranks must agree on besides,
+    such as BalancedLoss's weights and its cross-entropy's collective)."""
     if options.distributed:
         from . import distributed
 
-        return distributed.class_rectification_loss(options, margin, batch)
+        return distributed.class_rectification_loss(options, margin, batch, caller)
     if options.distance == "score":
         return _score_space_crl(options, margin, batch)
     features = crl_features(options, batch)

@@ -109,7 +109,8 @@ class BalancedLoss(nn.Module):
     def forward(self, features: Tensor, logits: LogitsLike, labels: Tensor) -> Tensor:
         crl = self.crl
         batch = normalise(features, logits, labels, empty_ok=self.crl.options.distributed)
-        loss, stats = _crl(crl.options, crl.margin, batch)  # first: its ops check the values
+        # first: its ops check the values
+        loss, stats = _crl(crl.options, crl.margin, batch, f"BalancedLoss weight={self.weight} alpha={self.alpha}")
         if crl.track_stats:
             crl.last_stats = stats
         if crl.options.distributed:

@@ -43,7 +43,9 @@ BUILD_ROOT = REPOSITORY / "build" / "cuda-emulation"
 VARIANTS = ("default", "sanitize", "racecheck")
 ENVIRONMENT_VARIABLE = "CRL_OPS_CUDA_EMULATION"
 OPS = ("profile", "class_lists", "mine_class", "mine_instance", "pair_distances", "pair_distances_backward",
-       "pair_sums", "pair_sums_backward", "crl_loss", "crl_loss_backward")
+       "pair_sums", "pair_sums_backward", "shard_mine", "shard_table", "shard_table_backward", "table_distances",
+       "table_distances_backward", "shard_sums", "shard_sums_backward", "shard_loss", "shard_loss_backward",
+       "crl_loss", "crl_loss_backward")
 
 # Each variant's flags for the kernels (.cu) and the emulator's runtime; the op glue (cuda/*_ops.cpp,
 # emulation/emulated_ops.cpp) is compiled once for all of them.

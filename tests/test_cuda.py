@@ -503,6 +503,60 @@ def test_class_lists_match_cpu_kernels(case, gpu):
     assert torch.equal(got_keys, want_keys)
 
 
+def _distributed_steps(case, problem, device, partner_rows):
+    """One rank's steps of distributed=True on rows 10..10 + B/2 of the batch (the whole batch
+    gathered): what was mined, the distances, the partial sums, the loss and its gradients."""
+    ops = torch.ops.crl_ops
+    features, logits, labels, _, _ = problem.inputs(case.dtype, device)
+    batch = normalise(features, logits, labels)
+    classes = batch.classes_tensor()
+    vectors = (batch.features[:, :1] if case.shared_features else batch.features).detach()
+    first, rows = 10, case.batch // 2
+    own = vectors[first:first + rows].contiguous().requires_grad_()
+    mode = "class" if partner_rows else "instance"
+    mined = ops.shard_mine(own if partner_rows else batch.features.detach(), batch.logits.detach(), batch.labels,
+                           classes, mode, case.k, 0.5, first, rows, partner_rows, True)
+    _, _, _, anchors, partners, checks, lists = mined
+    margins = torch.linspace(0.5, 2.0, len(case.num_classes), device=device, dtype=accumulation_dtype(case.dtype))
+    if partner_rows:
+        table = ops.shard_table(own.detach(), lists, first)
+        d, overflow, longest = ops.table_distances(own.detach(), table, partners)
+        d.requires_grad_()
+    else:
+        gathered = vectors.clone().requires_grad_()
+        d, overflow = ops.pair_distances(gathered, partners, first)
+        longest = d.detach().amax((0, 2))
+    # the histogram form: its longest distances and histograms too
+    partial = ops.shard_sums(d, partners, anchors, margins, longest, overflow, checks, "distribution", 1.0, case.bins)
+    loss, pair_counts, grad_scale = ops.shard_loss(partial, len(case.num_classes), "distribution", case.bins,
+                                                   "pooled", d.dtype, 2, True)
+    if partner_rows:
+        (grad_d,) = torch.autograd.grad(loss, d)
+        grad_rows, grad_table = ops.table_distances_backward(grad_d, own.detach(), table, partners, d.detach())
+        grad = ops.shard_table_backward(grad_table, grad_rows, lists, first, grad_scale)
+    else:
+        (grad,) = torch.autograd.grad(loss, gathered)
+    return [t.detach().cpu() for t in (*mined, d, overflow, partial, loss, pair_counts, grad_scale, grad)]
+
+
+@pytest.mark.parametrize("partner_rows", [False, True], ids=["instance", "class-partner-rows"])
+@pytest.mark.parametrize("case", [c for c in CASES if c.k <= 64 and len(c.num_classes) <= 6 and c.mines],
+                         ids=lambda c: c.name)
+def test_distributed_steps_match_cpu_kernels(case, partner_rows, gpu):
+    """shard_mine, the distances, shard_sums and shard_loss of a rank: bitwise the CPU's mining,
+    distances and partial sums (same order), the loss and the rows' gradient equal to rounding."""
+    problem = problem_of(case, seed=7)
+    want = _distributed_steps(case, problem, "cpu", partner_rows)
+    got = on_device(gpu, lambda: _distributed_steps(case, problem, gpu.device, partner_rows), loose=(13,))
+    for index in range(10):  # counts, minority, active, anchors, partners, checks, lists, d, overflow, partial
+        assert torch.equal(got[index], want[index]), index
+    value_tol, grad_tol = TOLERANCE[case.dtype]
+    torch.testing.assert_close(got[10], want[10], rtol=value_tol, atol=value_tol)
+    assert torch.equal(got[11], want[11]) and torch.equal(got[12], want[12])
+    scale = max(want[13].abs().max().item(), 1e-30)
+    torch.testing.assert_close(got[13].double(), want[13].double(), rtol=grad_tol, atol=grad_tol * scale)
+
+
 def test_pair_distances_backward_refuses_deterministic_mode(gpu):
     vectors = torch.randn(8, 2, 3, device=gpu.device, requires_grad=True)
     partners = torch.tensor([[[1, 2], [3, -1]]], device=gpu.device)

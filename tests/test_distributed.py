@@ -211,7 +211,7 @@ class _CountingTolist:
         torch.Tensor.tolist = self.original
 
 
-def _compiled_steps(world_size, rank, backend, mode):
+def _compiled_steps(world_size, rank, backend, mode, k):
     """A model and BalancedLoss (batch_sizes="equal") compiled with aot_eager against eager: losses,
     gradients and where dynamo breaks the graph."""
     rows = _rows(world_size, rank, EQUAL_ROWS_PER_RANK)
@@ -227,7 +227,7 @@ def _compiled_steps(world_size, rank, backend, mode):
     def train(compiled):
         torch.manual_seed(0)
         model = Heads().double()
-        loss_fn = crl_ops.BalancedLoss(mode=mode, k=3, backend=backend, distributed=True, batch_sizes="equal")
+        loss_fn = crl_ops.BalancedLoss(mode=mode, k=k, backend=backend, distributed=True, batch_sizes="equal")
         run = torch.compile(step, backend="aot_eager") if compiled else step
         out = []
         for inputs, labels in batches:
@@ -307,7 +307,8 @@ def _rank_results(world_size, rank):
             results[f"ops/{batch_sizes}/{mode}-{form}"] = _ops_of_one_step(loss_fn, problem, equal_rows,
                                                                            _CountingTolist)
     for mode in MODES:
-        results[f"compiled/{mode}"] = _compiled_steps(world_size, rank, backend, mode)
+        for k in (3, 1) if mode == "class" else (3,):  # class mode k=1: partner rows
+            results[f"compiled/{mode}/{k}"] = _compiled_steps(world_size, rank, backend, mode, k)
     results["errors"] = _error_messages(world_size, rank)
     return results
 
@@ -327,6 +328,7 @@ def _error_messages(world_size, rank):
     wider = torch.cat([features, features[..., :1]], -1)
     with_nan = features.detach().clone()
     with_nan[0, 0, 0] = math.nan
+    with_nan.requires_grad_()  # as the other ranks' features: the same collectives in the backward
     nan_logits = [lg.detach().clone() for lg in logits]
     nan_logits[1][0, 0] = math.inf
     bad_label = labels.clone()
@@ -361,8 +363,14 @@ def _error_messages(world_size, rank):
         }
         for name, options in DISAGREEING_OPTIONS.items():
             got[f"option {name}"] = raised(crl(**(options if last else {})), features, logits, labels)
+        # What decides which collectives run: the caller, and which tensors take a gradient.
+        balanced = crl_ops.BalancedLoss(backend=backend, distributed=True, weight=0.5 if last else 1.0)
+        got["balanced weight"] = raised(balanced, features, logits, labels)
+        got["detached features"] = raised(crl(), features.detach() if last else features, logits, labels)
+        margin = torch.full((3,), 0.5, dtype=torch.float64, requires_grad=last)
+        got["margin requires grad"] = raised(crl(margin=margin), features, logits, labels)
         unchecked = crl(validate=False)
-        nan_features = with_nan.requires_grad_() if last else features
+        nan_features = with_nan if last else features
         loss = unchecked(nan_features, logits, labels)
         (grad,) = torch.autograd.grad(loss, nan_features)
         got["unchecked nan"] = {"loss": loss.detach(), "grad": grad}
@@ -550,10 +558,10 @@ def test_a_step_is_a_few_fused_ops(ranks, mode, form):
         assert len(forward + backward) <= 10
 
 
-@pytest.mark.parametrize("mode", MODES)
-def test_compiled_step_breaks_the_graph_only_at_the_batch_sizes(ranks, mode):
+@pytest.mark.parametrize("mode, k", [("instance", 3), ("class", 3), ("class", 1)])  # class k=1: partner rows
+def test_compiled_step_breaks_the_graph_only_at_the_batch_sizes(ranks, mode, k):
     _, per_rank = ranks
-    for result in (r[f"compiled/{mode}"] for r in per_rank):
+    for result in (r[f"compiled/{mode}/{k}"] for r in per_rank):
         # One place: the host-side batch sizes. Dynamo splits each enclosing frame there (the step,
         # BalancedLoss.forward, the distributed loss): the model, the input normalisation, the
         # rest of CRL with its collectives, and the cross-entropy each trace into one graph.
@@ -600,8 +608,9 @@ def test_bad_input_on_one_rank_raises_on_every_rank(ranks, backend):
         messages = result["errors"][backend]
         for name in ("feature size", "equal/feature size"):
             assert f"rank(s) [{last}] differ from rank 0" in messages[name]
-            assert f"rank {rank} has features [*, 3, {4 if rank == last else 3}]" in messages[name]
-        for name in ["logits format"] + [f"option {option}" for option in DISAGREEING_OPTIONS]:
+            assert f"rank {rank} has CRL: features [*, 3, {4 if rank == last else 3}]" in messages[name]
+        for name in ["logits format", "balanced weight", "detached features", "margin requires grad"] + [
+                f"option {option}" for option in DISAGREEING_OPTIONS]:
             assert messages[name] is not None and f"rank(s) [{last}] differ from rank 0" in messages[name], name
         # The single process's messages: the label's row in the concatenated batch, logits before features.
         assert messages["label"] == _single_process_error(problem, bad_label)
