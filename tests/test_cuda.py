@@ -514,7 +514,8 @@ def _distributed_steps(case, problem, device, partner_rows):
     first, rows = 10, case.batch // 2
     own = vectors[first:first + rows].contiguous().requires_grad_()
     mode = "class" if partner_rows else "instance"
-    mined = ops.shard_mine(own if partner_rows else batch.features.detach(), batch.logits.detach(), batch.labels,
+    checked = own.detach().expand(-1, len(case.num_classes), -1)  # class mode checks the rank's own rows
+    mined = ops.shard_mine(checked if partner_rows else batch.features.detach(), batch.logits.detach(), batch.labels,
                            classes, mode, case.k, 0.5, first, rows, partner_rows, True)
     _, _, _, anchors, partners, checks, lists = mined
     margins = torch.linspace(0.5, 2.0, len(case.num_classes), device=device, dtype=accumulation_dtype(case.dtype))
