@@ -23,6 +23,7 @@ with distributed=False (the fused native op). Per rank and step (forward + backw
 import argparse
 import datetime
 import importlib.util
+import inspect
 import json
 import os
 import platform
@@ -187,6 +188,9 @@ def _use_implementation(path):
     sys.modules["crl_ops.distributed"] = module
     spec.loader.exec_module(module)
     crl_ops.distributed = module
+    loss = module.class_rectification_loss
+    if len(inspect.signature(loss).parameters) == 3:  # before the caller was part of the layout
+        module.class_rectification_loss = lambda options, margin, batch, caller="CRL": loss(options, margin, batch)
 
 
 def _worker(rank, world, store, args, variant, out_path):
