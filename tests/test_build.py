@@ -37,12 +37,7 @@ def cache(tmp_path, monkeypatch):
 @pytest.fixture
 def fake_compiler(tmp_path, monkeypatch):
     """CXX is a script that logs each call to calls.txt and fails like a compiler."""
-    calls = tmp_path / "calls.txt"
-    script = tmp_path / "fake-c++"
-    script.write_text(f"#!/bin/sh\necho \"$@\" >> {calls}\necho 'fake.cpp:1:1: error: no OpenMP here'\nexit 1\n")
-    script.chmod(0o755)
-    monkeypatch.setenv("CXX", str(script))
-    return calls
+    return _failing_compiler(tmp_path, monkeypatch, "echo 'fake.cpp:1:1: error: no OpenMP here'\nexit 1")
 
 
 @pytest.fixture

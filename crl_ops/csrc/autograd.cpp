@@ -97,6 +97,41 @@ class PairDistances : public torch::autograd::Function<PairDistances> {
 
 constexpr int kDistancesInput = 0, kPairMarginsInput = 2;
 
+// PairSums and ShardSums save the same inputs, and their backward ops take the same arguments.
+void save_sums_inputs(AutogradContext* ctx, const Tensor& distances, const Tensor& partners, const Tensor& margins,
+                      const c10::optional<Tensor>& longest, c10::string_view form, double apc_margin, int64_t bins) {
+  ctx->saved_data["form"] = std::string(form);
+  ctx->saved_data["apc_margin"] = apc_margin;
+  ctx->saved_data["bins"] = bins;
+  ctx->saved_data["has_longest"] = longest.has_value();
+  ctx->save_for_backward({distances, partners, margins, longest.value_or(Tensor())});
+}
+
+using SumsBackward = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                                                 const c10::optional<Tensor>&, c10::string_view, double, int64_t, bool);
+using SumsBackwardOp = c10::TypedOperatorHandle<SumsBackward>;
+
+SumsBackwardOp sums_backward_op(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<SumsBackward>();
+}
+
+// The gradients of an op's `inputs` inputs from its backward op: distances and margins at the given
+// input indices.
+variable_list sums_backward(const SumsBackwardOp& op, AutogradContext* ctx, const Tensor& grad, int inputs,
+                            int distances_input, int margins_input) {
+  const auto saved = ctx->get_saved_variables();
+  const c10::optional<Tensor> longest =
+      ctx->saved_data["has_longest"].toBool() ? c10::optional<Tensor>(saved[3]) : c10::nullopt;
+  auto [grad_distances, grad_margins] =
+      op.call(grad, saved[0], saved[1], saved[2], longest, ctx->saved_data["form"].toStringRef(),
+              ctx->saved_data["apc_margin"].toDouble(), ctx->saved_data["bins"].toInt(),
+              ctx->needs_input_grad(margins_input));
+  variable_list result(inputs);
+  if (ctx->needs_input_grad(distances_input)) result[distances_input] = grad_distances;
+  if (ctx->needs_input_grad(margins_input)) result[margins_input] = grad_margins;
+  return result;
+}
+
 class PairSums : public torch::autograd::Function<PairSums> {
  public:
   static Tensor forward(AutogradContext* ctx, const Tensor& distances, const Tensor& partners, const Tensor& margins,
@@ -107,31 +142,13 @@ class PairSums : public torch::autograd::Function<PairSums> {
                                              c10::string_view, double, int64_t)>();
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     Tensor sums = op.call(distances, partners, margins, longest, form, apc_margin, bins);
-    ctx->saved_data["form"] = std::string(form);
-    ctx->saved_data["apc_margin"] = apc_margin;
-    ctx->saved_data["bins"] = bins;
-    ctx->saved_data["has_longest"] = longest.has_value();
-    ctx->save_for_backward({distances, partners, margins, longest.value_or(Tensor())});
+    save_sums_inputs(ctx, distances, partners, margins, longest, form, apc_margin, bins);
     return sums;
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    variable_list result(7);
-    static const auto op = c10::Dispatcher::singleton()
-                               .findSchemaOrThrow("crl_ops::pair_sums_backward", "")
-                               .typed<std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&,
-                                                                 const Tensor&, const c10::optional<Tensor>&,
-                                                                 c10::string_view, double, int64_t, bool)>();
-    const auto saved = ctx->get_saved_variables();
-    const c10::optional<Tensor> longest =
-        ctx->saved_data["has_longest"].toBool() ? c10::optional<Tensor>(saved[3]) : c10::nullopt;
-    auto [grad_distances, grad_margins] =
-        op.call(grads[0], saved[0], saved[1], saved[2], longest, ctx->saved_data["form"].toStringRef(),
-                ctx->saved_data["apc_margin"].toDouble(), ctx->saved_data["bins"].toInt(),
-                ctx->needs_input_grad(kPairMarginsInput));
-    if (ctx->needs_input_grad(kDistancesInput)) result[kDistancesInput] = grad_distances;
-    if (ctx->needs_input_grad(kPairMarginsInput)) result[kPairMarginsInput] = grad_margins;
-    return result;
+    static const auto op = sums_backward_op("crl_ops::pair_sums_backward");
+    return sums_backward(op, ctx, grads[0], 7, kDistancesInput, kPairMarginsInput);
   }
 };
 
@@ -150,30 +167,13 @@ class ShardSums : public torch::autograd::Function<ShardSums> {
                                              c10::string_view, double, int64_t)>();
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     Tensor partial = op.call(distances, partners, anchors, margins, longest, overflow, checks, form, apc_margin, bins);
-    ctx->saved_data["form"] = std::string(form);
-    ctx->saved_data["apc_margin"] = apc_margin;
-    ctx->saved_data["bins"] = bins;
-    ctx->saved_data["has_longest"] = longest.has_value();
-    ctx->save_for_backward({distances, partners, margins, longest.value_or(Tensor())});
+    save_sums_inputs(ctx, distances, partners, margins, longest, form, apc_margin, bins);
     return partial;
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    variable_list result(kShardSumsInputs);
-    static const auto op = c10::Dispatcher::singleton()
-                               .findSchemaOrThrow("crl_ops::shard_sums_backward", "")
-                               .typed<std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&,
-                                                                 const Tensor&, const c10::optional<Tensor>&,
-                                                                 c10::string_view, double, int64_t, bool)>();
-    const auto saved = ctx->get_saved_variables();
-    const c10::optional<Tensor> longest =
-        ctx->saved_data["has_longest"].toBool() ? c10::optional<Tensor>(saved[3]) : c10::nullopt;
-    auto [grad_distances, grad_margins] =
-        op.call(grads[0], saved[0], saved[1], saved[2], longest, ctx->saved_data["form"].toStringRef(),
-                ctx->saved_data["apc_margin"].toDouble(), ctx->saved_data["bins"].toInt(), ctx->needs_input_grad(3));
-    if (ctx->needs_input_grad(0)) result[0] = grad_distances;
-    if (ctx->needs_input_grad(3)) result[3] = grad_margins;
-    return result;
+    static const auto op = sums_backward_op("crl_ops::shard_sums_backward");
+    return sums_backward(op, ctx, grads[0], kShardSumsInputs, 0, 3);
   }
 };
 
