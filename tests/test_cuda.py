@@ -488,7 +488,7 @@ def test_pair_ops_match_cpu_kernels(case, form, gpu):
 
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
 def test_class_lists_match_cpu_kernels(case, gpu):
-    """distributed=True, class mode: the class lists of a rank's rows, bitwise the CPU's."""
+    """The class lists (distributed=True builds class mode's partner table from them), bitwise the CPU's."""
     problem = problem_of(case, seed=5)
 
     def compute(device):

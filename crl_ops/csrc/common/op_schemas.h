@@ -25,7 +25,7 @@ inline void define_op_schemas(torch::Library& m) {
   // positives (the lowest p(c) in class c) and negatives (the highest p(c) among the other annotated
   // samples) among the B rows, best first: keys p(c) [A, Cmax, 2K] in the accumulation dtype and
   // indices [A, Cmax, 2K] int64 (-1, key +inf for positives and -inf for negatives, where fewer).
-  // crl_ops.distributed merges the lists of the ranks' own rows.
+  // shard_mine (crl_ops.distributed) builds class mode's partner table from the same lists.
   m.def("class_lists(Tensor logits, Tensor labels, Tensor num_classes, Tensor? active, int k, bool validate) -> "
         "(Tensor keys, Tensor indices)");
   // Section 2, for the anchor rows first_anchor..first_anchor + num_anchors against all B
