@@ -51,7 +51,7 @@ import torch.distributed._functional_collectives as fc
 from torch import Tensor
 
 from . import _backends, reference
-from ._inputs import Batch, accumulation_dtype
+from ._inputs import Batch, accumulation_dtype, cached_tensor
 
 # torch 2.14 renamed the collectives (the old names warn); torch 2.4 has the old ones.
 _ALL_GATHER = getattr(fc, "all_gather_single", None) or fc.all_gather_tensor
@@ -212,17 +212,12 @@ def _gather_rows(sizes: tuple, parts: list) -> list:
     return out
 
 
-_TOKENS: dict = {}  # dtype -> a 0-dim tensor whose views carry grad_scale back (see _GatherRows)
-
-
-def _token(dtype: torch.dtype) -> Tensor:
+def _token(dtype: torch.dtype, device: torch.device) -> Tensor:
     """A view of a constant 0-dim tensor, an output of the autograd functions below whose gradient is
     shard_loss's grad_scale (passed by _WithGradScale): how the factor of the gradient convention,
-    known only after the all-reduce, reaches the backward that returns the ranks' gradients."""
-    token = _TOKENS.get(dtype)
-    if token is None:
-        token = _TOKENS[dtype] = torch.zeros((), dtype=dtype)
-    return token.view_as(token)
+    known only after the all-reduce, reaches the backward that returns the ranks' gradients. On
+    the vectors' device, as autograd requires of a gradient."""
+    return cached_tensor((0.0,), dtype, device)[0]
 
 
 class _GatherRows(torch.autograd.Function):
@@ -237,7 +232,7 @@ class _GatherRows(torch.autograd.Function):
         gathered = _gather_rows(sizes, [(vectors, 0)] + [(t.detach(), fill) for t, fill in steering])
         ctx.mark_non_differentiable(*gathered[1:])
         ctx.set_materialize_grads(False)  # the steering tensors take no zero-filled gradients
-        return (*gathered, _token(token_dtype))
+        return (*gathered, _token(token_dtype, vectors.device))
 
     @staticmethod
     def backward(ctx, grad: Tensor, *rest):
@@ -266,7 +261,7 @@ class _PartnerDistances(torch.autograd.Function):
         ctx.first, ctx.backend = first, backend
         ctx.mark_non_differentiable(overflow, longest)
         ctx.set_materialize_grads(False)
-        return d, overflow, longest, _token(token_dtype)
+        return d, overflow, longest, _token(token_dtype, vectors.device)
 
     @staticmethod
     def backward(ctx, grad: Tensor, _overflow, _longest, grad_scale: Tensor):
