@@ -131,7 +131,8 @@ def _layout(options, margin, batch: Batch, vectors: Tensor, caller: str) -> str:
         f"{caller}: features [*, {', '.join(map(str, features.shape[1:]))}] {features.dtype}"
         f"{' (shared by all attributes)' if _shares_features(features) else ''} on {features.device.type}, "
         f"logits [*, {', '.join(map(str, logits.shape[1:]))}] {logits.dtype} with classes {batch.num_classes}, "
-        f"CRL vectors {vectors.dtype}{' requiring grad' if vectors.requires_grad else ''}, options mode={options.mode} form={options.form} k={options.k} "
+        f"CRL vectors {vectors.dtype}{' requiring grad' if vectors.requires_grad else ''}, "
+        f"options mode={options.mode} form={options.form} k={options.k} "
         f"margin={_margin_text(margin)} apc_margin={options.apc_margin} bins={options.bins} "
         f"threshold={options.threshold} normalize={options.normalize} reduction={options.reduction} "
         f"distance={options.distance} validate={options.validate} batch_sizes={options.batch_sizes}"
@@ -229,7 +230,7 @@ class _GatherRows(torch.autograd.Function):
     @staticmethod
     def forward(ctx, sizes: tuple, vectors: Tensor, steering: tuple, token_dtype: torch.dtype):
         ctx.sizes, ctx.own = sizes, vectors.shape[0]
-        gathered = _gather_rows(sizes, [(vectors, 0)] + [(t.detach(), fill) for t, fill in steering])
+        gathered = _gather_rows(sizes, [(vectors, 0), *steering])  # forward runs without autograd
         ctx.mark_non_differentiable(*gathered[1:])
         ctx.set_materialize_grads(False)  # the steering tensors take no zero-filled gradients
         return (*gathered, _token(token_dtype, vectors.device))
@@ -320,7 +321,8 @@ class _Replicated(torch.autograd.Function):
 
 def _own_rows(t: Tensor, first: int, own: int, total: int, fill) -> Tensor:
     """[total, ...]: this rank's rows of `t` at first..first + own, `fill` elsewhere."""
-    return torch.cat([t.new_full((first, *t.shape[1:]), fill), t, t.new_full((total - first - own, *t.shape[1:]), fill)])
+    before, after = t.new_full((first, *t.shape[1:]), fill), t.new_full((total - first - own, *t.shape[1:]), fill)
+    return torch.cat([before, t, after])
 
 
 def class_rectification_loss(options, margin, batch: Batch, caller: str = "CRL"):

@@ -506,32 +506,30 @@ def shard_mine(vectors: Optional[Tensor], logits: Tensor, labels: Tensor, num_cl
     return counts, minority, active, anchors, partners, torch.stack([~logits_finite, ~all_finite]), lists
 
 
-def _owned_entries(lists: Tensor, first_anchor: int, rows: int):
-    """(row of this rank, whether owned) of each table entry [Cmax 2K, A]."""
+def _owned_entries(lists: Tensor, first_anchor: int, rows: Tensor):
+    """Where each table entry [Cmax 2K, A] stands among this rank's rows [R, Ax, D]: (row, column:
+    its attribute, or 0 for vectors shared by the attributes, whether this rank owns it)."""
     local = lists.permute(1, 2, 0).reshape(-1, lists.shape[0]) - first_anchor
-    owned = (local >= 0) & (local < rows)
+    owned = (local >= 0) & (local < rows.shape[0])
     column = torch.arange(lists.shape[0], device=lists.device).expand_as(local)
-    return torch.where(owned, local, 0), owned, column
+    return torch.where(owned, local, 0), column if rows.shape[1] > 1 else torch.zeros_like(column), owned
 
 
 def shard_table(vectors: Tensor, lists: Tensor, first_anchor: int) -> Tensor:
     """This rank's entries of the partner table [Cmax 2K, A, D]: table[c 2K + s, j] = the vector of
     row lists[j, c, s] for attribute j where this rank holds that row (vectors [R, Ax, D] are rows
     first_anchor..), 0 elsewhere."""
-    local, owned, column = _owned_entries(lists, first_anchor, vectors.shape[0])
+    row, column, owned = _owned_entries(lists, first_anchor, vectors)
     if vectors.shape[0] == 0:
-        return vectors.new_zeros((*local.shape, vectors.shape[2]))
-    picked = vectors.expand(-1, lists.shape[0], -1)[local, column]
-    return torch.where(owned[..., None], picked, 0.0)
+        return vectors.new_zeros((*row.shape, vectors.shape[2]))
+    return torch.where(owned[..., None], vectors[row, column], 0.0)
 
 
 def shard_table_backward(grad_table: Tensor, grad_rows: Tensor, lists: Tensor, first_anchor: int,
                          grad_scale: Tensor) -> Tensor:
     """grad_rows [R, Ax, D] plus the table's gradient at this rank's entries, times grad_scale."""
-    local, owned, column = _owned_entries(lists, first_anchor, grad_rows.shape[0])
-    if grad_rows.shape[1] == 1:
-        column = torch.zeros_like(column)
-    grad = grad_rows.clone().index_put_((local[owned], column[owned]), grad_table[owned].to(grad_rows.dtype),
+    row, column, owned = _owned_entries(lists, first_anchor, grad_rows)
+    grad = grad_rows.clone().index_put_((row[owned], column[owned]), grad_table[owned].to(grad_rows.dtype),
                                         accumulate=True)
     return grad * grad_scale
 

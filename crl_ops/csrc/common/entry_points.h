@@ -157,13 +157,13 @@ struct EntryPoints {
     auto [counts, minority, active] = Device::profile(labels, num_classes, max_classes_of(logits), threshold, validate);
     // The values of this rank's rows only: their flags are summed over the ranks (shard_loss raises).
     const Tensor own_logits = logits.narrow(0, first_anchor, num_anchors);
-    const Tensor logits_finite = Device::as_tensor(Device::check_finite(Tensor(), own_logits, num_classes, false), labels);
+    auto finite = [&](const Tensor& own_vectors) {
+      return Device::as_tensor(Device::check_finite(own_vectors, own_logits, num_classes, false), labels);
+    };
+    const Tensor logits_finite = finite(Tensor());
     const Tensor all_finite =
-        vectors.has_value()
-            ? Device::as_tensor(Device::check_finite(mining == Mode::Class ? *vectors
-                                                                           : vectors->narrow(0, first_anchor, num_anchors),
-                                                     own_logits, num_classes, false), labels)
-            : logits_finite;
+        !vectors.has_value() ? logits_finite
+                             : finite(mining == Mode::Class ? *vectors : vectors->narrow(0, first_anchor, num_anchors));
     const Tensor checks = at::stack({logits_finite.logical_not(), all_finite.logical_not()});
     Tensor anchors, partners, lists = at::empty({0}, labels.options());
     if (partner_rows) {
@@ -234,7 +234,8 @@ struct EntryPoints {
                            const Tensor& margins, const c10::optional<Tensor>& longest, const Tensor& overflow,
                            const Tensor& checks, c10::string_view form, double apc_margin, int64_t bins) {
     const Form loss_form = parse_form(form);
-    check_shard_sums_args(distances, partners, anchors, margins, longest, overflow, checks, loss_form, apc_margin, bins);
+    check_shard_sums_args(distances, partners, anchors, margins, longest, overflow, checks, loss_form, apc_margin,
+                          bins);
     typename Device::Guard guard(distances);
     const Tensor sums = Device::pair_sums(distances.contiguous(), partners.contiguous(), margins,
                                           longest.value_or(Tensor()), loss_form, apc_margin, bins);
@@ -251,7 +252,7 @@ struct EntryPoints {
     const PartialLayout layout{loss_form, partners.size(1), bins};
     check_partial(grad, "grad", layout);
     typename Device::Guard guard(distances);
-    const Tensor grad_sums = grad.narrow(0, 0, layout.sums()).view(layout.sums_shape()).to(distances.scalar_type());
+    const Tensor grad_sums = sums_of(grad, layout, distances.scalar_type());
     return Device::pair_sums_backward(grad_sums, distances.contiguous(), partners.contiguous(), margins,
                                       longest.value_or(Tensor()), loss_form, apc_margin, bins, margins_grad);
   }
@@ -272,7 +273,7 @@ struct EntryPoints {
       require_clear(flags[0], overflow_message(dtype));
     }
     auto [loss, failed] = loss_of_total(total, layout, mean, dtype);
-    const Tensor pair_counts = total.narrow(0, layout.counts(), 4 * num_attributes).view({num_attributes, 4}).to(at::kLong);
+    const Tensor pair_counts = counts_of(total, layout, at::kLong);
     const Tensor grad_scale = at::where(failed, std::numeric_limits<double>::quiet_NaN(),
                                         at::scalar_tensor(static_cast<double>(world_size), loss.options()));
     return {loss, pair_counts, grad_scale};

@@ -293,10 +293,13 @@ inline void check_shard_sums_args(const at::Tensor& distances, const at::Tensor&
                     "crl_ops: anchors must be a bool tensor [R, A] = [", partners.size(0), ", ", partners.size(1),
                     "], got ", anchors.scalar_type(), " ", anchors.sizes());
   TORCH_CHECK_VALUE(overflow.dim() == 0 && overflow.scalar_type() == at::kBool,
-                    "crl_ops: overflow must be a 0-dim bool tensor, got ", overflow.scalar_type(), " ", overflow.sizes());
+                    "crl_ops: overflow must be a 0-dim bool tensor, got ", overflow.scalar_type(), " ",
+                    overflow.sizes());
   TORCH_CHECK_VALUE(checks.dim() == 1 && checks.size(0) == 2 && checks.scalar_type() == at::kBool,
                     "crl_ops: checks must be a bool tensor [2], got ", checks.scalar_type(), " ", checks.sizes());
-  for (const at::Tensor* t : {&anchors, &overflow, &checks}) check_same_device(*t, "every argument", distances, "distances");
+  for (const at::Tensor* t : {&anchors, &overflow, &checks}) {
+    check_same_device(*t, "every argument", distances, "distances");
+  }
 }
 
 // vectors [R, Ax, D] (floating) and the class lists [A, Cmax, 2K] int64 of shard_table.

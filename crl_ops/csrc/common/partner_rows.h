@@ -47,35 +47,39 @@ inline Tensor joined_partners(const Tensor& partners, const Tensor& labels) {
 
 // [own rows (per attribute); table]: the vectors pair_distances reads.
 inline Tensor joined_vectors(const Tensor& vectors, const Tensor& table) {
-  return at::cat({vectors.expand({vectors.size(0), table.size(1), vectors.size(2)}), table.to(vectors.scalar_type())});
+  return at::cat({vectors.expand({vectors.size(0), table.size(1), vectors.size(2)}), table});
 }
 
-// (the entries of the table this rank owns as indices into its rows, whether owned) [Cmax 2K, A].
-inline std::tuple<Tensor, Tensor> owned_entries(const Tensor& lists, int64_t first, int64_t rows) {
+// Where each table entry [Cmax 2K, A] stands among this rank's rows [R, Ax, D] (rows first..):
+// (row, column: its attribute, or 0 for vectors shared by the attributes, whether this rank owns it).
+struct OwnedEntries {
+  Tensor row, column, owned;
+};
+
+inline OwnedEntries owned_entries(const Tensor& lists, int64_t first, const Tensor& rows) {
   const Tensor local = lists.permute({1, 2, 0}).reshape({-1, lists.size(0)}) - first;
-  const Tensor owned = local.ge(0).logical_and(local.lt(rows));
-  return {at::where(owned, local, 0), owned};
+  const Tensor owned = local.ge(0).logical_and(local.lt(rows.size(0)));
+  const Tensor column = rows.size(1) == 1 ? at::zeros_like(local)
+                                          : attribute_index(lists.size(0), local).expand_as(local);
+  return {at::where(owned, local, 0), column, owned};
 }
 
 // The table [Cmax 2K, A, D] with the vectors [R, Ax, D] of this rank's rows first..first + R, 0 elsewhere.
 inline Tensor fill_table(const Tensor& vectors, const Tensor& lists, int64_t first) {
-  const int64_t attributes = lists.size(0);
-  auto [local, owned] = owned_entries(lists, first, vectors.size(0));
-  Tensor table = at::zeros({local.size(0), attributes, vectors.size(2)}, vectors.options());
+  const OwnedEntries entries = owned_entries(lists, first, vectors);
+  Tensor table = at::zeros({entries.row.size(0), lists.size(0), vectors.size(2)}, vectors.options());
   if (vectors.size(0) == 0) return table;
-  const Tensor column = vectors.size(1) == 1 ? at::zeros_like(local) : attribute_index(attributes, local).expand_as(local);
-  return at::where(owned.unsqueeze(2), vectors.index({local, column}), table).contiguous();
+  return at::where(entries.owned.unsqueeze(2), vectors.index({entries.row, entries.column}), table).contiguous();
 }
 
 // The gradient of this rank's rows [R, Ax, D]: grad_rows plus the table's gradient at the entries
 // they own, times grad_scale (0-dim).
 inline Tensor fill_table_backward(const Tensor& grad_table, const Tensor& grad_rows, const Tensor& lists,
                                   int64_t first, const Tensor& grad_scale) {
-  auto [local, owned] = owned_entries(lists, first, grad_rows.size(0));
+  const OwnedEntries entries = owned_entries(lists, first, grad_rows);
   Tensor grad = grad_rows.clone(at::MemoryFormat::Contiguous);
-  const Tensor column = grad.size(1) == 1 ? at::zeros_like(local) : attribute_index(lists.size(0), local).expand_as(local);
-  grad.index_put_({local.masked_select(owned), column.masked_select(owned)},
-                  grad_table.index({owned}).to(grad.scalar_type()), /*accumulate=*/true);
+  grad.index_put_({entries.row.masked_select(entries.owned), entries.column.masked_select(entries.owned)},
+                  grad_table.index({entries.owned}).to(grad.scalar_type()), /*accumulate=*/true);
   return grad.mul_(grad_scale);
 }
 

@@ -20,19 +20,29 @@ struct Sums {
   at::Tensor first, second, first_count, second_count;
 };
 
-inline at::Tensor counts_of(const at::Tensor& total, const PartialLayout& layout, at::ScalarType dtype) {
-  return total.narrow(0, layout.counts(), 4 * layout.attributes).view({layout.attributes, 4}).to(dtype);
+// 0-dim bool: whether any rank set a flag.
+inline at::Tensor flags_set(const at::Tensor& total, const PartialLayout& layout) {
+  return total.narrow(0, layout.flags(), 3).gt(0).any();
 }
 
 }  // namespace shard_detail
+
+// The pair_sums part of the partial vector `total` (or of a gradient of it), in `dtype`.
+inline at::Tensor sums_of(const at::Tensor& total, const PartialLayout& layout, at::ScalarType dtype) {
+  return total.narrow(0, 0, layout.sums()).view(layout.sums_shape()).to(dtype);
+}
+
+// The pair counts [A, 4] of the partial vector `total`, in `dtype`.
+inline at::Tensor counts_of(const at::Tensor& total, const PartialLayout& layout, at::ScalarType dtype) {
+  return total.narrow(0, layout.counts(), 4 * layout.attributes).view({layout.attributes, 4}).to(dtype);
+}
 
 // (loss, flags set: a 0-dim bool) of the summed partial vector `total`, in `dtype`.
 inline std::tuple<at::Tensor, at::Tensor> loss_of_total(const at::Tensor& total, const PartialLayout& layout,
                                                         Reduction reduction, at::ScalarType dtype) {
   using namespace shard_detail;
-  const at::Tensor sums = total.narrow(0, 0, layout.sums()).view(layout.sums_shape()).to(dtype);
-  const at::Tensor counts = counts_of(total, layout, dtype);
-  const at::Tensor failed = total.narrow(0, layout.flags(), 3).gt(0).any();
+  const at::Tensor sums = sums_of(total, layout, dtype), counts = counts_of(total, layout, dtype);
+  const at::Tensor failed = flags_set(total, layout);
   at::Tensor loss;
   if (layout.form == Form::Distribution) {  // Eq. 12-14, the mean over attributes with both pair kinds
     const at::Tensor positives = counts.select(1, 1), negatives = counts.select(1, 2);
@@ -69,8 +79,7 @@ inline std::tuple<at::Tensor, at::Tensor> loss_of_total(const at::Tensor& total,
 inline at::Tensor loss_of_total_backward(const at::Tensor& grad, const at::Tensor& total, const PartialLayout& layout,
                                          Reduction reduction, at::ScalarType dtype) {
   using namespace shard_detail;
-  const at::Tensor sums = total.narrow(0, 0, layout.sums()).view(layout.sums_shape()).to(dtype);
-  const at::Tensor counts = counts_of(total, layout, dtype);
+  const at::Tensor sums = sums_of(total, layout, dtype), counts = counts_of(total, layout, dtype);
   const at::Tensor g = grad.to(dtype);
   at::Tensor first, second;  // d loss / d (the two columns of the sums)
   if (layout.form == Form::Distribution) {
@@ -94,14 +103,16 @@ inline at::Tensor loss_of_total_backward(const at::Tensor& grad, const at::Tenso
       first = per_attribute / first_count.clamp_min(1);
       second = relative ? at::zeros_like(first) : per_attribute / second_count.clamp_min(1);
     } else {
-      first = (half * g / first_count.sum().clamp_min(1)).expand({layout.attributes});
-      second = relative ? at::zeros_like(first) : (half * g / second_count.sum().clamp_min(1)).expand({layout.attributes});
+      const auto pooled = [&](const at::Tensor& count) {
+        return (half * g / count.sum().clamp_min(1)).expand({layout.attributes});
+      };
+      first = pooled(first_count);
+      second = relative ? at::zeros_like(first) : pooled(second_count);
     }
   }
   at::Tensor result = at::zeros({layout.size()}, total.options());
   result.narrow(0, 0, layout.sums()).view(layout.sums_shape()).copy_(at::stack({first, second}, 1));
-  const at::Tensor failed = total.narrow(0, layout.flags(), 3).gt(0).any();
-  return at::where(failed, std::numeric_limits<double>::quiet_NaN(), result);
+  return at::where(flags_set(total, layout), std::numeric_limits<double>::quiet_NaN(), result);
 }
 
 }  // namespace crl
