@@ -155,16 +155,14 @@ struct Softmax {
 
   static constexpr int kLanes = 32;
 
-  // The butterfly sum of 32 lane values, as __shfl_xor_sync rounds leave it in every lane.
-  CRL_HD static Acc butterfly(Acc* lanes) {
-    for (int offset = kLanes / 2; offset > 0; offset /= 2) {
-      for (int l = 0; l < kLanes; ++l) {
-        if ((l & offset) == 0) {
-          const Acc total = lanes[l] + lanes[l ^ offset];
-          lanes[l] = total;
-          lanes[l ^ offset] = total;
-        }
-      }
+  // The butterfly sum of 32 lane values, as __shfl_xor_sync rounds leave it in lane 0. Lanes from
+  // `used` (a power of two) on hold +0, and every lane holds +0 or more, or NaN: the rounds with
+  // offsets from `used` up add +0 to the lanes below `used`, which leaves them as they are, and
+  // lane 0 reads at each round only the lanes below twice its offset. So only the rounds below
+  // `used`, and only their lower lanes, run: bitwise the sum of the full butterfly.
+  CRL_HD static Acc butterfly(Acc* lanes, int used) {
+    for (int offset = used / 2; offset > 0; offset /= 2) {
+      for (int l = 0; l < offset; ++l) lanes[l] = lanes[l] + lanes[l + offset];
     }
     return lanes[0];
   }
@@ -182,10 +180,12 @@ struct Softmax {
   template <typename T>
   CRL_HD static Softmax of(const LogitsRow<T>& row) {
     const Acc top = row_max(row);
+    int used = 1;  // the lanes that take a class, rounded up to a power of two
+    while (used < kLanes && used < row.classes) used *= 2;
     Acc lanes[kLanes];
-    for (int l = 0; l < kLanes; ++l) lanes[l] = Acc(0);
+    for (int l = 0; l < used; ++l) lanes[l] = Acc(0);
     for (int64_t c = 0; c < row.classes; ++c) lanes[c % kLanes] += exp_nonpositive(row.template logit<Acc>(c) - top);
-    return {top, butterfly(lanes)};
+    return {top, butterfly(lanes, used)};
   }
 
   CRL_HD Acc probability(Acc z) const { return exp_nonpositive(z - max) / sum; }
