@@ -486,16 +486,20 @@ def test_pair_ops_match_cpu_kernels(case, form, gpu):
         torch.testing.assert_close(got_grad.double(), want_grad.double(), rtol=grad_tol, atol=grad_tol * scale)
 
 
+@pytest.mark.parametrize("active", [False, True], ids=["every-class", "active-classes"])
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
-def test_class_lists_match_cpu_kernels(case, gpu):
-    """The class lists (distributed=True builds class mode's partner table from them), bitwise the CPU's."""
+def test_class_lists_match_cpu_kernels(case, active, gpu):
+    """The class lists (distributed=True builds class mode's partner table from them), bitwise the
+    CPU's: of every class, and of the profile's active classes alone (empty lists elsewhere)."""
     problem = problem_of(case, seed=5)
 
     def compute(device):
         features, logits, labels, _, _ = problem.inputs(case.dtype, device)
         batch = normalise(features, logits, labels)
-        return [t.cpu() for t in torch.ops.crl_ops.class_lists(batch.logits.detach(), batch.labels,
-                                                                 batch.classes_tensor(), None, case.k, True)]
+        classes = batch.classes_tensor()
+        wanted = torch.ops.crl_ops.profile(batch.labels, classes, batch.max_classes, 0.5, True)[2] if active else None
+        return [t.cpu() for t in torch.ops.crl_ops.class_lists(batch.logits.detach(), batch.labels, classes, wanted,
+                                                                 case.k, True)]
 
     want_keys, want_lists = compute("cpu")
     got_keys, got_lists = on_device(gpu, lambda: compute(gpu.device), runs=case.emulated_runs)

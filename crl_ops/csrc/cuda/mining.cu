@@ -232,8 +232,21 @@ struct ClassArgs {
   Values logits;
   bool binary;
   MiningRows m;
-  const void* softmax;  // [B, A] Softmax<Acc>, or null: computed per row
+  const void* softmax;    // [B, A] Softmax<Acc>, or null: computed per row
+  void* list_keys;        // class_lists: [A, Cmax, 2K] accumulation type; or null
+  int64_t* list_indices;  // class_lists: [A, Cmax, 2K]
 };
+
+// class_lists' entries of list jc: slot p < K of its positives, then of its negatives; an empty
+// slot is kEmpty with the empty key, as cpu::class_lists writes it.
+template <typename Acc>
+__device__ void write_list_slot(const ClassArgs& args, int64_t jc, int side, int p, int32_t index, Acc key) {
+  const int64_t at = (jc * 2 + side) * args.m.k + p;
+  const bool empty = index == kEmptyIndex;
+  args.list_indices[at] = empty ? kEmpty : index;
+  static_cast<Acc*>(args.list_keys)[at] =
+      !empty ? key : (side == 0 ? empty_key<false, Acc>() : empty_key<true, Acc>());
+}
 
 template <typename T, int R>
 __global__ void __launch_bounds__(kListWarps * kWarp) class_lists_kernel(ClassArgs args) {
@@ -256,8 +269,13 @@ __global__ void __launch_bounds__(kListWarps * kWarp) class_lists_kernel(ClassAr
   const Softmax<Acc>* normalisers = static_cast<const Softmax<Acc>*>(args.softmax);
 
   for (int64_t jc = blockIdx.x; jc < m.attributes * m.max_classes; jc += gridDim.x) {
-    if (!m.active[jc]) continue;
     const int64_t j = jc / m.max_classes, c = jc % m.max_classes, c_j = classes_of(m, j);
+    if (c >= c_j || (m.active != nullptr && !m.active[jc])) {  // null active: class_lists of every class
+      for (int p = threadIdx.x; args.list_indices != nullptr && p < 2 * k; p += blockDim.x) {
+        write_list_slot<Acc>(args, jc, p / k, p % k, kEmptyIndex, Acc(0));
+      }
+      continue;
+    }
     __syncthreads();  // the previous list's rows are written
     auto pos = positives(warp);
     auto neg = negatives(warp);
@@ -299,9 +317,15 @@ __global__ void __launch_bounds__(kListWarps * kWarp) class_lists_kernel(ClassAr
       }
     }
     __syncthreads();
+    const auto merged_pos = positives(0);
+    const auto merged_neg = negatives(0);
+    for (int p = threadIdx.x; args.list_indices != nullptr && p < k; p += blockDim.x) {
+      write_list_slot<Acc>(args, jc, 0, p, merged_pos.index[p], merged_pos.keys[p]);
+      write_list_slot<Acc>(args, jc, 1, p, merged_neg.index[p], merged_neg.keys[p]);
+    }
     // The rows of the class's anchors: its K hardest positives (without the anchor) and negatives.
-    const int32_t* hard_pos = positives(0).index;
-    const int32_t* hard_neg = negatives(0).index;
+    const int32_t* hard_pos = merged_pos.index;
+    const int32_t* hard_neg = merged_neg.index;
     for (int64_t base = m.first; base < m.first + m.rows; base += blockDim.x) {
       const int64_t i = base + threadIdx.x;
       const int64_t label = i < m.first + m.rows ? m.labels[i * m.attributes + j] : kEmpty;
@@ -605,44 +629,6 @@ __global__ void __launch_bounds__(InstanceTile<Acc, R>::kWarps * kWarp) instance
   }
 }
 
-// ---- class lists of all rows (distributed=True, class mode: a rank's own rows) ----------------------------
-
-// One thread per list (attribute j, class c, side): the K hardest positives (side 0: the lowest
-// p(c) in class c) or negatives (side 1: the highest p(c) among the other annotated samples),
-// offered in increasing sample index as cpu::class_lists does, so the lists are the CPU's.
-template <typename T>
-__global__ void __launch_bounds__(kThreads) all_class_lists_kernel(Values logits, bool binary, const int64_t* labels,
-                                                                   const int64_t* num_classes, const bool* active,
-                                                                   int64_t batch,
-                                                                   int64_t attributes, int64_t max_classes, int64_t k,
-                                                                   acc_t<T>* keys, int32_t* scratch,
-                                                                   int64_t* indices) {
-  using Acc = acc_t<T>;
-  CRL_GRID_STRIDE(list, attributes * max_classes * 2) {
-    const int64_t side = list % 2, c = (list / 2) % max_classes, j = list / (2 * max_classes);
-    const int64_t raw = num_classes[j], c_j = raw < 0 ? 0 : (raw < max_classes ? raw : max_classes);
-    Acc* list_keys = keys + list * k;
-    int32_t* list_index = scratch + list * k;
-    int64_t count = 0;
-    const bool wanted = c < c_j && (active == nullptr || active[j * max_classes + c]);
-    for (int64_t i = 0; wanted && i < batch; ++i) {
-      const int64_t label = labels[i * attributes + j];
-      if (!is_annotated(label, c_j) || (label == c) != (side == 0)) continue;
-      const LogitsRow<T> row = logits_row<T>(logits, binary, i, j, c_j);
-      const Acc key = Softmax<Acc>::of(row).probability(row.template logit<Acc>(c));
-      if (side == 0) {
-        offer_dynamic<false>(list_keys, list_index, count, k, key, static_cast<int32_t>(i));
-      } else {
-        offer_dynamic<true>(list_keys, list_index, count, k, key, static_cast<int32_t>(i));
-      }
-    }
-    for (int64_t q = 0; q < k; ++q) {
-      indices[list * k + q] = q < count ? list_index[q] : kEmpty;
-      if (q >= count) list_keys[q] = side == 0 ? empty_key<false, Acc>() : empty_key<true, Acc>();
-    }
-  }
-}
-
 // ---- launches ---------------------------------------------------------------------------------------------
 
 template <typename F>
@@ -718,12 +704,16 @@ size_t mine_class_workspace(const MiningRows& m, const Values& logits, bool bina
   return softmax_scratch_needed(m, binary) ? 2 * accumulation_size(logits.dtype) * m.batch * m.attributes : 0;
 }
 
-void launch_mine_class(const Values& logits, bool binary, const MiningRows& m, void* workspace, cudaStream_t stream) {
-  if (m.rows == 0) return;  // no outputs (rows <= batch)
+namespace {
+
+// The rows kernel where the lists need the softmax normalisers (or mine_class its anchors' rows),
+// then one block per (attribute, class) list.
+void launch_lists(const Values& logits, bool binary, const MiningRows& m, void* workspace, void* list_keys,
+                  int64_t* list_indices, cudaStream_t stream) {
   RowsArgs rows = rows_args(logits, binary, m);
   rows.softmax = softmax_scratch_needed(m, binary) ? workspace : nullptr;
-  launch_rows(rows, stream);
-  const ClassArgs args{logits, binary, m, rows.softmax};
+  if (m.rows > 0 || rows.softmax != nullptr) launch_rows(rows, stream);
+  const ClassArgs args{logits, binary, m, rows.softmax, list_keys, list_indices};
   dispatch_dtype(logits.dtype, [&](auto typed) {
     using T = typename decltype(typed)::type;
     dispatch_list_registers(m.k, [&](auto registers) {
@@ -734,18 +724,17 @@ void launch_mine_class(const Values& logits, bool binary, const MiningRows& m, v
   });
 }
 
-void launch_class_lists(const Values& logits, bool binary, const int64_t* labels, const int64_t* num_classes,
-                        const bool* active, int64_t batch, int64_t attributes, int64_t max_classes, int64_t k, void* keys,
-                        int64_t* indices, void* workspace, cudaStream_t stream) {
-  const int64_t lists = attributes * max_classes * 2;
-  if (lists == 0) return;
-  dispatch_dtype(logits.dtype, [&](auto typed) {
-    using T = typename decltype(typed)::type;
-    CRL_LAUNCH(blocks_for(lists), kThreads, 0, stream, all_class_lists_kernel<T>)(
-        logits, binary, labels, num_classes, active, batch, attributes, max_classes, k, static_cast<acc_t<T>*>(keys),
-        static_cast<int32_t*>(workspace), indices);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
+}  // namespace
+
+void launch_mine_class(const Values& logits, bool binary, const MiningRows& m, void* workspace, cudaStream_t stream) {
+  if (m.rows == 0) return;  // no outputs (rows <= batch)
+  launch_lists(logits, binary, m, workspace, nullptr, nullptr, stream);
+}
+
+void launch_class_lists(const Values& logits, bool binary, const MiningRows& m, void* keys, int64_t* indices,
+                        void* workspace, cudaStream_t stream) {
+  if (m.attributes * m.max_classes == 0) return;
+  launch_lists(logits, binary, m, workspace, keys, indices, stream);
 }
 
 size_t mine_instance_workspace(const MiningRows& m) {

@@ -28,7 +28,7 @@ void launch_profile(const int64_t* labels, const int64_t* num_classes, int64_t b
 struct MiningRows {
   const int64_t* labels;
   const int64_t* num_classes;
-  const bool* active;
+  const bool* active;  // null: every class (class_lists)
   int64_t batch, attributes, max_classes, k;
   int64_t first, rows;  // the anchor rows first..first + rows
   bool* anchors;
@@ -43,12 +43,13 @@ size_t mine_class_workspace(const MiningRows& rows, const Values& logits, bool b
 void launch_mine_class(const Values& logits, bool binary, const MiningRows& rows, void* workspace,
                        cudaStream_t stream);
 
-// cpu::class_lists: for every (attribute, class c < C_j; only the active ones unless active is
-// null) the K hardest positives and negatives among all rows: keys [A, Cmax, 2K] in the
-// accumulation type and indices [A, Cmax, 2K] int64. One launch; workspace: 4 * A * Cmax * 2K bytes.
-void launch_class_lists(const Values& logits, bool binary, const int64_t* labels, const int64_t* num_classes,
-                        const bool* active, int64_t batch, int64_t attributes, int64_t max_classes, int64_t k, void* keys,
-                        int64_t* indices, void* workspace, cudaStream_t stream);
+// cpu::class_lists: for every (attribute, class c < C_j; only the active ones unless rows.active
+// is null) the K hardest positives and negatives among all rows: keys [A, Cmax, 2K] in the
+// accumulation type and indices [A, Cmax, 2K] int64. mine_class's launches with rows.rows = 0
+// (the rows kernel only for the softmax normalisers), each list block also writing its list;
+// workspace: mine_class_workspace.
+void launch_class_lists(const Values& logits, bool binary, const MiningRows& rows, void* keys, int64_t* indices,
+                        void* workspace, cudaStream_t stream);
 
 // Bytes of scratch mine_instance needs: candidate codes [A, B], anchor lists [A, R] and counts
 // [A] (int32): 4 (A B + A R + A) bytes.

@@ -66,10 +66,13 @@ std::tuple<Tensor, Tensor> class_lists(const Tensor& logits, const Tensor& label
   Tensor keys = at::empty({attributes, max_classes, 2 * k},
                           logits.options().dtype(accumulation_type(logits.scalar_type())));
   Tensor indices = at::empty({attributes, max_classes, 2 * k}, labels.options());
-  const Tensor scratch = workspace(labels, sizeof(int32_t) * keys.numel());
-  launch_class_lists(view_of(logits), logits.dim() == 2, labels.data_ptr<int64_t>(), num_classes.data_ptr<int64_t>(),
+  const MiningRows m{labels.data_ptr<int64_t>(), num_classes.data_ptr<int64_t>(),
                      active.defined() ? active.data_ptr<bool>() : nullptr, labels.size(0), attributes, max_classes, k,
-                     keys.data_ptr(), indices.data_ptr<int64_t>(), scratch.data_ptr(), current_stream());
+                     0, 0, nullptr, nullptr};
+  const Values z = view_of(logits);
+  const bool binary = logits.dim() == 2;
+  const Tensor scratch = workspace(labels, mine_class_workspace(m, z, binary));
+  launch_class_lists(z, binary, m, keys.data_ptr(), indices.data_ptr<int64_t>(), scratch.data_ptr(), current_stream());
   return {keys, indices};
 }
 
