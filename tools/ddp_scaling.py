@@ -1,7 +1,7 @@
 """Per-rank cost of CRL(distributed=True) for a fixed global batch on 1, 2 and 4 gloo ranks (CPU).
 
     python tools/ddp_scaling.py [--ranks 1 2 4] [--batch 2048] [--out DIR]   # DIR/results.{json,md}, scaling.png
-    python tools/ddp_scaling.py --implementation old_distributed.py        # another crl_ops/distributed.py
+    python tools/ddp_scaling.py --against old_distributed.py   # also another crl_ops/distributed.py, interleaved
 
 Every rank runs one thread and holds batch/W samples of the same global batch (binary attributes
 with minority fractions from 5% to 40%); the baseline is one process computing the whole batch
@@ -28,6 +28,7 @@ import json
 import os
 import platform
 import resource
+import shlex
 import statistics
 import sys
 import tempfile
@@ -193,11 +194,11 @@ def _use_implementation(path):
         module.class_rectification_loss = lambda options, margin, batch, caller="CRL": loss(options, margin, batch)
 
 
-def _worker(rank, world, store, args, variant, out_path):
+def _worker(rank, world, store, args, variant, implementation, out_path):
     """One case in a fresh process (the peak RSS is per process); world 0: one process, distributed=False."""
     torch.set_num_threads(1)
-    if args.implementation:
-        _use_implementation(args.implementation)
+    if implementation:
+        _use_implementation(implementation)
     features, logits, labels = global_batch(args.batch, args.attributes, args.dim)
     arguments, batch_sizes = VARIANTS[variant]
     crl = make_crl(dict(arguments, k=args.k, bins=args.bins), batch_sizes, world > 0, args.backend)
@@ -211,38 +212,69 @@ def _worker(rank, world, store, args, variant, out_path):
     dist.destroy_process_group()
 
 
+def _case_row(args, variant, world, implementation, ranks):
+    """The slowest rank's figures of one case in one round."""
+    if world == 0:
+        return {"variant": variant, "world": "single process", "implementation": None, **ranks[0]}
+    arguments, batch_sizes = VARIANTS[variant]
+    formula = formula_bytes(world, args.batch // world, args.attributes, args.dim, arguments["mode"],
+                            arguments["form"], args.bins, args.k, batch_sizes)
+    measured = ranks[0]["payload_bytes"]
+    return {
+        "variant": variant, "world": world, "implementation": implementation,
+        "cpu_ms": max(r["cpu_ms"] for r in ranks),
+        "cpu_ms_per_rank": [round(r["cpu_ms"], 2) for r in ranks],
+        "collective_cpu_ms": None if ranks[0]["collective_cpu_ms"] is None
+        else max(r["collective_cpu_ms"] for r in ranks),
+        "compute_cpu_ms": max(r["compute_cpu_ms"] for r in ranks),
+        "wall_ms": max(r["wall_ms"] for r in ranks),
+        "payload_bytes": measured, "formula_bytes": None if implementation else formula,
+        "ops": ranks[0]["ops"], "host_reads": ranks[0]["host_reads"],
+        "sent_bytes": sent_bytes(world, measured),
+        "peak_rss_growth_mb": max(r["peak_rss_growth_mb"] for r in ranks),
+    }
+
+
+MEDIAN_FIELDS = ("cpu_ms", "collective_cpu_ms", "compute_cpu_ms", "wall_ms", "peak_rss_growth_mb")
+
+
+def _median_row(rounds):
+    """One row from a case's rounds: the median of each time and memory figure, the ratio to the same
+    round's one process (median, min, max), and every round's figures."""
+    row = dict(rounds[0])
+    for field in MEDIAN_FIELDS:
+        if rounds[0].get(field) is not None:
+            row[field] = statistics.median(r[field] for r in rounds)
+    ratios = [r["ratio"] for r in rounds]
+    row.update(ratio=statistics.median(ratios), ratio_min=min(ratios), ratio_max=max(ratios),
+               rounds=[{field: r.get(field) for field in (*MEDIAN_FIELDS, "ratio")} for r in rounds])
+    return row
+
+
 def run(args):
-    """{variant: {world (0: one process): [per-rank results]}}, one set of fresh processes per case."""
-    cases = [(variant, world) for variant in args.variants for world in [0] + args.ranks]
-    results = {variant: {} for variant in args.variants}
+    """Rows of {variant, world, implementation} figures. The cases run in rounds, each case once per
+    round in fresh processes, so that a slow spell of the machine touches every case alike: a
+    case's ratio is to the one-process time of its own round."""
+    implementations = [None] + ([args.against] if args.against else [])
+    cases = [(variant, 0, None) for variant in args.variants]
+    cases += [(variant, world, implementation) for variant in args.variants for implementation in implementations
+              for world in args.ranks]
+    rounds = {case: [] for case in cases}
     with tempfile.TemporaryDirectory() as tmp:
-        for i, (variant, world) in enumerate(tqdm(cases, desc="cases")):
-            out_path = os.path.join(tmp, f"case{i}")
-            mp.spawn(_worker, args=(world, os.path.join(tmp, f"store{i}"), args, variant, out_path),
-                     nprocs=max(world, 1))
-            results[variant][world] = [torch.load(f"{out_path}.rank{r}") for r in range(max(world, 1))]
-    rows = []
-    for variant, worlds in results.items():
-        arguments, batch_sizes = VARIANTS[variant]
-        rows.append({"variant": variant, "world": "single process", **worlds.pop(0)[0]})
-        for world, ranks in worlds.items():
-            formula = formula_bytes(world, args.batch // world, args.attributes, args.dim, arguments["mode"],
-                                    arguments["form"], args.bins, args.k, batch_sizes)
-            measured = ranks[0]["payload_bytes"]
-            rows.append({
-                "variant": variant, "world": world,
-                "cpu_ms": max(r["cpu_ms"] for r in ranks),
-                "cpu_ms_per_rank": [round(r["cpu_ms"], 2) for r in ranks],
-                "collective_cpu_ms": None if ranks[0]["collective_cpu_ms"] is None
-                else max(r["collective_cpu_ms"] for r in ranks),
-                "compute_cpu_ms": max(r["compute_cpu_ms"] for r in ranks),
-                "wall_ms": max(r["wall_ms"] for r in ranks),
-                "payload_bytes": measured, "formula_bytes": None if args.implementation else formula,
-                "ops": ranks[0]["ops"], "host_reads": ranks[0]["host_reads"],
-                "sent_bytes": sent_bytes(world, measured),
-                "peak_rss_growth_mb": max(r["peak_rss_growth_mb"] for r in ranks),
-            })
-    return rows
+        progress = tqdm(total=args.rounds * len(cases), desc="cases")
+        for round_index in range(args.rounds):
+            single = {}
+            for i, (variant, world, implementation) in enumerate(cases):
+                out_path = os.path.join(tmp, f"round{round_index}-case{i}")
+                mp.spawn(_worker, args=(world, f"{out_path}.store", args, variant, implementation, out_path),
+                         nprocs=max(world, 1))
+                ranks = [torch.load(f"{out_path}.rank{r}") for r in range(max(world, 1))]
+                row = _case_row(args, variant, world, implementation, ranks)
+                single.setdefault(variant, row["cpu_ms"])
+                rounds[(variant, world, implementation)].append(dict(row, ratio=row["cpu_ms"] / single[variant]))
+                progress.update()
+        progress.close()
+    return [_median_row(rounds[case]) for case in cases]
 
 
 def machine():
@@ -256,6 +288,15 @@ def machine():
             "date": datetime.date.today().isoformat()}
 
 
+def command_line():
+    """This invocation, without its output folder."""
+    argv = sys.argv[1:]
+    if "--out" in argv:
+        at = argv.index("--out")
+        argv = argv[:at] + argv[at + 2:]
+    return shlex.join(["python", "tools/ddp_scaling.py", *argv])
+
+
 def _kib(n):
     return f"{n / 1024:.1f}"
 
@@ -264,21 +305,23 @@ def write(out_dir, args, rows):
     os.makedirs(out_dir, exist_ok=True)
     header = {**machine(), "batch": args.batch, "attributes": args.attributes, "dim": args.dim, "k": args.k,
               "bins": args.bins, "backend": args.backend, "steps": args.steps, "ranks": args.ranks,
-              "implementation": args.implementation or "crl_ops/distributed.py"}
+              "rounds": args.rounds, "against": args.against}
     with open(os.path.join(out_dir, "results.json"), "w") as f:
         json.dump({**header, "rows": rows}, f, indent=1)
-    single = {r["variant"]: r["cpu_ms"] for r in rows if r["world"] == "single process"}
     load = ", ".join(f"{x:.1f}" for x in header["load_average"])
     lines = [
         f"# CRL(distributed=True) per rank: fixed global batch, {header['date']}",
         "",
-        f"`python tools/ddp_scaling.py` ({header['implementation']}); {header['cpu']}, {header['cpu_count']} "
+        f"`{command_line()}`; {header['cpu']}, {header['cpu_count']} "
         f"cores shared with other jobs (load average at the end {load}); "
         f"torch {header['torch']}, gloo, one thread per rank, backend={args.backend}, float32. Global batch "
         f"B={args.batch}, A={args.attributes} binary attributes, D={args.dim}, K={args.k}"
         f"{f', bins={args.bins}' if any('distribution' in r['variant'] for r in rows) else ''}; CRL alone, "
         "validate=True (the default), forward + backward; ranks hold B/W samples each.",
         "",
+        f"Every case ran once in each of {args.rounds} rounds, in fresh processes; a figure is the median over "
+        "the rounds, and 'vs one process' the median (min-max) of each round's ratio to the one process of "
+        "the same round, so that a slow spell of the machine touches both sides of a ratio alike. "
         "CPU time per step is the process's (all threads), median of "
         f"{args.steps} steps, for the slowest rank, split into the time inside the collectives (issue to "
         "end, gloo's threads included), which oversubscription (more ranks than cores) inflates, and the "
@@ -287,13 +330,13 @@ def write(out_dir, args, rows):
         "rank's peak RSS over its steps. Ops: dispatched operations per step but views and the autograd seed "
         "(the collectives and their output buffers included); host reads: tensor values read on the host.",
         "",
-        "| variant | ranks | CPU ms/step | vs one process | outside collectives | in collectives | wall ms "
+        "| variant | ranks | distributed.py | CPU ms/step | vs one process | outside collectives | in collectives | wall ms "
         "| ops | host reads | payload KiB (formula) | sent KiB | peak RSS growth MiB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         if r["world"] == "single process":
-            lines.append(f"| {r['variant']} | one process, distributed=False | {r['cpu_ms']:.1f} | 1.00 | "
+            lines.append(f"| {r['variant']} | one process, distributed=False | - | {r['cpu_ms']:.1f} | 1.00 | "
                          f"{r['cpu_ms']:.1f} | - | {r['wall_ms']:.1f} | {r['ops']} | {r['host_reads']} | - | - | "
                          f"{r['peak_rss_growth_mb']:.1f} |")
             continue
@@ -301,7 +344,8 @@ def write(out_dir, args, rows):
         formula = f" ({_kib(sum(r['formula_bytes'].values()))})" if r["formula_bytes"] else ""
         inside = "-" if r["collective_cpu_ms"] is None else f"{r['collective_cpu_ms']:.1f}"
         lines.append(
-            f"| {r['variant']} | {r['world']} | {r['cpu_ms']:.1f} | {r['cpu_ms'] / single[r['variant']]:.2f} | "
+            f"| {r['variant']} | {r['world']} | {r['implementation'] or 'this checkout'} | {r['cpu_ms']:.1f} | "
+            f"{r['ratio']:.2f} ({r['ratio_min']:.2f}-{r['ratio_max']:.2f}) | "
             f"{r['compute_cpu_ms']:.1f} | {inside} | {r['wall_ms']:.1f} | {r['ops']} | {r['host_reads']} | "
             f"{_kib(payload)}{formula} | "
             f"{_kib(r['sent_bytes'])} | {r['peak_rss_growth_mb']:.1f} |")
@@ -320,7 +364,8 @@ def plot(out_dir, rows, args):
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.8))
     width = 0.8 / len(variants)
     for i, variant in enumerate(variants):
-        ranks = [r for r in rows if r["variant"] == variant and r["world"] != "single process"]
+        ranks = [r for r in rows if r["variant"] == variant and r["world"] != "single process"
+                 and r["implementation"] is None]
         single = next(r for r in rows if r["variant"] == variant and r["world"] == "single process")
         positions = [j + i * width for j in range(len(ranks))]
         compute = [r["compute_cpu_ms"] for r in ranks]
@@ -328,15 +373,21 @@ def plot(out_dir, rows, args):
         axes[0].bar(positions, [r["collective_cpu_ms"] or 0.0 for r in ranks], width, bottom=compute, hatch="//",
                     color=bars[0].get_facecolor(), alpha=0.45)
         axes[0].plot(positions, [single["cpu_ms"] / r["world"] for r in ranks], "k_", markersize=18, mew=2)
+        against = [r for r in rows if r["variant"] == variant and r["implementation"] and r["world"] != "single process"]
+        if against:
+            axes[0].plot(positions, [r["cpu_ms"] for r in against], "ko", mfc="none", markersize=6)
         axes[1].plot([r["world"] for r in ranks], [sum(r["payload_bytes"].values()) / 1024 for r in ranks], "o-",
                      label=f"{variant}: payload")
         axes[1].plot([r["world"] for r in ranks], [r["sent_bytes"] / 1024 for r in ranks], "s--",
                      color=axes[1].lines[-1].get_color(), alpha=0.6)
         axes[2].plot([r["world"] for r in ranks], [r["peak_rss_growth_mb"] for r in ranks], "o-", label=variant)
-    worlds = [r["world"] for r in rows if r["variant"] == variants[0] and r["world"] != "single process"]
+    worlds = [r["world"] for r in rows if r["variant"] == variants[0] and r["world"] != "single process"
+              and r["implementation"] is None]
     axes[0].set_xticks([j + 0.4 - width / 2 for j in range(len(worlds))], [f"W={w}" for w in worlds])
     axes[0].set_ylabel("CPU ms per step, slowest rank")
-    axes[0].set_title("per-rank CPU time (hatched: in collectives;\nblack: one process / W)")
+    axes[0].set_title("per-rank CPU time (hatched: in collectives; black: one process / W;\n"
+                      f"circles: {os.path.basename(args.against)}, in all)" if args.against else
+                      "per-rank CPU time (hatched: in collectives;\nblack: one process / W)")
     axes[0].set_ylim(0, 1.45 * axes[0].get_ylim()[1])  # room for the legend above the bars
     axes[0].legend(fontsize=7, loc="upper left")
     for ax, label, title in ((axes[1], "KiB per rank and step", "bytes (solid: payload, dashed: sent, ring)"),
@@ -362,7 +413,8 @@ def main():
     parser.add_argument("--steps", type=int, default=10, help="timed steps per case")
     parser.add_argument("--backend", default="native", choices=["native", "reference"])
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
-    parser.add_argument("--implementation", help="a file to use as crl_ops/distributed.py (another version)")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of all cases, interleaved")
+    parser.add_argument("--against", help="another version of crl_ops/distributed.py, measured as well")
     parser.add_argument("--out", default=f"benchmarks/results/tmp/{datetime.date.today().isoformat()}-cpu-ddp")
     args = parser.parse_args()
     if any(args.batch % w for w in args.ranks):
