@@ -5,7 +5,10 @@
 
 Every rank runs one thread and holds batch/W samples of the same global batch (binary attributes
 with minority fractions from 5% to 40%); the baseline is one process computing the whole batch
-with distributed=False (the fused native op). Per rank and step (forward + backward of CRL alone):
+with distributed=False (the fused native op). The cases run in rounds (--rounds), each case once per
+round in fresh processes, and a ratio is to the one process of the same round: the machine's speed
+drifts between minutes, which a ratio of two separate invocations would mix in. Per rank and step
+(forward + backward of CRL alone):
 
 - CPU time of the rank's process (time.process_time: all its threads, gloo's included), median
   over the timed steps, not wall time: the ranks share the machine's cores, and when there are more
