@@ -207,6 +207,24 @@ CRL_HD void write_class_row(const int32_t* hard_pos, const int32_t* hard_neg, in
   }
 }
 
+// Class mode under crl_ops.distributed (docs/scaling.md): row i's partners as rows of [own `rows`
+// rows; table], where slot s of class c's list [A, Cmax, 2K] (its K hardest positives, then
+// negatives: rows of the gathered batch) is table row c 2K + s: rows + c 2K + s, or -1 where the
+// slot is empty or holds i itself among the positives, and where i is no anchor of attribute j.
+// labels [N, A] contiguous (the gathered batch); returns whether i is an anchor.
+CRL_HD bool write_partner_row(const int64_t* labels, const bool* active, const int64_t* lists, int64_t attributes,
+                              int64_t max_classes, int64_t classes, int64_t k, int64_t i, int64_t j, int64_t rows,
+                              int64_t* row) {
+  int64_t label;
+  const bool anchor = is_anchor(labels, active, attributes, max_classes, classes, i, j, label);
+  const int64_t* list = lists + (j * max_classes + (anchor ? label : 0)) * 2 * k;
+  for (int64_t s = 0; s < 2 * k; ++s) {
+    const int64_t p = anchor ? list[s] : kEmpty;
+    row[s] = p < 0 || (s < k && p == i) ? kEmpty : rows + label * 2 * k + s;
+  }
+  return anchor;
+}
+
 // ---- selection of the K best candidates ----------------------------------------------------------
 
 // True when candidate (key_a, a) ranks before (key_b, b): larger (or smaller) key first, then

@@ -8,6 +8,7 @@
 //   check_finite(features or undefined, logits, num_classes, validate) -> Flag
 //   class_lists(logits, labels, num_classes, active or undefined, k) -> (keys, indices)
 //   mine_class(logits, labels, num_classes, active, k, first, rows) -> (anchors, partners)
+//   partner_rows(lists, labels, num_classes, active, first, rows) -> (anchors, partners of [own rows; table])
 //   mine_instance(features, logits, labels, num_classes, active, k, first, rows) -> (anchors, partners, Flag overflow)
 //   check_overflow(Flag overflow, dtype)       the error (or assertion) of an overflowing distance
 //   pair_counts(anchors, partners) -> [A, 4]
@@ -168,11 +169,7 @@ struct EntryPoints {
     Tensor anchors, partners, lists = at::empty({0}, labels.options());
     if (partner_rows) {
       std::tie(std::ignore, lists) = Device::class_lists(logits, labels, num_classes, active, k);
-      const Tensor own = labels.narrow(0, first_anchor, num_anchors);
-      const Tensor annotated = own.ge(0).logical_and(own.lt(num_classes));
-      const Tensor own_labels = at::where(annotated, own, -1);
-      std::tie(anchors, partners) = partner_rows::rows_of_lists(lists, own_labels, active, first_anchor);
-      partners = partner_rows::joined_partners(partners, own_labels);
+      std::tie(anchors, partners) = Device::partner_rows(lists, labels, num_classes, active, first_anchor, num_anchors);
     } else if (mining == Mode::Class) {
       std::tie(anchors, partners) =
           Device::mine_class(logits, labels, num_classes, active, k, first_anchor, num_anchors);

@@ -4,12 +4,11 @@
 // the vector of row lists[j, c, s] for attribute j, holds every partner. Each rank fills the entries
 // of its own rows and one all-reduce (sum) completes it. The distances of a rank's anchors to their
 // partners are those of pair_distances on [own rows; table]: the same per-element code as one
-// process. Written with ATen operations, for every device.
+// process. Written with ATen operations, for every device; the partners' rows in [own rows; table]
+// are a device stage (write_partner_row, common/crl_math.h).
 #pragma once
 
 #include <ATen/ATen.h>
-
-#include <tuple>
 
 namespace crl {
 namespace partner_rows {
@@ -19,30 +18,6 @@ using at::Tensor;
 // [A] 0..A-1 on `like`'s device.
 inline Tensor attribute_index(int64_t attributes, const Tensor& like) {
   return at::arange(attributes, like.options().dtype(at::kLong));
-}
-
-// (anchors [R, A], partners [R, A, 2K], rows of the gathered batch) of the rows first.. with labels
-// [R, A] (-1: not annotated), from the lists: as reference.class_rows (an anchor is not its own
-// positive).
-inline std::tuple<Tensor, Tensor> rows_of_lists(const Tensor& lists, const Tensor& labels, const Tensor& active,
-                                                int64_t first) {
-  const int64_t k = lists.size(2) / 2, attributes = labels.size(1);
-  const Tensor attribute = attribute_index(attributes, labels).unsqueeze(0);
-  const Tensor own_class = labels.clamp_min(0);
-  const Tensor listed = lists.index({attribute, own_class});  // [R, A, 2K]
-  const Tensor sample = at::arange(first, first + labels.size(0), labels.options()).view({-1, 1, 1});
-  const Tensor positives = listed.narrow(2, 0, k);
-  const Tensor partners = at::cat({at::where(positives == sample, -1, positives), listed.narrow(2, k, k)}, 2);
-  const Tensor anchors = labels.ge(0).logical_and(active.index({attribute, own_class}));
-  return {anchors, at::where(anchors.unsqueeze(2), partners, -1)};
-}
-
-// [R, A, 2K]: the partners as rows of [own R rows; table]: R + c 2K + s for slot s of the anchor's
-// class c, -1 where empty.
-inline Tensor joined_partners(const Tensor& partners, const Tensor& labels) {
-  const int64_t rows = labels.size(0), slots = partners.size(2);
-  const Tensor slot = at::arange(slots, partners.options()).view({1, 1, -1});
-  return at::where(partners.ge(0), rows + labels.clamp_min(0).unsqueeze(2) * slots + slot, -1);
 }
 
 // [own rows (per attribute); table]: the vectors pair_distances reads.

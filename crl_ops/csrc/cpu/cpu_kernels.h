@@ -42,6 +42,11 @@ std::tuple<Tensor, Tensor> class_lists(const Tensor& logits, const Tensor& label
 // Section 2 for the anchor rows first..first + rows: (anchors [R, A], partners [R, A, 2K]).
 std::tuple<Tensor, Tensor> mine_class(const Tensor& logits, const Tensor& labels, const Tensor& num_classes,
                                       const Tensor& active, int64_t k, int64_t first, int64_t rows);
+// Class mode's rows under crl_ops.distributed, for the anchor rows first..first + rows of the
+// gathered labels [N, A]: (anchors [R, A], partners [R, A, 2K] as rows of [own rows; table]) from
+// the class lists [A, Cmax, 2K] (write_partner_row).
+std::tuple<Tensor, Tensor> partner_rows(const Tensor& lists, const Tensor& labels, const Tensor& num_classes,
+                                        const Tensor& active, int64_t first, int64_t rows);
 // Also whether the squared distance of a mined pair overflowed.
 std::tuple<Tensor, Tensor, bool> mine_instance(const Tensor& features, const Tensor& logits, const Tensor& labels,
                                                const Tensor& num_classes, const Tensor& active, int64_t k,

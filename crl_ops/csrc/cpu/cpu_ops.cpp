@@ -18,6 +18,7 @@ struct Cpu {
   static constexpr auto check_finite = &cpu::check_finite;
   static constexpr auto class_lists = &cpu::class_lists;
   static constexpr auto mine_class = &cpu::mine_class;
+  static constexpr auto partner_rows = &cpu::partner_rows;
   static constexpr auto mine_instance = &cpu::mine_instance;
   static constexpr auto pair_counts = &cpu::pair_counts;
   static constexpr auto pair_distances = &cpu::pair_distances;

@@ -550,6 +550,27 @@ std::tuple<Tensor, Tensor> class_lists(const Tensor& logits, const Tensor& label
   return {keys, indices};
 }
 
+std::tuple<Tensor, Tensor> partner_rows(const Tensor& lists, const Tensor& labels, const Tensor& num_classes,
+                                        const Tensor& active, int64_t first, int64_t rows) {
+  const int64_t attributes = labels.size(1), max_classes = active.size(1), k = lists.size(2) / 2;
+  Tensor anchors = at::empty({rows, attributes}, labels.options().dtype(at::kBool));
+  Tensor partners = at::empty({rows, attributes, 2 * k}, labels.options());
+  const int64_t* lab = labels.data_ptr<int64_t>();
+  const int64_t* classes = num_classes.data_ptr<int64_t>();
+  const bool* act = active.data_ptr<bool>();
+  const int64_t* list = lists.data_ptr<int64_t>();
+  bool* anchor = anchors.data_ptr<bool>();
+  int64_t* out = partners.data_ptr<int64_t>();
+  at::parallel_for(0, rows * attributes, grain_for(2 * k), [&](int64_t begin, int64_t end) {
+    for (int64_t q = begin; q < end; ++q) {
+      const int64_t j = q % attributes;
+      anchor[q] = write_partner_row(lab, act, list, attributes, max_classes, classes[j], k, first + q / attributes, j,
+                                    rows, out + q * 2 * k);
+    }
+  });
+  return {anchors, partners};
+}
+
 std::tuple<Tensor, Tensor> mine_class(const Tensor& logits, const Tensor& labels, const Tensor& num_classes,
                                       const Tensor& active, int64_t k, int64_t first, int64_t rows) {
   const int64_t attributes = labels.size(1), max_classes = active.size(1);

@@ -21,6 +21,7 @@ struct Cuda {
   static constexpr auto check_finite = &cuda::check_finite;
   static constexpr auto class_lists = &cuda::class_lists;
   static constexpr auto mine_class = &cuda::mine_class;
+  static constexpr auto partner_rows = &cuda::partner_rows;
   static constexpr auto mine_instance = &cuda::mine_instance;
   static constexpr auto check_overflow = &cuda::check_overflow;
   static constexpr auto pair_counts = &cuda::pair_counts;

@@ -629,6 +629,16 @@ __global__ void __launch_bounds__(InstanceTile<Acc, R>::kWarps * kWarp) instance
   }
 }
 
+// ---- class mode's partner rows (distributed=True) --------------------------------------------------------
+
+__global__ void __launch_bounds__(kThreads) partner_rows_kernel(const int64_t* lists, MiningRows m) {
+  CRL_GRID_STRIDE(q, m.rows * m.attributes) {
+    const int64_t j = q % m.attributes;
+    m.anchors[q] = write_partner_row(m.labels, m.active, lists, m.attributes, m.max_classes, m.num_classes[j], m.k,
+                                     m.first + q / m.attributes, j, m.rows, m.partners + q * 2 * m.k);
+  }
+}
+
 // ---- launches ---------------------------------------------------------------------------------------------
 
 template <typename F>
@@ -735,6 +745,12 @@ void launch_class_lists(const Values& logits, bool binary, const MiningRows& m, 
                         void* workspace, cudaStream_t stream) {
   if (m.attributes * m.max_classes == 0) return;
   launch_lists(logits, binary, m, workspace, keys, indices, stream);
+}
+
+void launch_partner_rows(const int64_t* lists, const MiningRows& m, cudaStream_t stream) {
+  if (m.rows * m.attributes == 0) return;
+  CRL_LAUNCH(blocks_for(m.rows * m.attributes), kThreads, 0, stream, partner_rows_kernel)(lists, m);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 size_t mine_instance_workspace(const MiningRows& m) {

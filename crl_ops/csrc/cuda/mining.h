@@ -51,6 +51,9 @@ void launch_mine_class(const Values& logits, bool binary, const MiningRows& rows
 void launch_class_lists(const Values& logits, bool binary, const MiningRows& rows, void* keys, int64_t* indices,
                         void* workspace, cudaStream_t stream);
 
+// cpu::partner_rows: one thread per (row, attribute) of the anchor rows first..first + rows.
+void launch_partner_rows(const int64_t* lists, const MiningRows& rows, cudaStream_t stream);
+
 // Bytes of scratch mine_instance needs: candidate codes [A, B], anchor lists [A, R] and counts
 // [A] (int32): 4 (A B + A R + A) bytes.
 size_t mine_instance_workspace(const MiningRows& rows);

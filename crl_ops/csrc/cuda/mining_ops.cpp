@@ -76,6 +76,13 @@ std::tuple<Tensor, Tensor> class_lists(const Tensor& logits, const Tensor& label
   return {keys, indices};
 }
 
+std::tuple<Tensor, Tensor> partner_rows(const Tensor& lists, const Tensor& labels, const Tensor& num_classes,
+                                        const Tensor& active, int64_t first, int64_t rows) {
+  auto [anchors, partners, m] = mining_rows(labels, num_classes, active, lists.size(2) / 2, first, rows);
+  launch_partner_rows(lists.data_ptr<int64_t>(), m, current_stream());
+  return {anchors, partners};
+}
+
 std::tuple<Tensor, Tensor, Tensor> mine_instance(const Tensor& features, const Tensor& logits, const Tensor& labels,
                                                  const Tensor& num_classes, const Tensor& active, int64_t k,
                                                  int64_t first, int64_t rows) {

@@ -21,13 +21,15 @@ using at::Tensor;
 std::tuple<Tensor, Tensor, Tensor> profile(const Tensor& labels, const Tensor& num_classes, int64_t max_classes,
                                            double threshold, bool validate);
 
-// Section 2 (mining.cu, mining_ops.cpp): class_lists as cpu::class_lists; for the anchor rows
+// Section 2 (mining.cu, mining_ops.cpp): class_lists and partner_rows as the CPU's; for the anchor rows
 // first..first + rows against all B candidates: (anchors [R, A], partners [R, A, 2K]) and, for instance mining, whether the
 // squared distance of a mined pair overflowed (0-dim bool).
 std::tuple<Tensor, Tensor> class_lists(const Tensor& logits, const Tensor& labels, const Tensor& num_classes,
                                        const Tensor& active, int64_t k);
 std::tuple<Tensor, Tensor> mine_class(const Tensor& logits, const Tensor& labels, const Tensor& num_classes,
                                       const Tensor& active, int64_t k, int64_t first, int64_t rows);
+std::tuple<Tensor, Tensor> partner_rows(const Tensor& lists, const Tensor& labels, const Tensor& num_classes,
+                                        const Tensor& active, int64_t first, int64_t rows);
 std::tuple<Tensor, Tensor, Tensor> mine_instance(const Tensor& features, const Tensor& logits, const Tensor& labels,
                                                  const Tensor& num_classes, const Tensor& active, int64_t k,
                                                  int64_t first, int64_t rows);
