@@ -213,8 +213,8 @@ class EmulatedCuda:
 
     @staticmethod
     def statistics() -> dict:
-        launches, blocks, threads, switches = torch.ops.crl_ops_emulated.statistics()
-        return {"launches": launches, "blocks": blocks, "threads": threads, "switches": switches}
+        launches, blocks, threads, switches, memsets = torch.ops.crl_ops_emulated.statistics()
+        return {"launches": launches, "blocks": blocks, "threads": threads, "switches": switches, "memsets": memsets}
 
 
 _COVERAGE: dict = collections.defaultdict(set)

@@ -562,6 +562,127 @@ def test_distributed_steps_match_cpu_kernels(case, partner_rows, gpu):
     torch.testing.assert_close(got[13].double(), want[13].double(), rtol=grad_tol, atol=grad_tol * scale)
 
 
+def _summed_partial(form, attributes, bins, seed):
+    """A summed partial vector (op_schemas.h): random sums and pair counts, attribute 0 without
+    positive pairs and attribute 1 without any pair, no flag set."""
+    g = torch.Generator().manual_seed(seed)
+    shape = (attributes, 2, bins) if form == "distribution" else (attributes, 2)
+    sums = torch.rand(shape, generator=g, dtype=torch.float64) * 5
+    counts = torch.randint(0, 40, (attributes, 4), generator=g).double()
+    counts[0, 1] = 0
+    counts[1] = 0
+    return torch.cat([sums.flatten(), counts.flatten(), torch.zeros(3, dtype=torch.float64)])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("form", FORMS)
+def test_shard_loss_is_bitwise_the_cpus(form, reduction, dtype, gpu):
+    """The finishing step runs the same per-attribute code (common/shard_loss.h) on both devices:
+    the loss, pair counts, gradient scale and the partial vector's gradient are bitwise the CPU's.
+    A set flag makes them NaN; with validate it is an assertion naming its check."""
+    ops = torch.ops.crl_ops
+    attributes, bins = 5, 7
+    total = _summed_partial(form, attributes, bins, seed=3)
+
+    def step(device, partial, validate=True):
+        partial = partial.to(device)
+        loss, pair_counts, grad_scale = ops.shard_loss(partial, attributes, form, bins, reduction, dtype, 3, validate)
+        grad = ops.shard_loss_backward(torch.tensor(0.75, dtype=dtype, device=device), partial, attributes, form, bins,
+                                       reduction, dtype)
+        return [t.cpu() for t in (loss, pair_counts, grad_scale, grad)]
+
+    want = step("cpu", total)
+    got = on_device(gpu, lambda: step(gpu.device, total))
+    for index, (a, b) in enumerate(zip(got, want)):
+        assert a.dtype == b.dtype and torch.equal(_bits(a), _bits(b)), index
+    assert not torch.isnan(want[0]) and want[2].item() == 3.0
+    for flag, message in ((1, "logits contain NaN"), (2, "features contain NaN"), (0, "pair overflows float")):
+        flagged = total.clone()
+        flagged[-3 + flag] = 1.0
+        loss, _, grad_scale, grad = on_device(gpu, lambda: step(gpu.device, flagged, validate=False))
+        assert torch.isnan(loss) and torch.isnan(grad_scale) and torch.isnan(grad).all()
+        if gpu.emulated:  # on a GPU the assertion would end the process (test_validate_is_a_device_side_assertion)
+            with gpu.kernels(), pytest.raises(RuntimeError, match="device-side assert triggered") as raised:
+                step(gpu.device, flagged)
+            assert message in str(raised.value)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("shared", [False, True], ids=["per-attribute", "shared"])
+def test_partner_table_is_bitwise_the_cpus(shared, dtype, gpu):
+    """Class mode's partner table and its gradient (rows 4..10 of a batch of 14, strided vectors,
+    empty slots and rows of other ranks among the lists): bitwise the CPU's, which are the
+    reference's table and its gradient to rounding."""
+    ops = torch.ops.crl_ops
+    g = torch.Generator().manual_seed(5)
+    attributes, classes, k, dim, rows, first = 3, 3, 2, 5, 7, 4
+    lists = torch.randint(-1, 14, (attributes, classes, 2 * k), generator=g)
+    columns = 1 if shared else attributes
+    vectors = torch.randn(rows, columns, 2 * dim, generator=g).to(dtype)[..., ::2]
+    grad_table = torch.randn(classes * 2 * k, attributes, dim, generator=g).to(dtype)
+    grad_rows = torch.randn(rows, columns, dim, generator=g).to(dtype)
+    scale = torch.tensor(2.0)
+
+    def step(device):
+        table = ops.shard_table(vectors.to(device), lists.to(device), first)
+        grad = ops.shard_table_backward(grad_table.to(device), grad_rows.to(device), lists.to(device), first,
+                                        scale.to(device))
+        return [table.cpu(), grad.cpu()]
+
+    want = step("cpu")
+    got = on_device(gpu, lambda: step(gpu.device))
+    for a, b in zip(got, want):
+        assert a.dtype == b.dtype and torch.equal(_bits(a), _bits(b))
+    assert torch.equal(want[0], crl_ops.reference.shard_table(vectors, lists, first))
+    expected = crl_ops.reference.shard_table_backward(grad_table, grad_rows, lists, first, scale)
+    torch.testing.assert_close(want[1], expected, **({"rtol": 2e-3, "atol": 2e-3} if dtype == torch.float16 else {}))
+
+
+# ATen operations that run no kernel on a GPU: allocations, views and metadata. Any other ATen
+# operation an op calls is at least one kernel there.
+NO_KERNEL = frozenset(
+    f"aten::{name}" for name in (
+        "empty", "empty_strided", "empty_like", "as_strided", "view", "_unsafe_view", "_reshape_alias", "reshape",
+        "narrow", "slice", "select", "expand", "unsqueeze", "squeeze", "permute", "transpose", "t", "alias",
+        "detach", "lift_fresh", "contiguous", "to", "resize_", "unbind", "split", "result_type"))
+
+
+def stream_work(gpu, compute) -> dict:
+    """What compute() puts on the emulated device's stream, by op: the emulator's kernel launches
+    and memsets, and the ATen operations that the ops' glue calls (`NO_KERNEL` aside)."""
+    aten = {}
+
+    def walk(event, op):
+        if op is not None and event.name.startswith("aten::") and event.name not in NO_KERNEL:
+            aten[f"{op} {event.name}"] = aten.get(f"{op} {event.name}", 0) + 1
+            return  # its own calls are part of it
+        for child in event.cpu_children:
+            walk(child, event.name if event.name.startswith("crl_ops") else op)
+
+    before = gpu.statistics()
+    with gpu.kernels(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+        compute()
+    after = gpu.statistics()
+    for event in profile.events():
+        if event.cpu_parent is None:
+            walk(event, None)
+    return {"launches": after["launches"] - before["launches"], "memsets": after["memsets"] - before["memsets"],
+            "aten": aten}
+
+
+@pytest.mark.parametrize("partner_rows,bound", [(False, 19), (True, 25)], ids=["instance", "class-partner-rows"])
+def test_a_rank_step_puts_few_kernels_on_the_stream(emulated_cuda, partner_rows, bound):
+    """A rank's ops under distributed=True (forward and backward, the histogram form) are their
+    own kernels (12 launches, 14 with the partner table, and 2 memsets); the ATen operations left
+    in their glue are the zero fills of gradients that kernels add into, the partial gradient's
+    conversion, and class mode's join of [own rows; table] with its longest distances."""
+    case = CASES[0]
+    work = stream_work(emulated_cuda, lambda: _distributed_steps(case, problem_of(case, seed=7), "cpu", partner_rows))
+    total = work["launches"] + work["memsets"] + sum(work["aten"].values())
+    assert total <= bound, work
+
+
 def test_pair_distances_backward_refuses_deterministic_mode(gpu):
     vectors = torch.randn(8, 2, 3, device=gpu.device, requires_grad=True)
     partners = torch.tensor([[[1, 2], [3, -1]]], device=gpu.device)

@@ -224,7 +224,8 @@ def test_sanitized_builds_pass_the_cuda_tests(variant, sanitized_runs):
 
 
 # The sanitized builds' set: every kernel and op, each dtype, the K > 64 lists and K = 1024, B above
-# 1024, unstaged histograms, a warp per row, both backward paths, the pair ops and the class lists.
+# 1024, unstaged histograms, a warp per row, both backward paths, the pair ops, the class lists and
+# the steps of distributed=True (value checks, partial vector, finishing step, partner table).
 SANITIZED_SELECTION = (
     "emulated and ("
     "(test_matches_cpu_kernels and pooled and (binary-float32-k5 or list-bfloat16-k100-bins1000 or shared-float64-k64"
@@ -233,5 +234,7 @@ SANITIZED_SELECTION = (
     " or (test_pair_ops_match_cpu_kernels and (binary-float32-k5 or shared-float64-k64))"
     " or (test_class_lists_match_cpu_kernels and (list-float16-k40 or many-classes))"
     " or test_unchecked_out_of_range_labels_are_not_annotated"
+    " or (test_distributed_steps_match_cpu_kernels and binary-float32-k5)"
+    " or (test_shard_loss_is_bitwise_the_cpus and distribution) or test_partner_table_is_bitwise_the_cpus"
     ")"
 )

@@ -225,6 +225,15 @@ CRL_HD bool write_partner_row(const int64_t* labels, const bool* active, const i
   return anchor;
 }
 
+// The partner table [Cmax 2K, A, D] of class mode under crl_ops.distributed: entry (m, j), m = c 2K + s,
+// holds the vector of row lists[j, c, s] for attribute j (lists [A, Cmax, 2K] contiguous, `slots` =
+// Cmax 2K). That row's index among a rank's rows first..first + rows, or -1 where another rank owns
+// it or the slot is empty: the rank's share of the table, and of its gradient.
+CRL_HD int64_t table_source(const int64_t* lists, int64_t slots, int64_t m, int64_t j, int64_t first, int64_t rows) {
+  const int64_t row = lists[j * slots + m] - first;  // an empty slot (-1) lands below 0
+  return row >= 0 && row < rows ? row : -1;
+}
+
 // ---- selection of the K best candidates ----------------------------------------------------------
 
 // True when candidate (key_a, a) ranks before (key_b, b): larger (or smaller) key first, then

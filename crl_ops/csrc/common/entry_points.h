@@ -6,9 +6,12 @@
 //   Flag                                       bool on the CPU; a 0-dim bool tensor on a GPU (no sync)
 //   profile(labels, num_classes, max_classes, threshold, validate) -> (counts, minority, active)
 //   check_finite(features or undefined, logits, num_classes, validate) -> Flag
+//   nonfinite_checks(features or undefined, logits, num_classes) -> [2] bool (logits, either not finite)
 //   class_lists(logits, labels, num_classes, active or undefined, k) -> (keys, indices)
 //   mine_class(logits, labels, num_classes, active, k, first, rows) -> (anchors, partners)
 //   partner_rows(lists, labels, num_classes, active, first, rows) -> (anchors, partners of [own rows; table])
+//   shard_table(vectors, lists, first) -> this rank's share of class mode's partner table
+//   shard_table_backward(grad_table, grad_rows, lists, first, grad_scale) -> grad of this rank's rows
 //   mine_instance(features, logits, labels, num_classes, active, k, first, rows) -> (anchors, partners, Flag overflow)
 //   check_overflow(Flag overflow, dtype)       the error (or assertion) of an overflowing distance
 //   pair_counts(anchors, partners) -> [A, 4]
@@ -22,6 +25,9 @@
 //       -> {loss, distances, sums, histograms}
 //   loss_backward(grad, loss, features, partners, distances, margins, pair_counts, sums, histograms, form,
 //                 apc_margin, bins, reduction, margins_grad) -> (grad_features, grad_margins)
+//   partial_vector(sums, pair_counts, overflow, checks, layout) -> a rank's partial vector (float64)
+//   shard_loss(total, layout, reduction, dtype, world_size, validate) -> (loss, pair_counts, grad_scale)
+//   shard_loss_backward(grad, total, layout, reduction, dtype) -> grad_total
 //
 // with labels, num_classes and active contiguous; features and logits in any layout.
 #pragma once
@@ -33,19 +39,8 @@
 
 #include "common/op_checks.h"
 #include "common/partner_rows.h"
-#include "common/shard_loss.h"
 
 namespace crl {
-
-// A flag summed over the ranks must be 0, else ValueError(message): read here on the CPU (no device
-// involved), a device-side assertion elsewhere (no host synchronisation).
-inline void require_clear(const at::Tensor& flag, const std::string& message) {
-  if (flag.is_cpu()) {
-    TORCH_CHECK_VALUE(flag.item<double>() <= 0, message);
-  } else {
-    at::_assert_async(flag.le(0), message);
-  }
-}
 
 template <typename Device>
 struct EntryPoints {
@@ -157,15 +152,11 @@ struct EntryPoints {
     // Every rank holds the same gathered labels: a bad one raises on every rank alike.
     auto [counts, minority, active] = Device::profile(labels, num_classes, max_classes_of(logits), threshold, validate);
     // The values of this rank's rows only: their flags are summed over the ranks (shard_loss raises).
-    const Tensor own_logits = logits.narrow(0, first_anchor, num_anchors);
-    auto finite = [&](const Tensor& own_vectors) {
-      return Device::as_tensor(Device::check_finite(own_vectors, own_logits, num_classes, false), labels);
-    };
-    const Tensor logits_finite = finite(Tensor());
-    const Tensor all_finite =
-        !vectors.has_value() ? logits_finite
-                             : finite(mining == Mode::Class ? *vectors : vectors->narrow(0, first_anchor, num_anchors));
-    const Tensor checks = at::stack({logits_finite.logical_not(), all_finite.logical_not()});
+    const Tensor own_vectors = !vectors.has_value()       ? Tensor()
+                               : mining == Mode::Class ? *vectors
+                                                       : vectors->narrow(0, first_anchor, num_anchors);
+    const Tensor checks =
+        Device::nonfinite_checks(own_vectors, logits.narrow(0, first_anchor, num_anchors), num_classes);
     Tensor anchors, partners, lists = at::empty({0}, labels.options());
     if (partner_rows) {
       std::tie(std::ignore, lists) = Device::class_lists(logits, labels, num_classes, active, k);
@@ -183,7 +174,7 @@ struct EntryPoints {
   static Tensor shard_table(const Tensor& vectors, const Tensor& lists, int64_t first_anchor) {
     check_table_args(vectors, lists, first_anchor);
     typename Device::Guard guard(vectors);
-    return partner_rows::fill_table(vectors, lists, first_anchor);
+    return Device::shard_table(vectors, lists.contiguous(), first_anchor);
   }
 
   static Tensor shard_table_backward(const Tensor& grad_table, const Tensor& grad_rows, const Tensor& lists,
@@ -195,8 +186,10 @@ struct EntryPoints {
                       lists.size(0), ", ", grad_rows.size(2), "], got ", grad_table.sizes());
     TORCH_CHECK_VALUE(grad_scale.dim() == 0 && grad_scale.is_floating_point(),
                       "crl_ops: grad_scale must be a floating 0-dim tensor, got ", grad_scale.sizes());
+    check_same_device(grad_table, "grad_table", grad_rows, "grad_rows");
+    check_same_device(grad_scale, "grad_scale", grad_rows, "grad_rows");
     typename Device::Guard guard(grad_rows);
-    return partner_rows::fill_table_backward(grad_table, grad_rows, lists, first_anchor, grad_scale);
+    return Device::shard_table_backward(grad_table, grad_rows, lists.contiguous(), first_anchor, grad_scale);
   }
 
   static std::tuple<Tensor, Tensor, Tensor> table_distances(const Tensor& vectors, const Tensor& table,
@@ -237,7 +230,7 @@ struct EntryPoints {
     const Tensor sums = Device::pair_sums(distances.contiguous(), partners.contiguous(), margins,
                                           longest.value_or(Tensor()), loss_form, apc_margin, bins);
     const Tensor counted = Device::pair_counts(anchors.contiguous(), partners.contiguous());
-    return at::cat({sums.reshape(-1), counted.reshape(-1), overflow.reshape(1), checks}).to(at::kDouble);
+    return Device::partial_vector(sums, counted, overflow, checks, PartialLayout{loss_form, partners.size(1), bins});
   }
 
   static std::tuple<Tensor, Tensor> shard_sums_backward(const Tensor& grad, const Tensor& distances,
@@ -249,7 +242,9 @@ struct EntryPoints {
     const PartialLayout layout{loss_form, partners.size(1), bins};
     check_partial(grad, "grad", layout);
     typename Device::Guard guard(distances);
-    const Tensor grad_sums = sums_of(grad, layout, distances.scalar_type());
+    const Tensor grad_sums = grad.narrow(0, 0, layout.sums())
+                                 .view(pair_sums_shape(loss_form, layout.attributes, bins))
+                                 .to(distances.scalar_type());
     return Device::pair_sums_backward(grad_sums, distances.contiguous(), partners.contiguous(), margins,
                                       longest.value_or(Tensor()), loss_form, apc_margin, bins, margins_grad);
   }
@@ -263,17 +258,7 @@ struct EntryPoints {
     TORCH_CHECK_VALUE(world_size >= 1, "crl_ops: world_size must be >= 1, got ", world_size);
     const Reduction mean = parse_reduction(reduction);
     typename Device::Guard guard(total);
-    if (validate) {  // the single process's order of the value errors
-      const Tensor flags = total.narrow(0, layout.flags(), 3);
-      require_clear(flags[1], values_message("logits"));
-      require_clear(flags[2], values_message("features"));
-      require_clear(flags[0], overflow_message(dtype));
-    }
-    auto [loss, failed] = loss_of_total(total, layout, mean, dtype);
-    const Tensor pair_counts = counts_of(total, layout, at::kLong);
-    const Tensor grad_scale = at::where(failed, std::numeric_limits<double>::quiet_NaN(),
-                                        at::scalar_tensor(static_cast<double>(world_size), loss.options()));
-    return {loss, pair_counts, grad_scale};
+    return Device::shard_loss(total, layout, mean, dtype, world_size, validate);
   }
 
   static Tensor shard_loss_backward(const Tensor& grad, const Tensor& total, int64_t num_attributes,
@@ -281,9 +266,11 @@ struct EntryPoints {
                                     at::ScalarType dtype) {
     const PartialLayout layout{parse_form(form), num_attributes, bins};
     check_shard_loss_args(total, layout, dtype);
-    TORCH_CHECK_VALUE(grad.numel() == 1, "crl_ops: grad must be a scalar, got ", grad.sizes());
+    TORCH_CHECK_VALUE(grad.numel() == 1 && grad.is_floating_point(), "crl_ops: grad must be a floating scalar, got ",
+                      grad.scalar_type(), " ", grad.sizes());
+    check_same_device(grad, "grad", total, "total");
     typename Device::Guard guard(total);
-    return loss_of_total_backward(grad, total, layout, parse_reduction(reduction), dtype);
+    return Device::shard_loss_backward(grad, total, layout, parse_reduction(reduction), dtype);
   }
 
   static std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> crl_loss(

@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "common/crl_math.h"
+#include "common/shard_loss.h"
 
 namespace crl {
 
@@ -262,19 +263,6 @@ inline void check_pair_sums_backward_args(const at::Tensor& grad, const at::Tens
                     grad.sizes());
   check_same_device(grad, "grad", distances, "distances");
 }
-
-// The pieces of crl_ops.distributed's partial sums vector (op_schemas.h): pair_sums' output, the
-// pair counts [A, 4] and three flags, all float64.
-struct PartialLayout {
-  Form form;
-  int64_t attributes, bins;
-
-  std::vector<int64_t> sums_shape() const { return pair_sums_shape(form, attributes, bins); }
-  int64_t sums() const { return form == Form::Distribution ? 2 * attributes * bins : 2 * attributes; }
-  int64_t counts() const { return sums(); }  // offset of the pair counts
-  int64_t flags() const { return sums() + 4 * attributes; }
-  int64_t size() const { return flags() + 3; }
-};
 
 inline void check_partial(const at::Tensor& t, const char* name, const PartialLayout& layout) {
   TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == layout.size() && t.scalar_type() == at::kDouble,

@@ -1,118 +1,117 @@
-// The loss of the global batch from the ranks' summed partial sums (crl_ops.distributed), and its
-// gradient: semantics section 3's reductions of per-attribute sums and counts, written with ATen
-// operations so that one source serves every device. The vectors are a few hundred numbers: the
-// cost is in the calls, not the arithmetic.
+// The loss of the global batch from the ranks' summed partial vector (crl_ops.distributed) and its
+// gradient: semantics section 3's reduction, through term_weights as the single process's loss
+// (cpu::loss). Host+device and one attribute at a time: the CPU loops over the attributes, a CUDA
+// block gives each a thread (cuda/losses.cu), and both round alike.
 #pragma once
 
-#include <ATen/ATen.h>
-
-#include "common/op_checks.h"
+#include "common/crl_math.h"
 
 namespace crl {
 
-namespace shard_detail {
+// The pieces of crl_ops.distributed's partial sums vector (op_schemas.h), all float64: pair_sums'
+// output, the pair counts [A, 4] and three flags (an overflowing pair distance, non-finite logits,
+// non-finite features or logits).
+struct PartialLayout {
+  Form form;
+  int64_t attributes, bins;
 
-inline at::Tensor mean(const at::Tensor& total, const at::Tensor& count) { return total / count.clamp_min(1); }
-
-// The per-attribute sums and counts of a form, as reference.PairSums: (first, second, first_count,
-// second_count), counts in the loss dtype.
-struct Sums {
-  at::Tensor first, second, first_count, second_count;
+  CRL_HD int64_t sums() const { return form == Form::Distribution ? 2 * attributes * bins : 2 * attributes; }
+  CRL_HD int64_t counts() const { return sums(); }  // offset of the pair counts
+  CRL_HD int64_t flags() const { return sums() + 4 * attributes; }
+  CRL_HD int64_t size() const { return flags() + 3; }
 };
 
-// 0-dim bool: whether any rank set a flag.
-inline at::Tensor flags_set(const at::Tensor& total, const PartialLayout& layout) {
-  return total.narrow(0, layout.flags(), 3).gt(0).any();
+// The flags' positions after layout.flags().
+constexpr int kOverflowFlag = 0, kLogitsFlag = 1, kFeaturesFlag = 2;
+
+// Entry e of a rank's partial vector: pair_sums' output (sums, Acc), its pair counts [A, 4], then
+// its flags: overflow (0-dim) and checks [2] (non-finite logits; non-finite features or logits).
+template <typename Acc>
+CRL_HD double partial_entry(int64_t e, const PartialLayout& layout, const Acc* sums, const int64_t* counts,
+                            const bool* overflow, const bool* checks) {
+  if (e < layout.counts()) return static_cast<double>(sums[e]);
+  if (e < layout.flags()) return static_cast<double>(counts[e - layout.counts()]);
+  const int64_t flag = e - layout.flags();
+  return (flag == kOverflowFlag ? *overflow : checks[flag - kLogitsFlag]) ? 1.0 : 0.0;
 }
 
-}  // namespace shard_detail
-
-// The pair_sums part of the partial vector `total` (or of a gradient of it), in `dtype`.
-inline at::Tensor sums_of(const at::Tensor& total, const PartialLayout& layout, at::ScalarType dtype) {
-  return total.narrow(0, 0, layout.sums()).view(layout.sums_shape()).to(dtype);
+// Whether any rank set a flag: the loss, the gradient scale and every gradient entry are then NaN.
+CRL_HD bool partial_failed(const double* total, const PartialLayout& layout) {
+  const double* flags = total + layout.flags();
+  return flags[0] > 0 || flags[1] > 0 || flags[2] > 0;
 }
 
-// The pair counts [A, 4] of the partial vector `total`, in `dtype`.
-inline at::Tensor counts_of(const at::Tensor& total, const PartialLayout& layout, at::ScalarType dtype) {
-  return total.narrow(0, layout.counts(), 4 * layout.attributes).view({layout.attributes, 4}).to(dtype);
+// Attribute j's pair counts [4] (float64 sums of integers below 2^53: exact).
+CRL_HD void partial_counts(const double* total, const PartialLayout& layout, int64_t j, int64_t* counts) {
+  for (int c = 0; c < 4; ++c) counts[4 * j + c] = static_cast<int64_t>(total[layout.counts() + 4 * j + c]);
 }
 
-// (loss, flags set: a 0-dim bool) of the summed partial vector `total`, in `dtype`.
-inline std::tuple<at::Tensor, at::Tensor> loss_of_total(const at::Tensor& total, const PartialLayout& layout,
-                                                        Reduction reduction, at::ScalarType dtype) {
-  using namespace shard_detail;
-  const at::Tensor sums = sums_of(total, layout, dtype), counts = counts_of(total, layout, dtype);
-  const at::Tensor failed = flags_set(total, layout);
-  at::Tensor loss;
-  if (layout.form == Form::Distribution) {  // Eq. 12-14, the mean over attributes with both pair kinds
-    const at::Tensor positives = counts.select(1, 1), negatives = counts.select(1, 2);
-    const at::Tensor h_pos = sums.select(1, 0) / positives.clamp_min(1).unsqueeze(1);
-    const at::Tensor h_neg = sums.select(1, 1) / negatives.clamp_min(1).unsqueeze(1);
-    const at::Tensor counted = positives.gt(0).logical_and(negatives.gt(0));
-    const at::Tensor overlap = at::where(counted, (h_pos * h_neg.cumsum(-1)).sum(-1), 0.0);
-    loss = mean(overlap.sum(), counted.sum().to(dtype));
-  } else {
-    const bool relative = layout.form == Form::Relative;
-    const at::Tensor first = sums.select(1, 0), second = sums.select(1, 1);
-    const at::Tensor first_count = counts.select(1, relative ? 3 : 1), second_count = counts.select(1, 2);
-    if (reduction == Reduction::Attribute) {
-      at::Tensor per_attribute, has_terms;
-      if (relative) {
-        per_attribute = mean(first, first_count);
-        has_terms = first_count.gt(0);
-      } else {
-        per_attribute = 0.5 * (mean(first, first_count) + mean(second, second_count));
-        has_terms = first_count.gt(0).logical_or(second_count.gt(0));
-      }
-      loss = mean(at::where(has_terms, per_attribute, 0.0).sum(), has_terms.sum().to(dtype));
-    } else if (relative) {
-      loss = mean(first.sum(), first_count.sum());
-    } else {
-      loss = 0.5 * (mean(first.sum(), first_count.sum()) + mean(second.sum(), second_count.sum()));
-    }
+// Attribute j's two terms, sums[2 j] and sums[2 j + 1], as cpu::loss weighs them: relative and
+// absolute, pair_sums' columns; distribution, the overlap of the histograms normalised by the pair
+// counts (0 without both pair kinds), and 0.
+template <typename Acc>
+CRL_HD void attribute_terms(const double* total, const PartialLayout& layout, const int64_t* counts, int64_t j,
+                            Acc* sums) {
+  if (layout.form != Form::Distribution) {
+    sums[2 * j] = static_cast<Acc>(total[2 * j]);
+    sums[2 * j + 1] = static_cast<Acc>(total[2 * j + 1]);
+    return;
   }
-  return {at::where(failed, std::numeric_limits<double>::quiet_NaN(), loss), failed};
+  const int64_t n_pos = counts[4 * j + kPositivesColumn], n_neg = counts[4 * j + kNegativesColumn];
+  const double* h_pos = total + j * 2 * layout.bins;
+  const double* h_neg = h_pos + layout.bins;
+  Acc cumulative = Acc(0), overlap = Acc(0);  // histogram_overlap on the normalised histograms
+  for (int64_t t = 0; t < layout.bins; ++t) {
+    cumulative += static_cast<Acc>(h_neg[t]) / static_cast<Acc>(n_neg > 0 ? n_neg : 1);
+    overlap += static_cast<Acc>(h_pos[t]) / static_cast<Acc>(n_pos > 0 ? n_pos : 1) * cumulative;
+  }
+  sums[2 * j] = n_pos > 0 && n_neg > 0 ? overlap : Acc(0);
+  sums[2 * j + 1] = Acc(0);
 }
 
-// d loss / d total [size] float64 for the incoming 0-dim grad: non-zero on the sums only; NaN
-// everywhere where a flag is set (section 6: every entry of the gradient NaN).
-inline at::Tensor loss_of_total_backward(const at::Tensor& grad, const at::Tensor& total, const PartialLayout& layout,
-                                         Reduction reduction, at::ScalarType dtype) {
-  using namespace shard_detail;
-  const at::Tensor sums = sums_of(total, layout, dtype), counts = counts_of(total, layout, dtype);
-  const at::Tensor g = grad.to(dtype);
-  at::Tensor first, second;  // d loss / d (the two columns of the sums)
-  if (layout.form == Form::Distribution) {
-    const at::Tensor positives = counts.select(1, 1).clamp_min(1).unsqueeze(1);
-    const at::Tensor negatives = counts.select(1, 2).clamp_min(1).unsqueeze(1);
-    const at::Tensor counted = counts.select(1, 1).gt(0).logical_and(counts.select(1, 2).gt(0));
-    const at::Tensor h_pos = sums.select(1, 0) / positives, h_neg = sums.select(1, 1) / negatives;
-    // overlap = sum_t h_pos[t] cumsum(h_neg)[t]: d/d h_neg[u] = sum over t >= u of h_pos[t].
-    const at::Tensor tail_pos = h_pos.flip(-1).cumsum(-1).flip(-1);
-    const at::Tensor scale = at::where(counted, g / counted.sum().to(dtype).clamp_min(1), 0.0).unsqueeze(1);
-    first = scale * h_neg.cumsum(-1) / positives;
-    second = scale * tail_pos / negatives;
-  } else {
-    const bool relative = layout.form == Form::Relative;
-    const at::Tensor first_count = counts.select(1, relative ? 3 : 1), second_count = counts.select(1, 2);
-    const double half = relative ? 1.0 : 0.5;
-    if (reduction == Reduction::Attribute) {
-      const at::Tensor has_terms =
-          relative ? first_count.gt(0) : first_count.gt(0).logical_or(second_count.gt(0));
-      const at::Tensor per_attribute = at::where(has_terms, half * g / has_terms.sum().to(dtype).clamp_min(1), 0.0);
-      first = per_attribute / first_count.clamp_min(1);
-      second = relative ? at::zeros_like(first) : per_attribute / second_count.clamp_min(1);
-    } else {
-      const auto pooled = [&](const at::Tensor& count) {
-        return (half * g / count.sum().clamp_min(1)).expand({layout.attributes});
-      };
-      first = pooled(first_count);
-      second = relative ? at::zeros_like(first) : pooled(second_count);
-    }
+// The loss: the weighted terms in attribute order (cpu::loss's sum).
+template <typename Acc>
+CRL_HD Acc weighted_terms(Form form, const Acc* sums, const Acc* weights, int64_t attributes) {
+  Acc total = Acc(0);
+  for (int64_t j = 0; j < attributes; ++j) {
+    total += weights[2 * j] * sums[2 * j];
+    if (form == Form::Absolute) total += weights[2 * j + 1] * sums[2 * j + 1];
   }
-  at::Tensor result = at::zeros({layout.size()}, total.options());
-  result.narrow(0, 0, layout.sums()).view(layout.sums_shape()).copy_(at::stack({first, second}, 1));
-  return at::where(flags_set(total, layout), std::numeric_limits<double>::quiet_NaN(), result);
+  return total;
+}
+
+// d loss / d (attribute j's entries of pair_sums' part of the partial vector), times grad, into
+// out (float64): relative and absolute, grad times the terms' weights; distribution, through the
+// normalised histograms' overlap (histogram_overlap_gradient), each divided by its pair count.
+template <typename Acc>
+CRL_HD void attribute_terms_gradient(Acc grad, const double* total, const PartialLayout& layout, const int64_t* counts,
+                                     const Acc* weights, int64_t j, double* out) {
+  if (layout.form != Form::Distribution) {
+    out[2 * j] = static_cast<double>(grad * weights[2 * j]);
+    out[2 * j + 1] = layout.form == Form::Absolute ? static_cast<double>(grad * weights[2 * j + 1]) : 0.0;
+    return;
+  }
+  const int64_t n_pos = counts[4 * j + kPositivesColumn], n_neg = counts[4 * j + kNegativesColumn];
+  const int64_t bins = layout.bins;
+  const double* h_pos = total + j * 2 * bins;
+  const double* h_neg = h_pos + bins;
+  double* g_pos = out + j * 2 * bins;
+  double* g_neg = g_pos + bins;
+  if (n_pos == 0 || n_neg == 0) {
+    for (int64_t t = 0; t < 2 * bins; ++t) g_pos[t] = 0.0;
+    return;
+  }
+  const Acc pos_factor = grad * weights[2 * j] / static_cast<Acc>(n_pos);
+  const Acc neg_factor = grad * weights[2 * j] / static_cast<Acc>(n_neg);
+  Acc forward = Acc(0), backward = Acc(0);
+  for (int64_t t = 0; t < bins; ++t) {
+    forward += static_cast<Acc>(h_neg[t]) / static_cast<Acc>(n_neg);
+    g_pos[t] = static_cast<double>(pos_factor * forward);
+  }
+  for (int64_t t = bins - 1; t >= 0; --t) {
+    backward += static_cast<Acc>(h_pos[t]) / static_cast<Acc>(n_pos);
+    g_neg[t] = static_cast<double>(neg_factor * backward);
+  }
 }
 
 }  // namespace crl

@@ -32,6 +32,9 @@ std::tuple<Tensor, Tensor, Tensor> profile(const Tensor& labels, const Tensor& n
 // Whether the features (when defined) and the logits of each attribute's classes are all finite.
 // With validate, raises ValueError naming the first of them that is not.
 bool check_finite(const Tensor& features, const Tensor& logits, const Tensor& num_classes, bool validate);
+// checks [2] bool: whether some logit is not finite, and whether some logit or feature (when
+// defined) is not: crl_ops.distributed's flags of a rank's own rows, raised after the all-reduce.
+Tensor nonfinite_checks(const Tensor& features, const Tensor& logits, const Tensor& num_classes);
 
 // Section 2, class level, before the anchors: for every (attribute, class c < C_j; only the
 // active ones where active [A, Cmax] is defined) the K hardest
@@ -47,6 +50,12 @@ std::tuple<Tensor, Tensor> mine_class(const Tensor& logits, const Tensor& labels
 // the class lists [A, Cmax, 2K] (write_partner_row).
 std::tuple<Tensor, Tensor> partner_rows(const Tensor& lists, const Tensor& labels, const Tensor& num_classes,
                                         const Tensor& active, int64_t first, int64_t rows);
+// The partner table [Cmax 2K, A, D] of this rank's rows first.. of vectors [R, Ax, D] (table_source),
+// 0 elsewhere; its backward: (grad_rows [R, Ax, D] plus the table's gradient at this rank's entries,
+// added in attribute then slot order) times grad_scale (0-dim).
+Tensor shard_table(const Tensor& vectors, const Tensor& lists, int64_t first);
+Tensor shard_table_backward(const Tensor& grad_table, const Tensor& grad_rows, const Tensor& lists, int64_t first,
+                            const Tensor& grad_scale);
 // Also whether the squared distance of a mined pair overflowed.
 std::tuple<Tensor, Tensor, bool> mine_instance(const Tensor& features, const Tensor& logits, const Tensor& labels,
                                                const Tensor& num_classes, const Tensor& active, int64_t k,
@@ -82,6 +91,20 @@ std::tuple<Tensor, Tensor> loss_backward(const Tensor& grad, const Tensor& loss,
                                          const Tensor& pair_counts, const Tensor& sums, const Tensor& histograms,
                                          Form form, double apc_margin, int64_t bins, Reduction reduction,
                                          bool margins_grad);
+
+// A rank's partial vector [S + 4A + 3] float64 (common/shard_loss.h: partial_entry) from its sums,
+// pair counts [A, 4], overflow flag (0-dim bool) and checks [2] bool.
+Tensor partial_vector(const Tensor& sums, const Tensor& pair_counts, const Tensor& overflow, const Tensor& checks,
+                      const PartialLayout& layout);
+
+// crl_ops.distributed's finishing step on the ranks' summed partial vector total [S + 4A + 3]
+// (common/shard_loss.h): (loss, pair_counts [A, 4] int64, grad_scale: world_size, NaN where a
+// flag is set), the loss and scale in dtype. With validate, a set flag raises the single process's
+// ValueError (logits, then features, then the overflow). The backward: d loss / d total, float64.
+std::tuple<Tensor, Tensor, Tensor> shard_loss(const Tensor& total, const PartialLayout& layout, Reduction reduction,
+                                              at::ScalarType dtype, int64_t world_size, bool validate);
+Tensor shard_loss_backward(const Tensor& grad, const Tensor& total, const PartialLayout& layout, Reduction reduction,
+                           at::ScalarType dtype);
 
 }  // namespace cpu
 }  // namespace crl

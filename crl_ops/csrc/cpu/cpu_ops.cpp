@@ -16,9 +16,12 @@ struct Cpu {
 
   static constexpr auto profile = &cpu::profile;
   static constexpr auto check_finite = &cpu::check_finite;
+  static constexpr auto nonfinite_checks = &cpu::nonfinite_checks;
   static constexpr auto class_lists = &cpu::class_lists;
   static constexpr auto mine_class = &cpu::mine_class;
   static constexpr auto partner_rows = &cpu::partner_rows;
+  static constexpr auto shard_table = &cpu::shard_table;
+  static constexpr auto shard_table_backward = &cpu::shard_table_backward;
   static constexpr auto mine_instance = &cpu::mine_instance;
   static constexpr auto pair_counts = &cpu::pair_counts;
   static constexpr auto pair_distances = &cpu::pair_distances;
@@ -27,6 +30,9 @@ struct Cpu {
   static constexpr auto pair_sums_backward = &cpu::pair_sums_backward;
   static constexpr auto loss = &cpu::loss;
   static constexpr auto loss_backward = &cpu::loss_backward;
+  static constexpr auto partial_vector = &cpu::partial_vector;
+  static constexpr auto shard_loss = &cpu::shard_loss;
+  static constexpr auto shard_loss_backward = &cpu::shard_loss_backward;
 
   static at::Tensor as_tensor(bool flag, const at::Tensor& like) {
     return at::scalar_tensor(flag, like.options().dtype(at::kBool));

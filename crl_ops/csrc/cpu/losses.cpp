@@ -378,14 +378,9 @@ LossOutputs loss(const Tensor& features, const Tensor& partners, const Tensor& m
         s[2 * j + 1] = histogram_scale(longest.data_ptr<scalar_t>()[j], bins);
       }
     }
-    const scalar_t* s = sums.data_ptr<scalar_t>();
     std::vector<scalar_t> weights(2 * attributes);
     term_weights(form, reduction, counts, attributes, weights.data());
-    scalar_t total = scalar_t(0);
-    for (int64_t j = 0; j < attributes; ++j) {
-      total += weights[2 * j] * s[2 * j];
-      if (form == Form::Absolute) total += weights[2 * j + 1] * s[2 * j + 1];
-    }
+    const scalar_t total = weighted_terms(form, sums.data_ptr<scalar_t>(), weights.data(), attributes);
     loss.fill_(finite && !overflow ? total : std::numeric_limits<scalar_t>::quiet_NaN());
   });
   return {loss, distances, sums, histograms};
@@ -439,6 +434,72 @@ std::tuple<Tensor, Tensor> loss_backward(const Tensor& grad, const Tensor& loss,
     }
   });
   return {pair_distances_backward(grad_d, features, partners, distances, 0), grad_margins};
+}
+
+Tensor partial_vector(const Tensor& sums, const Tensor& pair_counts, const Tensor& overflow, const Tensor& checks_in,
+                      const PartialLayout& layout) {
+  Tensor partial = at::empty({layout.size()}, sums.options().dtype(at::kDouble));
+  const Tensor checks = checks_in.contiguous();
+  double* out = partial.data_ptr<double>();
+  AT_DISPATCH_FLOATING_TYPES(sums.scalar_type(), "crl_ops::partial_vector", [&] {
+    for (int64_t e = 0; e < layout.size(); ++e) {
+      out[e] = partial_entry(e, layout, sums.data_ptr<scalar_t>(), pair_counts.data_ptr<int64_t>(),
+                             overflow.data_ptr<bool>(), checks.data_ptr<bool>());
+    }
+  });
+  return partial;
+}
+
+std::tuple<Tensor, Tensor, Tensor> shard_loss(const Tensor& total_in, const PartialLayout& layout, Reduction reduction,
+                                              at::ScalarType dtype, int64_t world_size, bool validate) {
+  const Tensor total_tensor = total_in.contiguous();
+  const double* total = total_tensor.data_ptr<double>();
+  const int64_t attributes = layout.attributes;
+  if (validate) {  // the single process's order of the value errors
+    const double* flags = total + layout.flags();
+    TORCH_CHECK_VALUE(flags[kLogitsFlag] <= 0, values_message("logits"));
+    TORCH_CHECK_VALUE(flags[kFeaturesFlag] <= 0, values_message("features"));
+    TORCH_CHECK_VALUE(flags[kOverflowFlag] <= 0, overflow_message(dtype));
+  }
+  Tensor pair_counts = at::empty({attributes, 4}, total_in.options().dtype(at::kLong));
+  int64_t* counts = pair_counts.data_ptr<int64_t>();
+  for (int64_t j = 0; j < attributes; ++j) partial_counts(total, layout, j, counts);
+  const bool failed = partial_failed(total, layout);
+  Tensor loss, grad_scale;
+  AT_DISPATCH_FLOATING_TYPES(dtype, "crl_ops::shard_loss", [&] {
+    std::vector<scalar_t> weights(2 * attributes), sums(2 * attributes);
+    term_weights(layout.form, reduction, counts, attributes, weights.data());
+    for (int64_t j = 0; j < attributes; ++j) attribute_terms(total, layout, counts, j, sums.data());
+    const scalar_t nan = std::numeric_limits<scalar_t>::quiet_NaN();
+    const auto options = total_in.options().dtype(dtype);
+    loss = at::scalar_tensor(failed ? nan : weighted_terms(layout.form, sums.data(), weights.data(), attributes),
+                             options);
+    grad_scale = at::scalar_tensor(failed ? nan : static_cast<scalar_t>(world_size), options);
+  });
+  return {loss, pair_counts, grad_scale};
+}
+
+Tensor shard_loss_backward(const Tensor& grad, const Tensor& total_in, const PartialLayout& layout,
+                           Reduction reduction, at::ScalarType dtype) {
+  const Tensor total_tensor = total_in.contiguous();
+  const double* total = total_tensor.data_ptr<double>();
+  const int64_t attributes = layout.attributes;
+  Tensor result = at::zeros({layout.size()}, total_in.options());
+  double* out = result.data_ptr<double>();
+  if (partial_failed(total, layout)) {  // section 6: every entry of the gradient NaN
+    return result.fill_(std::numeric_limits<double>::quiet_NaN());
+  }
+  std::vector<int64_t> counts(4 * attributes);
+  for (int64_t j = 0; j < attributes; ++j) partial_counts(total, layout, j, counts.data());
+  AT_DISPATCH_FLOATING_TYPES(dtype, "crl_ops::shard_loss_backward", [&] {
+    std::vector<scalar_t> weights(2 * attributes);
+    term_weights(layout.form, reduction, counts.data(), attributes, weights.data());
+    const scalar_t g = grad.item().to<scalar_t>();
+    for (int64_t j = 0; j < attributes; ++j) {
+      attribute_terms_gradient(g, total, layout, counts.data(), weights.data(), j, out);
+    }
+  });
+  return result;
 }
 
 }  // namespace cpu

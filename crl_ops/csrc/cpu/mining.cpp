@@ -571,6 +571,50 @@ std::tuple<Tensor, Tensor> partner_rows(const Tensor& lists, const Tensor& label
   return {anchors, partners};
 }
 
+Tensor shard_table(const Tensor& vectors, const Tensor& lists, int64_t first) {
+  const int64_t attributes = lists.size(0), slots = lists.size(1) * lists.size(2);
+  const int64_t rows = vectors.size(0), dim = vectors.size(2);
+  const int64_t sb = vectors.stride(0), sa = vectors.size(1) == 1 ? 0 : vectors.stride(1), sd = vectors.stride(2);
+  Tensor table = at::empty({slots, attributes, dim}, vectors.options());
+  const int64_t* list = lists.data_ptr<int64_t>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, vectors.scalar_type(), "crl_ops::shard_table", [&] {
+    const scalar_t* x = vectors.data_ptr<scalar_t>();
+    scalar_t* out = table.data_ptr<scalar_t>();
+    for (int64_t m = 0; m < slots; ++m) {
+      for (int64_t j = 0; j < attributes; ++j) {
+        const int64_t source = table_source(list, slots, m, j, first, rows);
+        scalar_t* entry = out + (m * attributes + j) * dim;
+        for (int64_t d = 0; d < dim; ++d) entry[d] = source < 0 ? scalar_t(0) : x[source * sb + j * sa + d * sd];
+      }
+    }
+  });
+  return table;
+}
+
+Tensor shard_table_backward(const Tensor& grad_table_in, const Tensor& grad_rows, const Tensor& lists, int64_t first,
+                            const Tensor& grad_scale) {
+  Tensor grad = grad_rows.clone(at::MemoryFormat::Contiguous);
+  const Tensor grad_table = grad_table_in.to(grad.scalar_type()).contiguous();
+  const int64_t attributes = lists.size(0), slots = lists.size(1) * lists.size(2);
+  const int64_t rows = grad.size(0), per_sample = grad.size(1), dim = grad.size(2);
+  const int64_t* list = lists.data_ptr<int64_t>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "crl_ops::shard_table_backward", [&] {
+    scalar_t* g = grad.data_ptr<scalar_t>();
+    const scalar_t* from = grad_table.data_ptr<scalar_t>();
+    for (int64_t j = 0; j < attributes; ++j) {  // each entry's additions in the order of CUDA's gather
+      const int64_t column = per_sample == 1 ? 0 : j;
+      for (int64_t m = 0; m < slots; ++m) {
+        const int64_t source = table_source(list, slots, m, j, first, rows);
+        if (source < 0) continue;
+        for (int64_t d = 0; d < dim; ++d) g[(source * per_sample + column) * dim + d] += from[(m * attributes + j) * dim + d];
+      }
+    }
+    const scalar_t scale = static_cast<scalar_t>(grad_scale.item<double>());
+    for (int64_t e = 0; e < grad.numel(); ++e) g[e] = g[e] * scale;
+  });
+  return grad;
+}
+
 std::tuple<Tensor, Tensor> mine_class(const Tensor& logits, const Tensor& labels, const Tensor& num_classes,
                                       const Tensor& active, int64_t k, int64_t first, int64_t rows) {
   const int64_t attributes = labels.size(1), max_classes = active.size(1);

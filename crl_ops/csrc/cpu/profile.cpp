@@ -266,5 +266,14 @@ bool check_finite(const Tensor& features, const Tensor& logits, const Tensor& nu
   return features_ok && logits_ok;
 }
 
+Tensor nonfinite_checks(const Tensor& features, const Tensor& logits, const Tensor& num_classes) {
+  check_class_counts(num_classes.data_ptr<int64_t>(), logits.size(1), max_classes_of(logits));
+  const bool logits_bad = !logits_finite(logits, num_classes.data_ptr<int64_t>());
+  Tensor checks = at::empty({2}, logits.options().dtype(at::kBool));
+  checks.data_ptr<bool>()[0] = logits_bad;
+  checks.data_ptr<bool>()[1] = logits_bad || (features.defined() && !features_finite(features));
+  return checks;
+}
+
 }  // namespace cpu
 }  // namespace crl

@@ -34,11 +34,13 @@ inline int blocks_for(int64_t n, int threads = kThreads) {
 #define CRL_GRID_STRIDE(index, n) \
   for (int64_t index = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; index < (n); index += int64_t(blockDim.x) * gridDim.x)
 
-// The text of overflow_message() (common/op_checks.h) for the accumulation dtype's name, as a
-// literal: the message of a device-side assertion must live in device code.
+// The texts of overflow_message() (for the accumulation dtype's name) and values_message()
+// (common/op_checks.h), as literals: the message of a device-side assertion must live in device code.
 #define CRL_OVERFLOW_MESSAGE(dtype)                                                                      \
   "crl_ops: features are too large: the squared distance of a mined pair overflows " dtype "; scale them " \
   "down (normalize=True does) or use a wider dtype"
+#define CRL_FEATURES_MESSAGE "crl_ops: features contain NaN or inf; CRL needs finite features"
+#define CRL_LOGITS_MESSAGE "crl_ops: logits contain NaN or inf; CRL needs finite logits"
 
 // ---- reductions ---------------------------------------------------------------------------------------
 

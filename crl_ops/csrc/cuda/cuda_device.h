@@ -19,9 +19,12 @@ struct Cuda {
 
   static constexpr auto profile = &cuda::profile;
   static constexpr auto check_finite = &cuda::check_finite;
+  static constexpr auto nonfinite_checks = &cuda::nonfinite_checks;
   static constexpr auto class_lists = &cuda::class_lists;
   static constexpr auto mine_class = &cuda::mine_class;
   static constexpr auto partner_rows = &cuda::partner_rows;
+  static constexpr auto shard_table = &cuda::shard_table;
+  static constexpr auto shard_table_backward = &cuda::shard_table_backward;
   static constexpr auto mine_instance = &cuda::mine_instance;
   static constexpr auto check_overflow = &cuda::check_overflow;
   static constexpr auto pair_counts = &cuda::pair_counts;
@@ -33,6 +36,9 @@ struct Cuda {
 
   static const at::Tensor& as_tensor(const at::Tensor& flag, const at::Tensor&) { return flag; }
   static constexpr auto loss_backward = &cuda::loss_backward;
+  static constexpr auto partial_vector = &cuda::partial_vector;
+  static constexpr auto shard_loss = &cuda::shard_loss;
+  static constexpr auto shard_loss_backward = &cuda::shard_loss_backward;
 };
 
 }  // namespace crl

@@ -15,6 +15,7 @@
 #include <cstdint>
 
 #include "common/crl_math.h"
+#include "common/shard_loss.h"
 
 // The explicit instantiations of the templated launchers, in the .cu files: M(T, Acc) for every
 // feature dtype with its accumulation type, M(Acc) for every accumulation type.
@@ -42,9 +43,12 @@ constexpr size_t kCheckFiniteWorkspace = 2 * sizeof(unsigned int);
 // finite[0] = whether every entry of `features` (when has_features; any strides) and every logit
 // read by the kernels is finite: logits [B, A, 1] binary, or [B, A, Cmax] read for c < C_j. With
 // validate, a non-finite value is a device-side assertion (and finite[0] = true otherwise). A
-// C_j outside 2..Cmax is always an assertion. `workspace`: kCheckFiniteWorkspace bytes.
+// C_j outside 2..Cmax is always an assertion. Where `checks` is given (without validate), it takes
+// the flags instead of finite: checks[0] = some logit is not finite, checks[1] = some value is not.
+// `workspace`: kCheckFiniteWorkspace bytes.
 void check_finite(const Values& features, bool has_features, const Values& logits, bool binary,
-                  const int64_t* num_classes, bool validate, bool* finite, void* workspace, cudaStream_t stream);
+                  const int64_t* num_classes, bool validate, bool* finite, bool* checks, void* workspace,
+                  cudaStream_t stream);
 
 // A device-side assertion with the overflow message (op_checks.h) where overflow[0] is set.
 void check_overflow(const bool* overflow, bool double_accumulation, cudaStream_t stream);
@@ -153,6 +157,25 @@ template <typename T, typename Acc>
 void loss_backward_gather(const BackwardArgs<T, Acc>& args, const Acc* scales, const int64_t* incoming,
                           const int64_t* offsets, T* grad_features, cudaStream_t stream);
 
+// ---- crl_ops.distributed's partial vector and finishing step (losses.cu) ---------------------------------
+// partial [S + 4A + 3] float64 of a rank (common/shard_loss.h: partial_entry): one kernel.
+template <typename Acc>
+void partial_vector(const Acc* sums, const int64_t* pair_counts, const bool* overflow, const bool* checks,
+                    const PartialLayout& layout, double* partial, cudaStream_t stream);
+// cpu::shard_loss and its backward: one block over the attributes of the summed partial vector
+// total. Forward: pair_counts [A, 4], loss and grad_scale (0-dim, Acc); with validate, a set flag
+// is a device-side assertion (logits, then features, then the overflow). Backward: grad_total
+// [S + 4A + 3] float64 from grad (0-dim, Acc).
+inline size_t shard_loss_workspace(int64_t attributes, size_t acc_size) {
+  return attributes * (4 * sizeof(int64_t) + 4 * acc_size);
+}
+template <typename Acc>
+void shard_loss(const double* total, const PartialLayout& layout, Reduction reduction, int64_t world_size,
+                bool validate, int64_t* pair_counts, Acc* loss, Acc* grad_scale, void* workspace, cudaStream_t stream);
+template <typename Acc>
+void shard_loss_backward(const Acc* grad, const double* total, const PartialLayout& layout, Reduction reduction,
+                         double* grad_total, void* workspace, cudaStream_t stream);
+
 // ---- the pair ops (pairs.cu): cpu::pair_distances, pair_sums and their backward -------------------------
 // Anchor row r of partners [R, A, W] is sample first + r of vectors [N, Ax, D] (x: any element
 // strides), Ax = A or 1 (one vector shared by the attributes).
@@ -173,6 +196,18 @@ template <typename T, typename Acc>
 void pair_distances_backward(const PairVectors<T>& v, const int64_t* partners, const Acc* distances,
                              const Acc* grad, int64_t rows, int64_t attributes, int64_t width, int64_t first,
                              Acc* grad_vectors, cudaStream_t stream);
+
+// Class mode's partner table [M, A, D] (contiguous) under crl_ops.distributed: entry (m, j) the
+// vector of this rank's row table_source(m, j) of v ([R, Ax, D] rows first..), 0 where it has none.
+// Backward: grad [R, Ax, D] = (grad_rows + the table's gradient at each row's entries, added in
+// attribute then slot order) * scale[0], all contiguous: one thread per entry. One kernel each.
+template <typename T>
+void shard_table(const PairVectors<T>& v, const int64_t* lists, int64_t slots, int64_t attributes, int64_t first,
+                 T* table, cudaStream_t stream);
+template <typename T>
+void shard_table_backward(const T* grad_table, const T* grad_rows, const int64_t* lists, int64_t slots,
+                          int64_t attributes, int64_t rows, int64_t per_sample, int64_t dim, int64_t first,
+                          const T* scale, T* grad, cudaStream_t stream);
 
 struct PairRows {
   int64_t rows, attributes, width;

@@ -753,11 +753,106 @@ void loss_backward_gather(const BackwardArgs<T, Acc>& args, const Acc* scales, c
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+// ---- crl_ops.distributed's finishing step: one block, a thread per attribute --------------------------------
+
+// The block's threads for `attributes` attributes: whole warps, at most kThreads.
+inline int attribute_threads(int64_t attributes) {
+  return static_cast<int>(std::min<int64_t>(kThreads, (attributes + kWarp - 1) / kWarp * kWarp));
+}
+
+template <typename Acc>
+__global__ void __launch_bounds__(kThreads)
+    partial_vector_kernel(const Acc* sums, const int64_t* pair_counts, const bool* overflow, const bool* checks,
+                          PartialLayout layout, double* partial) {
+  CRL_GRID_STRIDE(e, layout.size()) partial[e] = partial_entry(e, layout, sums, pair_counts, overflow, checks);
+}
+
+template <typename Acc>
+__global__ void __launch_bounds__(kThreads)
+    shard_loss_kernel(const double* total, PartialLayout layout, Reduction reduction, int64_t world_size,
+                      bool validate, int64_t* counts, Acc* weights, Acc* loss, Acc* grad_scale) {
+  const int64_t attributes = layout.attributes;
+  if (validate && threadIdx.x == 0) {  // the single process's order of the value errors
+    const double* flags = total + layout.flags();
+    CUDA_KERNEL_ASSERT_MSG(flags[kLogitsFlag] <= 0, CRL_LOGITS_MESSAGE);
+    CUDA_KERNEL_ASSERT_MSG(flags[kFeaturesFlag] <= 0, CRL_FEATURES_MESSAGE);
+    if (sizeof(Acc) == sizeof(double)) {
+      CUDA_KERNEL_ASSERT_MSG(flags[kOverflowFlag] <= 0, CRL_OVERFLOW_MESSAGE("float64"));
+    } else {
+      CUDA_KERNEL_ASSERT_MSG(flags[kOverflowFlag] <= 0, CRL_OVERFLOW_MESSAGE("float32"));
+    }
+  }
+  Acc* sums = weights + 2 * attributes;
+  for (int64_t j = threadIdx.x; j < attributes; j += blockDim.x) partial_counts(total, layout, j, counts);
+  __syncthreads();
+  if (threadIdx.x == 0) term_weights(layout.form, reduction, counts, attributes, weights);
+  for (int64_t j = threadIdx.x; j < attributes; j += blockDim.x) attribute_terms(total, layout, counts, j, sums);
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    const bool failed = partial_failed(total, layout);
+    const Acc nan = not_a_number<Acc>();
+    *loss = failed ? nan : weighted_terms(layout.form, sums, weights, attributes);
+    *grad_scale = failed ? nan : static_cast<Acc>(world_size);
+  }
+}
+
+template <typename Acc>
+__global__ void __launch_bounds__(kThreads)
+    shard_loss_backward_kernel(const Acc* grad, const double* total, PartialLayout layout, Reduction reduction,
+                               int64_t* counts, Acc* weights, double* out) {
+  const int64_t attributes = layout.attributes;
+  if (partial_failed(total, layout)) {  // the same for every thread; section 6: every entry NaN
+    for (int64_t e = threadIdx.x; e < layout.size(); e += blockDim.x) out[e] = not_a_number<double>();
+    return;
+  }
+  for (int64_t e = layout.sums() + threadIdx.x; e < layout.size(); e += blockDim.x) out[e] = 0.0;
+  for (int64_t j = threadIdx.x; j < attributes; j += blockDim.x) partial_counts(total, layout, j, counts);
+  __syncthreads();
+  if (threadIdx.x == 0) term_weights(layout.form, reduction, counts, attributes, weights);
+  __syncthreads();
+  const Acc g = *grad;
+  for (int64_t j = threadIdx.x; j < attributes; j += blockDim.x) {
+    attribute_terms_gradient(g, total, layout, counts, weights, j, out);
+  }
+}
+
+template <typename Acc>
+void partial_vector(const Acc* sums, const int64_t* pair_counts, const bool* overflow, const bool* checks,
+                    const PartialLayout& layout, double* partial, cudaStream_t stream) {
+  CRL_LAUNCH(blocks_for(layout.size()), kThreads, 0, stream, partial_vector_kernel<Acc>)(sums, pair_counts, overflow,
+                                                                                       checks, layout, partial);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename Acc>
+void shard_loss(const double* total, const PartialLayout& layout, Reduction reduction, int64_t world_size,
+                bool validate, int64_t* pair_counts, Acc* loss, Acc* grad_scale, void* workspace, cudaStream_t stream) {
+  CRL_LAUNCH(1, attribute_threads(layout.attributes), 0, stream, shard_loss_kernel<Acc>)(
+      total, layout, reduction, world_size, validate, pair_counts, static_cast<Acc*>(workspace), loss, grad_scale);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename Acc>
+void shard_loss_backward(const Acc* grad, const double* total, const PartialLayout& layout, Reduction reduction,
+                         double* grad_total, void* workspace, cudaStream_t stream) {
+  int64_t* counts = static_cast<int64_t*>(workspace);
+  Acc* weights = reinterpret_cast<Acc*>(counts + 4 * layout.attributes);
+  CRL_LAUNCH(1, attribute_threads(layout.attributes), 0, stream, shard_loss_backward_kernel<Acc>)(
+      grad, total, layout, reduction, counts, weights, grad_total);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 // ---- explicit instantiations ------------------------------------------------------------------------------
 
-#define CRL_INSTANTIATE_ACC(Acc)                                                  \
-  template size_t loss_workspace<Acc>(Form, const RowTiles&, int64_t);           \
-  template size_t backward_workspace<Acc>(const RowTiles&);
+#define CRL_INSTANTIATE_ACC(Acc)                                                                               \
+  template size_t loss_workspace<Acc>(Form, const RowTiles&, int64_t);                                        \
+  template size_t backward_workspace<Acc>(const RowTiles&);                                                   \
+  template void partial_vector<Acc>(const Acc*, const int64_t*, const bool*, const bool*, const PartialLayout&,  \
+                                    double*, cudaStream_t);                                                   \
+  template void shard_loss<Acc>(const double*, const PartialLayout&, Reduction, int64_t, bool, int64_t*, Acc*, \
+                                Acc*, void*, cudaStream_t);                                                   \
+  template void shard_loss_backward<Acc>(const Acc*, const double*, const PartialLayout&, Reduction, double*,  \
+                                         void*, cudaStream_t);
 
 #define CRL_INSTANTIATE_FEATURES(T, Acc)                                                                            \
   template void loss<T, Acc>(const LossArgs<T, Acc>&, void*, cudaStream_t);                                         \

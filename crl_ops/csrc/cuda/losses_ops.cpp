@@ -112,5 +112,42 @@ std::tuple<Tensor, Tensor> loss_backward(const Tensor& grad_in, const Tensor& lo
   return {grad_features, as_type(grad_margins, margins_in.scalar_type())};
 }
 
+Tensor partial_vector(const Tensor& sums, const Tensor& pair_counts, const Tensor& overflow, const Tensor& checks,
+                      const PartialLayout& layout) {
+  Tensor partial = at::empty({layout.size()}, sums.options().dtype(at::kDouble));
+  const Tensor flags = checks.contiguous();
+  AT_DISPATCH_FLOATING_TYPES(sums.scalar_type(), "crl_ops::partial_vector", [&] {
+    cuda::partial_vector(sums.data_ptr<scalar_t>(), pair_counts.data_ptr<int64_t>(), overflow.data_ptr<bool>(),
+                         flags.data_ptr<bool>(), layout, partial.data_ptr<double>(), current_stream());
+  });
+  return partial;
+}
+
+std::tuple<Tensor, Tensor, Tensor> shard_loss(const Tensor& total_in, const PartialLayout& layout, Reduction reduction,
+                                              at::ScalarType dtype, int64_t world_size, bool validate) {
+  const Tensor total = total_in.contiguous();
+  Tensor pair_counts = at::empty({layout.attributes, 4}, total.options().dtype(at::kLong));
+  Tensor loss = at::empty({}, total.options().dtype(dtype));
+  Tensor grad_scale = at::empty({}, total.options().dtype(dtype));
+  const Tensor scratch = workspace(total, shard_loss_workspace(layout.attributes, at::elementSize(dtype)));
+  AT_DISPATCH_FLOATING_TYPES(dtype, "crl_ops::shard_loss", [&] {
+    cuda::shard_loss(total.data_ptr<double>(), layout, reduction, world_size, validate, pair_counts.data_ptr<int64_t>(),
+                     loss.data_ptr<scalar_t>(), grad_scale.data_ptr<scalar_t>(), scratch.data_ptr(), current_stream());
+  });
+  return {loss, pair_counts, grad_scale};
+}
+
+Tensor shard_loss_backward(const Tensor& grad_in, const Tensor& total_in, const PartialLayout& layout,
+                           Reduction reduction, at::ScalarType dtype) {
+  const Tensor total = total_in.contiguous(), grad = as_type(grad_in, dtype);
+  Tensor grad_total = at::empty({layout.size()}, total.options());
+  const Tensor scratch = workspace(total, shard_loss_workspace(layout.attributes, at::elementSize(dtype)));
+  AT_DISPATCH_FLOATING_TYPES(dtype, "crl_ops::shard_loss_backward", [&] {
+    cuda::shard_loss_backward(grad.data_ptr<scalar_t>(), total.data_ptr<double>(), layout, reduction,
+                              grad_total.data_ptr<double>(), scratch.data_ptr(), current_stream());
+  });
+  return grad_total;
+}
+
 }  // namespace cuda
 }  // namespace crl

@@ -158,7 +158,57 @@ __global__ void __launch_bounds__(kThreads) sums_backward_kernel(const Acc* grad
   }
 }
 
+template <typename T>
+__global__ void __launch_bounds__(kThreads) shard_table_kernel(PairVectors<T> v, const int64_t* lists, int64_t slots,
+                                                               int64_t attributes, int64_t first, T* table) {
+  const int64_t dim = v.x.dim;
+  CRL_GRID_STRIDE(e, slots * attributes * dim) {
+    const int64_t d = e % dim, j = (e / dim) % attributes, m = e / (dim * attributes);
+    const int64_t source = table_source(lists, slots, m, j, first, v.samples);
+    table[e] = source < 0 ? T(0) : vector_of(v, source, j)[d * v.x.dim_stride];
+  }
+}
+
+// One thread per entry of grad: its additions in the order of the CPU's scatter (attribute, slot).
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    shard_table_backward_kernel(const T* grad_table, const T* grad_rows, const int64_t* lists, int64_t slots,
+                                int64_t attributes, int64_t rows, int64_t per_sample, int64_t dim, int64_t first,
+                                const T* scale, T* grad) {
+  CRL_GRID_STRIDE(e, rows * per_sample * dim) {
+    const int64_t d = e % dim, column = (e / dim) % per_sample, r = e / (dim * per_sample);
+    T value = grad_rows[e];
+    const int64_t last = per_sample == 1 ? attributes : column + 1;
+    for (int64_t j = per_sample == 1 ? 0 : column; j < last; ++j) {
+      for (int64_t m = 0; m < slots; ++m) {
+        if (table_source(lists, slots, m, j, first, rows) == r) value += grad_table[(m * attributes + j) * dim + d];
+      }
+    }
+    grad[e] = value * *scale;
+  }
+}
+
 }  // namespace
+
+template <typename T>
+void shard_table(const PairVectors<T>& v, const int64_t* lists, int64_t slots, int64_t attributes, int64_t first,
+                 T* table, cudaStream_t stream) {
+  const int64_t entries = slots * attributes * v.x.dim;
+  if (entries == 0) return;
+  CRL_LAUNCH(blocks_for(entries), kThreads, 0, stream, shard_table_kernel<T>)(v, lists, slots, attributes, first, table);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename T>
+void shard_table_backward(const T* grad_table, const T* grad_rows, const int64_t* lists, int64_t slots,
+                          int64_t attributes, int64_t rows, int64_t per_sample, int64_t dim, int64_t first,
+                          const T* scale, T* grad, cudaStream_t stream) {
+  const int64_t entries = rows * per_sample * dim;
+  if (entries == 0) return;
+  CRL_LAUNCH(blocks_for(entries), kThreads, 0, stream, shard_table_backward_kernel<T>)(
+      grad_table, grad_rows, lists, slots, attributes, rows, per_sample, dim, first, scale, grad);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
 
 template <typename T, typename Acc>
 void pair_distances(const PairVectors<T>& v, const int64_t* partners, int64_t rows, int64_t attributes,
@@ -229,7 +279,10 @@ void pair_sums_backward(const Acc* grad, const Acc* distances, const int64_t* pa
   template void pair_distances<T, Acc>(const PairVectors<T>&, const int64_t*, int64_t, int64_t, int64_t, int64_t, \
                                        Acc*, bool*, cudaStream_t);                                                \
   template void pair_distances_backward<T, Acc>(const PairVectors<T>&, const int64_t*, const Acc*, const Acc*,   \
-                                                int64_t, int64_t, int64_t, int64_t, Acc*, cudaStream_t);
+                                                int64_t, int64_t, int64_t, int64_t, Acc*, cudaStream_t);  \
+  template void shard_table<T>(const PairVectors<T>&, const int64_t*, int64_t, int64_t, int64_t, T*, cudaStream_t); \
+  template void shard_table_backward<T>(const T*, const T*, const int64_t*, int64_t, int64_t, int64_t, int64_t,   \
+                                        int64_t, int64_t, const T*, T*, cudaStream_t);
 
 CRL_FOR_EACH_ACCUMULATION_TYPE(CRL_INSTANTIATE_PAIR_ACC)
 CRL_FOR_EACH_FEATURE_TYPE(CRL_INSTANTIATE_PAIR_VECTORS)

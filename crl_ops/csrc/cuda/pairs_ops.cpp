@@ -29,6 +29,31 @@ Tensor contiguous_as(const Tensor& t, at::ScalarType type) {
 
 }  // namespace
 
+Tensor shard_table(const Tensor& vectors, const Tensor& lists, int64_t first) {
+  const int64_t attributes = lists.size(0), slots = lists.size(1) * lists.size(2);
+  Tensor table = at::empty({slots, attributes, vectors.size(2)}, vectors.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, vectors.scalar_type(), "crl_ops::shard_table", [&] {
+    cuda::shard_table(vectors_of<scalar_t>(vectors), lists.data_ptr<int64_t>(), slots, attributes, first,
+                      table.data_ptr<scalar_t>(), current_stream());
+  });
+  return table;
+}
+
+Tensor shard_table_backward(const Tensor& grad_table_in, const Tensor& grad_rows_in, const Tensor& lists,
+                            int64_t first, const Tensor& grad_scale) {
+  const auto type = grad_rows_in.scalar_type();
+  const Tensor grad_rows = grad_rows_in.contiguous(), grad_table = contiguous_as(grad_table_in, type);
+  const Tensor scale = as_type(grad_scale, type);
+  Tensor grad = at::empty(grad_rows.sizes(), grad_rows.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, type, "crl_ops::shard_table_backward", [&] {
+    cuda::shard_table_backward(grad_table.data_ptr<scalar_t>(), grad_rows.data_ptr<scalar_t>(),
+                               lists.data_ptr<int64_t>(), lists.size(1) * lists.size(2), lists.size(0),
+                               grad_rows.size(0), grad_rows.size(1), grad_rows.size(2), first,
+                               scale.data_ptr<scalar_t>(), grad.data_ptr<scalar_t>(), current_stream());
+  });
+  return grad;
+}
+
 std::tuple<Tensor, Tensor> pair_distances(const Tensor& vectors, const Tensor& partners, int64_t first) {
   const auto acc_type = accumulation_type(vectors.scalar_type());
   Tensor distances = at::empty(partners.sizes(), vectors.options().dtype(acc_type));

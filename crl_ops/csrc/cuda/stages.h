@@ -10,6 +10,7 @@
 #include <tuple>
 
 #include "common/crl_math.h"
+#include "common/shard_loss.h"
 
 namespace crl {
 namespace cuda {
@@ -30,6 +31,12 @@ std::tuple<Tensor, Tensor> mine_class(const Tensor& logits, const Tensor& labels
                                       const Tensor& active, int64_t k, int64_t first, int64_t rows);
 std::tuple<Tensor, Tensor> partner_rows(const Tensor& lists, const Tensor& labels, const Tensor& num_classes,
                                         const Tensor& active, int64_t first, int64_t rows);
+// Class mode's partner table under crl_ops.distributed (pairs.cu): as cpu::shard_table and
+// cpu::shard_table_backward, one kernel each (the backward gathers each entry's additions in the
+// CPU's order).
+Tensor shard_table(const Tensor& vectors, const Tensor& lists, int64_t first);
+Tensor shard_table_backward(const Tensor& grad_table, const Tensor& grad_rows, const Tensor& lists, int64_t first,
+                            const Tensor& grad_scale);
 std::tuple<Tensor, Tensor, Tensor> mine_instance(const Tensor& features, const Tensor& logits, const Tensor& labels,
                                                  const Tensor& num_classes, const Tensor& active, int64_t k,
                                                  int64_t first, int64_t rows);
@@ -38,6 +45,7 @@ std::tuple<Tensor, Tensor, Tensor> mine_instance(const Tensor& features, const T
 // classes are finite (0-dim bool); validate: a device-side assertion where not. check_overflow:
 // the assertion of an overflowing mined pair (flag from mine_instance).
 Tensor check_finite(const Tensor& features, const Tensor& logits, const Tensor& num_classes, bool validate);
+Tensor nonfinite_checks(const Tensor& features, const Tensor& logits, const Tensor& num_classes);
 void check_overflow(const Tensor& overflow, at::ScalarType accumulation);
 
 // Section 3 (losses.cu): as cpu::pair_counts, cpu::loss and cpu::loss_backward, with `finite` a
@@ -69,6 +77,15 @@ std::tuple<Tensor, Tensor> loss_backward(const Tensor& grad, const Tensor& loss,
                                          const Tensor& pair_counts, const Tensor& sums, const Tensor& histograms,
                                          Form form, double apc_margin, int64_t bins, Reduction reduction,
                                          bool margins_grad);
+
+// crl_ops.distributed's partial vector and finishing step (losses.cu): as cpu::partial_vector and
+// cpu::shard_loss, one kernel each (and one for the backward), the value errors device-side assertions.
+Tensor partial_vector(const Tensor& sums, const Tensor& pair_counts, const Tensor& overflow, const Tensor& checks,
+                      const PartialLayout& layout);
+std::tuple<Tensor, Tensor, Tensor> shard_loss(const Tensor& total, const PartialLayout& layout, Reduction reduction,
+                                              at::ScalarType dtype, int64_t world_size, bool validate);
+Tensor shard_loss_backward(const Tensor& grad, const Tensor& total, const PartialLayout& layout, Reduction reduction,
+                           at::ScalarType dtype);
 
 }  // namespace cuda
 }  // namespace crl

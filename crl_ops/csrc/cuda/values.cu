@@ -13,10 +13,6 @@ namespace crl {
 namespace cuda {
 namespace {
 
-// The texts of cpu::check_finite's and overflow_message()'s errors (common/op_checks.h), as
-// literals: an assertion's message must live in device code.
-#define CRL_FEATURES_MESSAGE "crl_ops: features contain NaN or inf; CRL needs finite features"
-#define CRL_LOGITS_MESSAGE "crl_ops: logits contain NaN or inf; CRL needs finite logits"
 #define CRL_CLASSES_MESSAGE "crl_ops: num_classes must be between 2 and the classes of the logits"
 
 __device__ __forceinline__ bool finite_at(const Values& v, int64_t offset) {
@@ -43,13 +39,13 @@ __device__ __forceinline__ int64_t offset_of(const Values& v, int64_t e) {
 
 __global__ void __launch_bounds__(kThreads)
     check_finite_kernel(Values features, bool has_features, Values logits, bool binary, const int64_t* num_classes,
-                        bool validate, bool* finite, unsigned int* workspace) {
+                        bool validate, bool* finite, bool* checks, unsigned int* workspace) {
   const int64_t attributes = logits.size[1], max_classes = binary ? 2 : logits.size[2];
   CRL_GRID_STRIDE(j, attributes) {
     const int64_t classes = num_classes[j];
     CUDA_KERNEL_ASSERT_MSG(classes >= 2 && classes <= max_classes, CRL_CLASSES_MESSAGE);
   }
-  bool ok = true;
+  bool features_ok = true, logits_ok = true;
   if (has_features) {
     const int64_t n = features.size[0] * features.size[1] * features.size[2];
     CRL_GRID_STRIDE(e, n) {
@@ -57,7 +53,7 @@ __global__ void __launch_bounds__(kThreads)
       if (validate) {
         CUDA_KERNEL_ASSERT_MSG(value_ok, CRL_FEATURES_MESSAGE);
       }
-      ok &= value_ok;
+      features_ok &= value_ok;
     }
   }
   const int64_t n = logits.size[0] * logits.size[1] * logits.size[2];
@@ -68,15 +64,24 @@ __global__ void __launch_bounds__(kThreads)
     if (validate) {
       CUDA_KERNEL_ASSERT_MSG(value_ok, CRL_LOGITS_MESSAGE);
     }
-    ok &= value_ok;
+    logits_ok &= value_ok;
   }
   if (validate) {  // a non-finite value has stopped the kernel: whatever runs on sees only finite values
     if (blockIdx.x == 0 && threadIdx.x == 0) *finite = true;
     return;
   }
-  unsigned int* any_bad = workspace + 1;
-  if (__syncthreads_or(!ok) && threadIdx.x == 0) atomicOr(any_bad, 1u);
-  if (arrive_last(workspace, gridDim.x) && threadIdx.x == 0) *finite = __ldcg(any_bad) == 0;
+  unsigned int* bad = workspace + 1;  // bit 0: a logit, bit 1: a feature
+  const unsigned int block_bad = (__syncthreads_or(!logits_ok) ? 1u : 0u) | (__syncthreads_or(!features_ok) ? 2u : 0u);
+  if (block_bad != 0 && threadIdx.x == 0) atomicOr(bad, block_bad);
+  if (arrive_last(workspace, gridDim.x) && threadIdx.x == 0) {
+    const unsigned int all_bad = __ldcg(bad);
+    if (checks != nullptr) {
+      checks[0] = (all_bad & 1u) != 0;
+      checks[1] = all_bad != 0;
+    } else {
+      *finite = all_bad == 0;
+    }
+  }
 }
 
 __global__ void check_overflow_kernel(const bool* overflow, bool double_accumulation) {
@@ -90,14 +95,15 @@ __global__ void check_overflow_kernel(const bool* overflow, bool double_accumula
 }  // namespace
 
 void check_finite(const Values& features, bool has_features, const Values& logits, bool binary,
-                  const int64_t* num_classes, bool validate, bool* finite, void* workspace, cudaStream_t stream) {
+                  const int64_t* num_classes, bool validate, bool* finite, bool* checks, void* workspace,
+                  cudaStream_t stream) {
   const int64_t feature_count = has_features ? features.size[0] * features.size[1] * features.size[2] : 0;
   const int64_t logit_count = logits.size[0] * logits.size[1] * logits.size[2];
   // About four values per thread; the kernel is bound by memory.
   const int blocks = blocks_for(std::max(feature_count, logit_count) / 4 + 1);
   if (!validate) C10_CUDA_CHECK(cudaMemsetAsync(workspace, 0, kCheckFiniteWorkspace, stream));
   CRL_LAUNCH(blocks, kThreads, 0, stream, check_finite_kernel)(features, has_features, logits, binary, num_classes, validate,
-                                                       finite, static_cast<unsigned int*>(workspace));
+                                                       finite, checks, static_cast<unsigned int*>(workspace));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

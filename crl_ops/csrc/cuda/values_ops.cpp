@@ -46,18 +46,31 @@ Values logits_view(const Tensor& logits) {
           {logits.stride(0), logits.stride(1), binary ? 0 : logits.stride(2)}};
 }
 
-}  // namespace
 
-Tensor check_finite(const Tensor& features, const Tensor& logits, const Tensor& num_classes, bool validate) {
-  Tensor finite = at::empty({}, logits.options().dtype(at::kBool));
-  // The flag's reduction needs a cleared counter; with validate a failure stops the kernel instead.
+// The value check into `finite` (0-dim) or `checks` ([2]).
+void launch_check_finite(const Tensor& features, const Tensor& logits, const Tensor& num_classes, bool validate,
+                         bool* finite, bool* checks) {
+  // The flags' reduction needs a cleared counter; with validate a failure stops the kernel instead.
   Tensor workspace = validate ? Tensor() : at::empty({int64_t(kCheckFiniteWorkspace)}, logits.options().dtype(at::kByte));
   const bool has_features = features.defined();
   const Values feature_values = has_features ? distinct_entries(features) : Values{};
   cuda::check_finite(feature_values, has_features, logits_view(logits), logits.dim() == 2,
-                     num_classes.data_ptr<int64_t>(), validate, finite.data_ptr<bool>(),
+                     num_classes.data_ptr<int64_t>(), validate, finite, checks,
                      validate ? nullptr : workspace.data_ptr(), c10::cuda::getCurrentCUDAStream().stream());
+}
+
+}  // namespace
+
+Tensor check_finite(const Tensor& features, const Tensor& logits, const Tensor& num_classes, bool validate) {
+  Tensor finite = at::empty({}, logits.options().dtype(at::kBool));
+  launch_check_finite(features, logits, num_classes, validate, finite.data_ptr<bool>(), nullptr);
   return finite;
+}
+
+Tensor nonfinite_checks(const Tensor& features, const Tensor& logits, const Tensor& num_classes) {
+  Tensor checks = at::empty({2}, logits.options().dtype(at::kBool));
+  launch_check_finite(features, logits, num_classes, false, nullptr, checks.data_ptr<bool>());
+  return checks;
 }
 
 void check_overflow(const Tensor& overflow, at::ScalarType accumulation) {

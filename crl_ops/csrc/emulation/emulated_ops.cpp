@@ -60,7 +60,7 @@ void configure_op(c10::string_view order, int64_t seed, int64_t poison, c10::str
 std::vector<int64_t> statistics_op() {
   const Statistics s = read_statistics();
   return {static_cast<int64_t>(s.launches), static_cast<int64_t>(s.blocks), static_cast<int64_t>(s.threads),
-          static_cast<int64_t>(s.switches)};
+          static_cast<int64_t>(s.switches), static_cast<int64_t>(s.memsets)};
 }
 
 }  // namespace
@@ -85,8 +85,8 @@ TORCH_LIBRARY(crl_ops_emulated, m) {
   crl::define_op_schemas(m);
   // configure(order, seed, poison, switch): the thread and block order of the following launches
   // ('forward', 'reverse' or 'random' with the seed), the poison byte and the context switch
-  // ('fast', or the portable 'ucontext'); statistics(): launches, blocks, threads and thread
-  // switches so far.
+  // ('fast', or the portable 'ucontext'); statistics(): launches, blocks, threads, thread switches
+  // and memsets so far.
   m.def("configure(str order, int seed, int poison, str switch='fast') -> ()", &crl_emu::configure_op);
   m.def("statistics() -> int[]", &crl_emu::statistics_op);
 }

@@ -733,6 +733,8 @@ void configure(const Config& c) {
   config = c;
 }
 
+void count_memset() { ++statistics.memsets; }
+
 Statistics read_statistics() {
   return statistics;
 }

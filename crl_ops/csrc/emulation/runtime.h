@@ -23,7 +23,7 @@ struct Config {
 void configure(const Config& config);
 
 struct Statistics {
-  uint64_t launches = 0, blocks = 0, threads = 0, switches = 0;
+  uint64_t launches = 0, blocks = 0, threads = 0, switches = 0, memsets = 0;
 };
 Statistics read_statistics();
 

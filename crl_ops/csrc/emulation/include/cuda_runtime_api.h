@@ -35,7 +35,13 @@ inline const char* cudaGetErrorString(cudaError_t error) {
   return error == cudaSuccess ? "no error" : "invalid argument";
 }
 
+namespace crl_emu {
+// Counts a stream operation other than a launch (runtime.cpp: the statistics' memsets).
+void count_memset();
+}  // namespace crl_emu
+
 inline cudaError_t cudaMemsetAsync(void* device, int value, size_t bytes, cudaStream_t = nullptr) {
+  crl_emu::count_memset();
   std::memset(device, value, bytes);
   return cudaSuccess;
 }
